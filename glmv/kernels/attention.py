@@ -1,0 +1,92 @@
+"""Paged KV-cache writes and attention: the torch reference, and the dispatch to GPU kernels.
+
+Cache layout (one pair per decoder layer): `k_cache`, `v_cache` of shape
+`[num_blocks, block_size, num_kv_heads, head_dim]`; token position `p` of a sequence lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glmv.kernels.metadata import AttentionMetadata
+
+
+def write_kv_reference(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values `[N, kv_heads, head_dim]` into their cache slots."""
+    heads, dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length, device=table.device)
+    return table[pos // block_size].long() * block_size + pos % block_size
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of `q` `[N, heads, head_dim]` over each sequence's cached keys/values.
+
+    New token `j` of a sequence with `n` new tokens and `L` tokens in total sits at position
+    `L - n + j` and sees keys `0 … L - n + j`. Decode-only batches take one padded, vectorised
+    pass; mixed batches go sequence by sequence.
+    """
+    heads, dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_flat = k_cache.view(-1, heads, dim)
+    v_flat = v_cache.view(-1, heads, dim)
+    if meta.decode_only:
+        return _decode_reference(q, k_flat, v_flat, meta, scale)
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        slots = _gather_slots(meta.block_tables[i], s_len, meta.block_size)
+        k = k_flat[slots].transpose(0, 1)  # [kv_heads, L, D]
+        v = v_flat[slots].transpose(0, 1)
+        qi = q[start : start + q_len].transpose(0, 1)  # [heads, n, D]
+        if q_len == s_len:
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(s_len - q_len, s_len, device=q.device)
+            mask = torch.arange(s_len, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def _decode_reference(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    max_len = meta.max_seq_len
+    bs = meta.block_size
+    pos = torch.arange(max_len, device=q.device)
+    tables = meta.block_tables.long()
+    blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1))
+    slots = blocks * bs + pos % bs  # [B, max_len]
+    k = k_flat[slots].permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
+    v = v_flat[slots].permute(0, 2, 1, 3)
+    mask = (pos[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, max_len]
+    qb = q.unsqueeze(2)  # [B, heads, 1, D]
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    write_kv_reference(k_cache, v_cache, k, v, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -1,0 +1,180 @@
+"""Load a Hugging Face–layout GLM-4.1V checkpoint into glmv's native model.
+
+Reads `config.json` and single or sharded `*.safetensors` (with `model.safetensors.index.json`),
+maps the transformers tensor names onto glmv's modules (fusing q/k/v and gate/up, turning the
+patch and downsample convolutions into matmuls), and checks every tensor: a missing, unexpected
+or mis-shaped tensor, or an unreadable file, raises one `CheckpointError` naming the file and
+the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from glmv.errors import CheckpointError
+from glmv.models.config import ModelConfig
+from glmv.models.glm4v import Glm4vModel
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+_PREFIXES = (
+    # (pattern of the checkpoint name, replacement in glmv's module tree)
+    (re.compile(r"^model\.language_model\."), ""),
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^visual\."), "visual."),
+    (re.compile(r"^model\.(?=(layers|embed_tokens|norm)\b)"), ""),
+    (re.compile(r"^language_model\.model\."), ""),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+)
+
+# Checkpoint projections fused into one glmv matrix: (suffix, fused module, slot index, slots).
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r} (choose auto, float32, bfloat16 or float16)")
+    return DTYPES[dtype]
+
+
+def map_name(name: str) -> str:
+    """Checkpoint tensor name → glmv parameter name (before fusion)."""
+    for pattern, repl in _PREFIXES:
+        if pattern.search(name):
+            name = pattern.sub(repl, name, count=1)
+            break
+    name = name.replace("visual.embeddings.position_embedding", "visual.position_embedding")
+    name = name.replace("visual.patch_embed.proj.", "visual.patch_embed.")
+    name = name.replace("visual.merger.gate_proj", "visual.merger.mlp.gate_proj")
+    name = name.replace("visual.merger.up_proj", "visual.merger.mlp.up_proj")
+    name = name.replace("visual.merger.down_proj", "visual.merger.mlp.down_proj")
+    return name
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield `(name, tensor, file)` for every tensor of a checkpoint directory."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index: {exc}") from exc
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights found")
+    for fname in files:
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: listed in the index but missing")
+        try:
+            with safe_open(str(fpath), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield key, f.get_tensor(key), str(fpath)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{fpath}: cannot read safetensors file: {exc}") from exc
+
+
+def load_weights(model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+    """Copy checkpoint tensors into `model`, fusing and reshaping; strict about names and shapes."""
+    params = dict(model.named_parameters())
+    cfg = model.config
+    t = cfg.text
+    q_size = t.num_attention_heads * t.head_dim
+    kv_size = t.num_key_value_heads * t.head_dim
+    filled: dict[str, int] = {}
+    expected_parts: dict[str, int] = {}
+    seen_head = False
+
+    for raw_name, tensor, file in tensors:
+        name = map_name(raw_name)
+        slot: tuple[int, int] | None = None
+        for suffix, (fused, idx) in _FUSED.items():
+            marker = f".{suffix}."
+            if marker in f".{name}":
+                base, _, leaf = name.rpartition(f"{suffix}.")
+                name = f"{base}{fused}.{leaf}"
+                if fused.endswith("qkv_proj"):
+                    sizes = (q_size, kv_size, kv_size)
+                else:
+                    inner = params[name].shape[0] // 2 if name in params else 0
+                    sizes = (inner, inner)
+                slot = (sum(sizes[:idx]), sizes[idx])
+                break
+        if name not in params:
+            raise CheckpointError(f"{file}: unexpected tensor {raw_name!r} (not part of a glm4v model)")
+        param = params[name]
+        if name == "visual.patch_embed.weight" or name == "visual.downsample.weight":
+            tensor = tensor.reshape(tensor.shape[0], -1)
+        target = param.data if slot is None else param.data.narrow(0, slot[0], slot[1])
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(target.shape)} from config.json"
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(dtype=target.dtype))
+        filled[name] = filled.get(name, 0) + (slot[1] if slot else param.shape[0])
+        expected_parts[name] = param.shape[0]
+        if name == "lm_head.weight":
+            seen_head = True
+
+    if not seen_head and cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
+        with torch.no_grad():
+            params["lm_head.weight"].data.copy_(params["embed_tokens.weight"].data)
+        filled["lm_head.weight"] = params["lm_head.weight"].shape[0]
+    missing = [n for n, p in params.items() if filled.get(n, 0) != p.shape[0]]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing tensors for: {shown}")
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Glm4vModel:
+    """An uninitialised model of the given shape, allocated directly on `device`."""
+    with torch.device("meta"):
+        model = Glm4vModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    # LayerNorm/RMSNorm parameters stay in the model dtype (as in transformers).
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
+) -> Glm4vModel:
+    """Load a checkpoint directory onto `device` (default: CUDA when available, else CPU)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    dev = torch.device(device) if device is not None else _default_device()
+    config = ModelConfig.from_pretrained(path)
+    model = build_model(config, resolve_dtype(dtype, dev), dev)
+    load_weights(model, iter_checkpoint_tensors(path))
+    return model
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
