@@ -1,0 +1,79 @@
+"""The `glmv` command line: serve · chat · create-tiny-model (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_create_tiny_model(args: argparse.Namespace) -> int:
+    from glmv.models.tiny import create_tiny_model
+
+    path = create_tiny_model(args.directory, variant=args.variant, seed=args.seed)
+    print(f"wrote a tiny random-weight {args.variant} checkpoint to {path}")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from glmv.engine.llm import LLM
+    from glmv.engine.sampling import SamplingParams
+    from glmv.models.tiny import is_random_checkpoint
+    from glmv.server.defaults import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    if is_random_checkpoint(model):
+        print("note: this checkpoint has random weights; its answers are random text", file=sys.stderr)
+    content: list[dict[str, object]] = [{"type": "image", "image": img} for img in args.image]
+    content.append({"type": "text", "text": args.question})
+    llm = LLM(model, dtype=args.dtype)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    kwargs = {"enable_thinking": False} if args.no_thinking else None
+    result = llm.chat([{"role": "user", "content": content}], params, use_tqdm=False, chat_template_kwargs=kwargs)[0]
+    if result.error is not None:
+        print(f"error: {result.error.message}", file=sys.stderr)
+        return 1
+    print(result.outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmv", description="Serve and run the GLM vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    try:
+        from glmv.server.settings import add_serve_arguments, run_serve
+    except ImportError:  # pragma: no cover - the server package is optional during development
+        add_serve_arguments = run_serve = None  # type: ignore[assignment]
+    if add_serve_arguments is not None:
+        p = sub.add_parser("serve", help="start the OpenAI-compatible server and web page")
+        add_serve_arguments(p)
+        p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("chat", help="ask one question offline (no server)")
+    p.add_argument("question")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-thinking", action="store_true", help="turn thinking off where the template allows")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint (for tests)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--variant", default="glm41v", choices=["glm41v", "glm46v"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_create_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,369 @@
+"""The synchronous engine core: requests in, incremental outputs out, one step at a time.
+
+`LLMEngine.step()` schedules (continuous batching, chunked prefill, preemption), runs the model
+runner, applies the sampled tokens, detokenizes incrementally, applies stop strings and
+returns one `RequestOutput` per request that has news. `AsyncEngine` drives it from a thread;
+`LLM` drives it to completion for offline batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from glmv.engine.block_manager import BlockManager
+from glmv.engine.encoder_cache import EncoderCache
+from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput, TokenLogprob
+from glmv.engine.runner import ModelRunner, SeqInputs, kv_bytes_per_block
+from glmv.engine.sampler import SampledToken
+from glmv.engine.scheduler import Scheduler, SchedulerConfig
+from glmv.engine.sequence import ImageSpan, Sequence
+from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, GlmvError, InvalidRequestError
+from glmv.models.glm4v import Glm4vModel
+from glmv.models.loader import load_model
+from glmv.processing.detok import IncrementalDetokenizer, StopStringMatcher
+from glmv.processing.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+    block_size: int = 16
+    kv_cache_gb: float | None = None  # default: 0.5 GB on CPU, a share of free memory on a GPU
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+    encoder_cache_mb: int = 512
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    encoder_cache_hits: int
+    encoder_cache_misses: int
+    images_encoded: int
+
+
+@dataclass(slots=True)
+class _SeqState:
+    seq: Sequence
+    inputs: SeqInputs
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _RequestState:
+    request: EngineRequest
+    seqs: list[_SeqState]
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    error: GlmvError | None = None
+    pending: dict[int, CompletionDelta] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model: Glm4vModel | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_pretrained(config.model)
+        mcfg = self.model.config
+        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.max_model_len = min(config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings)
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_waiting=config.max_waiting,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.encoder_cache = EncoderCache(config.encoder_cache_mb * 1024 * 1024)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            encoder_cache=self.encoder_cache,
+        )
+        if config.seed is not None:
+            self.runner.default_generator.manual_seed(config.seed)
+        self._requests: dict[str, _RequestState] = {}
+        self._seqs: dict[int, _SeqState] = {}
+        self.images_encoded = 0
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        per_block = kv_bytes_per_block(self.model, self.config.block_size)
+        if self.config.kv_cache_gb is not None:
+            budget = int(self.config.kv_cache_gb * 1024**3)
+        elif self.model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            reserve = total * (1.0 - self.config.gpu_memory_utilization) + 2 * 1024**3
+            budget = int(max(free - reserve, 0))
+        else:
+            budget = 512 * 1024**2
+        num_blocks = budget // per_block
+        min_blocks = (self.max_model_len + self.config.block_size - 1) // self.config.block_size
+        if num_blocks < 2:
+            raise ConfigError(
+                f"KV-cache budget of {budget / 1024**3:.2f} GB holds no blocks "
+                f"({per_block} bytes each); raise --kv-cache-gb or --gpu-memory-utilization"
+            )
+        if num_blocks < min_blocks:
+            # Fewer blocks than one full-length sequence needs: cap the context to what fits.
+            self.max_model_len = num_blocks * self.config.block_size
+        return num_blocks
+
+    @property
+    def preprocess_key(self) -> str:
+        return self.runner.preprocess_key
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise a client error for a request that can never run; cheap, no side effects."""
+        request.params.validate(max_model_len=self.max_model_len)
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise InvalidRequestError("The prompt is empty.", param="messages")
+        if n_prompt >= self.max_model_len:
+            raise ContextLengthExceededError(
+                f"The prompt has {n_prompt} tokens; this server's context is {self.max_model_len} tokens.",
+                param="messages",
+            )
+        max_tokens = request.params.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
+                f"context of {self.max_model_len} tokens.",
+                param="max_tokens",
+            )
+        vocab = self.model.config.text.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError("The prompt holds token ids outside the vocabulary.", param="messages")
+        image_id = self.model.config.image_token_id
+        expected = sum(1 for t in request.prompt_token_ids if t == image_id)
+        if expected != sum(im.length for im in request.images):
+            raise InvalidRequestError(
+                "The prompt's image placeholder tokens do not match the images supplied.", param="messages"
+            )
+
+    def add_request(self, request: EngineRequest) -> None:
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"Duplicate request id {request.request_id!r}.")
+        self.validate(request)
+        params = request.params
+        spans = [ImageSpan(im.offset, im.length, im.content_hash) for im in request.images]
+        seqs = [
+            Sequence(
+                request.request_id,
+                request.prompt_token_ids,
+                params,
+                index=i,
+                images=spans,
+                eos_token_ids=self.eos_token_ids,
+            )
+            for i in range(params.n)
+        ]
+        self.scheduler.add(seqs)  # may raise OverloadedError; nothing registered yet
+        states = []
+        for seq in seqs:
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.model.device)
+                gen.manual_seed(params.seed + seq.index)
+            state = _SeqState(
+                seq=seq,
+                inputs=SeqInputs(images=list(request.images), generator=gen),
+                detok=IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+                ),
+                stop=StopStringMatcher(params.stop),
+            )
+            self._seqs[seq.seq_id] = state
+            states.append(state)
+        self._requests[request.request_id] = _RequestState(request, states)
+
+    def abort(self, request_id: str) -> bool:
+        state = self._requests.pop(request_id, None)
+        self.scheduler.abort(request_id)
+        if state is None:
+            return False
+        for s in state.seqs:
+            self._seqs.pop(s.seq.seq_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage,
+            num_blocks=bm.num_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            encoder_cache_hits=self.encoder_cache.hits,
+            encoder_cache_misses=self.encoder_cache.misses,
+            images_encoded=self.images_encoded,
+        )
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        now = time.monotonic()
+        inputs: dict[int, SeqInputs] = {}
+        for chunk in out.chunks:
+            state = self._seqs[chunk.seq.seq_id]
+            inputs[chunk.seq.seq_id] = state.inputs
+            req = self._requests[chunk.seq.request_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        try:
+            result = self.runner.execute(out.chunks, inputs)
+        except Exception as exc:  # the whole step failed: fail its requests, keep the engine alive
+            touched = {c.seq.request_id for c in out.chunks}
+            outputs = []
+            for rid in touched:
+                req = self._requests.get(rid)
+                if req is not None:
+                    req.error = EngineError(f"model execution failed: {exc}")
+                    for s in req.seqs:
+                        self.scheduler.finish(s.seq, "error")
+                    outputs.append(self._collect(req))
+            return outputs
+        self.images_encoded += result.encoded_images
+        for seq_id, message in result.failed.items():
+            state = self._seqs[seq_id]
+            req = self._requests[state.seq.request_id]
+            req.error = EngineError(message, code="request_failed")
+            self.scheduler.finish(state.seq, "error")
+        self.scheduler.postprocess(out, {sid: t.token_id for sid, t in result.sampled.items()})
+
+        touched_requests: dict[str, _RequestState] = {}
+        now = time.monotonic()
+        for chunk in out.chunks:
+            state = self._seqs.get(chunk.seq.seq_id)
+            if state is None or state.done:
+                continue
+            req = self._requests[chunk.seq.request_id]
+            sampled = result.sampled.get(chunk.seq.seq_id)
+            if sampled is not None:
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._apply_token(state, req, sampled)
+                touched_requests[req.request.request_id] = req
+            if state.seq.is_finished and not state.done:
+                self._finish_seq(state, req)
+                touched_requests[req.request.request_id] = req
+        for seq_id in result.failed:
+            state = self._seqs.get(seq_id)
+            if state is not None:
+                req = self._requests[state.seq.request_id]
+                if not state.done:
+                    self._finish_seq(state, req)
+                touched_requests[req.request.request_id] = req
+        return [self._collect(req) for req in touched_requests.values()]
+
+    def _delta(self, state: _SeqState, req: _RequestState) -> CompletionDelta:
+        d = req.pending.get(state.seq.index)
+        if d is None:
+            want_lp = state.seq.params.logprobs is not None
+            d = CompletionDelta(index=state.seq.index, text="", token_ids=[], logprobs=[] if want_lp else None)
+            req.pending[state.seq.index] = d
+        return d
+
+    def _apply_token(self, state: _SeqState, req: _RequestState, sampled: SampledToken) -> None:
+        seq = state.seq
+        delta = self._delta(state, req)
+        token = sampled.token_id
+        delta.token_ids.append(token)
+        if delta.logprobs is not None and sampled.logprob is not None:
+            tok = self.tokenizer
+            top = [(t, tok.decode([t]), lp) for t, lp in (sampled.top_logprobs or [])]
+            delta.logprobs.append(TokenLogprob(token, tok.decode([token]), sampled.logprob, top))
+        # An eos or stop token ends the text; it is not part of it.
+        ended_by_token = seq.is_finished and seq.finish_reason == "stop"
+        if ended_by_token or state.stop.stopped:
+            return
+        text, stopped = state.stop.feed(state.detok.add([token]))
+        delta.text += text
+        if stopped:
+            self.scheduler.finish(seq, "stop", state.stop.matched)
+
+    def _finish_seq(self, state: _SeqState, req: _RequestState) -> None:
+        seq = state.seq
+        delta = self._delta(state, req)
+        if not state.stop.stopped:
+            tail, _ = state.stop.feed(state.detok.finish())
+            delta.text += tail + state.stop.flush()
+        delta.finish_reason = seq.finish_reason
+        delta.stop_reason = seq.stop_reason
+        state.done = True
+
+    def _collect(self, req: _RequestState) -> RequestOutput:
+        deltas = sorted(req.pending.values(), key=lambda d: d.index)
+        req.pending = {}
+        finished = all(s.done or s.seq.is_finished for s in req.seqs)
+        if finished:
+            for s in req.seqs:
+                if not s.done:
+                    self._finish_seq(s, req)
+                    deltas.append(req.pending.pop(s.seq.index))
+            rid = req.request.request_id
+            self._requests.pop(rid, None)
+            for s in req.seqs:
+                self._seqs.pop(s.seq.seq_id, None)
+        first = req.seqs[0].seq
+        return RequestOutput(
+            request_id=req.request.request_id,
+            deltas=deltas,
+            prompt_tokens=first.num_prompt_tokens,
+            cached_tokens=first.num_cached_tokens,
+            completion_tokens=sum(s.seq.num_output_tokens for s in req.seqs),
+            finished=finished,
+            error=req.error,
+            arrival_time=req.request.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+        )
+
+    def run_until_done(self, request_ids: Iterable[str] | None = None) -> None:
+        wanted = set(request_ids) if request_ids is not None else None
+        while self.has_unfinished() and (wanted is None or wanted & self._requests.keys()):
+            self.step()
+

@@ -1,0 +1,58 @@
+"""From chat messages and decoded images to an `EngineRequest`.
+
+Shared by the HTTP server, the offline `LLM` API and the CLI: preprocess each image (resize on
+uint8, then one vectorised normalise/patchify), render the checkpoint's chat template with one
+`<|image|>` per image, expand each into its image tokens, and record where every image's tokens
+sit together with its content hash (the key of the prefix and embedding caches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from glmv.engine.request import EngineRequest, ImageInput
+from glmv.engine.sampling import SamplingParams
+from glmv.processing.chat import ChatProcessor
+from glmv.processing.image import ImageProcessor, ProcessedImage
+
+
+class InputBuilder:
+    def __init__(self, chat: ChatProcessor, image_processor: ImageProcessor) -> None:
+        self.chat = chat
+        self.image_processor = image_processor
+
+    def preprocess(self, images: Sequence[Image.Image]) -> list[ProcessedImage]:
+        return [self.image_processor.preprocess(im) for im in images]
+
+    def build(
+        self,
+        request_id: str,
+        messages: list[dict[str, Any]],
+        images: Sequence[ProcessedImage],
+        params: SamplingParams,
+        *,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> EngineRequest:
+        """`messages` hold `{"type": "image"}` parts where the `images` go, in order."""
+        prompt = self.chat.encode(
+            messages,
+            [im.num_tokens for im in images],
+            [im.content_hash for im in images],
+            add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )
+        inputs = [
+            ImageInput(
+                offset=span.offset,
+                length=span.length,
+                content_hash=span.content_hash,
+                grid_thw=im.grid_thw,
+                pixel_values=im.pixel_values,
+            )
+            for span, im in zip(prompt.image_spans, images, strict=True)
+        ]
+        return EngineRequest(request_id, prompt.token_ids, params, inputs)

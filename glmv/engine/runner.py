@@ -1,0 +1,235 @@
+"""The model runner: turns a scheduled step into tensors, runs the model, samples.
+
+For each step it lays the scheduled chunks end to end (token ids, 3-axis M-RoPE positions,
+block tables, slot mapping), encodes the images a prefill chunk needs (or takes their
+embeddings from the encoder cache), runs one forward pass over the paged KV cache and samples
+one token for every chunk that ends at its sequence's last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from glmv.engine.encoder_cache import EncoderCache
+from glmv.engine.request import ImageInput
+from glmv.engine.sampler import SampledToken, SampleRequest, sample
+from glmv.engine.scheduler import ScheduledChunk
+from glmv.kernels.metadata import AttentionMetadata
+from glmv.models.glm4v import Glm4vModel
+from glmv.models.positions import ImageGrid, mrope_positions
+
+
+@dataclass(slots=True)
+class SeqInputs:
+    """Per-sequence data the runner needs beyond the scheduler's view."""
+
+    images: list[ImageInput]
+    generator: torch.Generator | None = None
+    positions: torch.Tensor | None = None  # [3, num_prompt_tokens], computed on first use
+    delta: int = 0
+    failed: str | None = None  # set when this sequence's inputs could not be processed
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled: dict[int, SampledToken] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> error message
+    encoded_images: int = 0
+
+
+def kv_bytes_per_block(model: Glm4vModel, block_size: int) -> int:
+    t = model.config.text
+    return t.num_hidden_layers * 2 * block_size * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Glm4vModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        encoder_cache: EncoderCache,
+        preprocess_key: str = "",
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.encoder_cache = encoder_cache
+        self.preprocess_key = preprocess_key
+        t = model.config.text
+        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=model.dtype, device=model.device),
+                torch.zeros(shape, dtype=model.dtype, device=model.device),
+            )
+            for _ in range(t.num_hidden_layers)
+        ]
+        self.device = model.device
+        self.merge = model.config.vision.spatial_merge_size
+        self.default_generator = torch.Generator(device=self.device)
+        self.default_generator.seed()
+
+    # --- positions ------------------------------------------------------------------------------
+
+    def _ensure_positions(self, seq_inputs: SeqInputs, num_prompt_tokens: int) -> None:
+        if seq_inputs.positions is None:
+            grids = [
+                ImageGrid(im.offset, im.grid_thw[0], im.grid_thw[1] // self.merge, im.grid_thw[2] // self.merge)
+                for im in seq_inputs.images
+            ]
+            seq_inputs.positions, seq_inputs.delta = mrope_positions(num_prompt_tokens, grids)
+
+    def _chunk_positions(self, chunk: ScheduledChunk, si: SeqInputs) -> torch.Tensor:
+        seq = chunk.seq
+        start, end = chunk.start, chunk.start + chunk.num_tokens
+        n_prompt = seq.num_prompt_tokens
+        assert si.positions is not None
+        parts = []
+        if start < n_prompt:
+            parts.append(si.positions[:, start : min(end, n_prompt)])
+        if end > n_prompt:
+            lo = max(start, n_prompt)
+            parts.append(torch.arange(lo + si.delta, end + si.delta).expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def _cache_key(self, image: ImageInput) -> str:
+        return f"{image.content_hash}:{self.preprocess_key}"
+
+    def _image_embeddings(
+        self, chunks: Sequence[ScheduledChunk], inputs: Mapping[int, SeqInputs], result: StepResult
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings of every image a chunk of this step touches, encoding the missing ones."""
+        needed: dict[str, ImageInput] = {}
+        owners: dict[str, list[int]] = {}
+        for chunk in chunks:
+            si = inputs[chunk.seq.seq_id]
+            for image in si.images:
+                if image.offset < chunk.start + chunk.num_tokens and image.offset + image.length > chunk.start:
+                    key = self._cache_key(image)
+                    needed.setdefault(key, image)
+                    owners.setdefault(key, []).append(chunk.seq.seq_id)
+        found: dict[str, torch.Tensor] = {}
+        missing: list[tuple[str, ImageInput]] = []
+        for key, image in needed.items():
+            cached = self.encoder_cache.get(key)
+            if cached is not None:
+                found[key] = cached  # type: ignore[assignment]
+            else:
+                missing.append((key, image))
+        if missing:
+            try:
+                found |= self._encode(missing)
+            except Exception:
+                # Isolate the failing image(s): encode one by one, fail only their sequences.
+                for key, image in missing:
+                    try:
+                        found |= self._encode([(key, image)])
+                    except Exception as exc:
+                        for seq_id in owners[key]:
+                            result.failed[seq_id] = f"image could not be encoded: {exc}"
+            result.encoded_images += len(missing)
+        return found
+
+    def _encode(self, items: Sequence[tuple[str, ImageInput]]) -> dict[str, torch.Tensor]:
+        for _, image in items:
+            if image.pixel_values is None:
+                raise ValueError("image pixels are no longer available and its embeddings were evicted")
+        pixels = torch.cat([im.pixel_values for _, im in items]).to(self.device)  # type: ignore[misc]
+        embeds = self.model.encode_images(pixels, [im.grid_thw for _, im in items])
+        out: dict[str, torch.Tensor] = {}
+        for (key, image), emb in zip(items, embeds, strict=True):
+            if emb.shape[0] != image.length:
+                raise ValueError(f"image yields {emb.shape[0]} embeddings for {image.length} placeholder tokens")
+            if not torch.isfinite(emb).all():
+                raise ValueError("image embeddings are not finite")
+            out[key] = emb
+            self.encoder_cache.put(key, emb, emb.numel() * emb.element_size())
+        return out
+
+    # --- one step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk], inputs: Mapping[int, SeqInputs]) -> StepResult:
+        result = StepResult()
+        for chunk in chunks:
+            self._ensure_positions(inputs[chunk.seq.seq_id], chunk.seq.num_prompt_tokens)
+        embeddings = self._image_embeddings(chunks, inputs, result)
+        chunks = [c for c in chunks if c.seq.seq_id not in result.failed]
+        if not chunks:
+            return result
+
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        image_rows: list[torch.Tensor] = []
+        mask_ranges: list[tuple[int, int]] = []
+        offset = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            si = inputs[seq.seq_id]
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            token_ids.extend(seq.token_ids[start:end])
+            positions.append(self._chunk_positions(chunk, si))
+            for image in si.images:
+                lo, hi = max(start, image.offset), min(end, image.offset + image.length)
+                if lo < hi:
+                    emb = embeddings[self._cache_key(image)]
+                    image_rows.append(emb[lo - image.offset : hi - image.offset])
+                    mask_ranges.append((offset + lo - start, offset + hi - start))
+            offset += chunk.num_tokens
+
+        n = len(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        pos = torch.cat(positions, dim=1).to(self.device, non_blocking=True)
+        meta = AttentionMetadata.build(
+            query_lens=[c.num_tokens for c in chunks],
+            seq_lens=[c.start + c.num_tokens for c in chunks],
+            block_tables=[c.seq.block_table for c in chunks],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        image_embeds = image_mask = None
+        if image_rows:
+            image_embeds = torch.cat(image_rows)
+            mask = torch.zeros(n, dtype=torch.bool)
+            for lo, hi in mask_ranges:
+                mask[lo:hi] = True
+            image_mask = mask.to(self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta, image_embeds, image_mask)
+
+        sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
+        if not sampling:
+            return result
+        last_rows = []
+        cursor = 0
+        for c in chunks:
+            cursor += c.num_tokens
+            if c.samples:
+                last_rows.append(cursor - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        rows: list[SampleRequest] = []
+        keep: list[int] = []
+        for j, (_, c) in enumerate(sampling):
+            if not finite[j]:
+                result.failed[c.seq.seq_id] = "the model produced non-finite logits"
+                continue
+            keep.append(j)
+            rows.append(
+                SampleRequest(
+                    c.seq.params, c.seq.prompt_token_ids, c.seq.output_token_ids, inputs[c.seq.seq_id].generator
+                )
+            )
+        if keep:
+            if len(keep) != len(sampling):
+                logits = logits[torch.tensor(keep, device=self.device)]
+            tokens = sample(logits, rows, self.default_generator)
+            for j, tok in zip(keep, tokens, strict=True):
+                result.sampled[sampling[j][1].seq.seq_id] = tok
+        return result
