@@ -146,7 +146,12 @@ def _weights(spec: TinySpec, vocab_size: int, seed: int) -> dict[str, torch.Tens
         w[f"{p}.self_attn.o_proj.weight"] = linear(h, spec.heads * hd)
         w[f"{p}.mlp.gate_up_proj.weight"] = linear(2 * inter, h)
         w[f"{p}.mlp.down_proj.weight"] = linear(h, inter)
-        for n in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"):
+        for n in (
+            "input_layernorm",
+            "post_self_attn_layernorm",
+            "post_attention_layernorm",
+            "post_mlp_layernorm",
+        ):
             w[f"{p}.{n}.weight"] = norm(h)
     w[f"{lm}.norm.weight"] = norm(h)
     w["lm_head.weight"] = normal(vocab_size, h, std=2.0 / math.sqrt(h))
@@ -208,16 +213,17 @@ def create_tiny_model(out_dir: str | Path, *, variant: str = "glm41v", seed: int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = write_tiny_tokenizer(out, template=spec.template, seed=seed)
-    ids = {
-        "image_token_id": info.image_token_id,
-        "video_token_id": info.video_token_id,
-        "image_start_token_id": info.image_start_token_id,
-        "image_end_token_id": info.image_end_token_id,
-        "video_start_token_id": info.video_start_token_id,
-        "video_end_token_id": info.video_end_token_id,
-        "eos_token_ids": list(info.eos_token_ids),
-        "pad_token_id": info.pad_token_id,
-    }
+    keys = (
+        "image_token_id",
+        "video_token_id",
+        "image_start_token_id",
+        "image_end_token_id",
+        "video_start_token_id",
+        "video_end_token_id",
+        "pad_token_id",
+    )
+    ids: dict[str, Any] = {k: int(info.special_ids[k]) for k in keys}
+    ids["eos_token_ids"] = [int(t) for t in info.special_ids["eos_token_ids"]]
     vocab_size = ((info.vocab_size + 63) // 64) * 64
     config = _config(spec, vocab_size, ids)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -225,7 +231,11 @@ def create_tiny_model(out_dir: str | Path, *, variant: str = "glm41v", seed: int
     (out / "preprocessor_config.json").write_text(
         json.dumps(_preprocessor_config(spec), indent=2) + "\n", encoding="utf-8"
     )
-    generation = {"eos_token_id": ids["eos_token_ids"], "pad_token_id": ids["pad_token_id"], "do_sample": False}
+    generation = {
+        "eos_token_id": ids["eos_token_ids"],
+        "pad_token_id": ids["pad_token_id"],
+        "do_sample": False,
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out
 
