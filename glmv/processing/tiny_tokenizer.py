@@ -270,8 +270,9 @@ def write_tiny_tokenizer(
     """Train the tiny BPE and write ``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json`` and ``chat_template.jinja`` into `out_dir`.
 
-    The same `template` and `seed` always produce byte-identical files. `template` picks both the
-    chat template and the added-token layout (``glm41v`` or ``glm46v``).
+    The same arguments always produce byte-identical files. `template` picks both the chat
+    template and the added-token layout (``glm41v`` or ``glm46v``). `seed` orders the training
+    lines; BPE counts pairs over the whole corpus, so in practice every seed gives the same merges.
     """
     if template not in _LAYOUTS:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
