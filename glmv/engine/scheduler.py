@@ -1,0 +1,326 @@
+"""Continuous batching: which tokens of which sequences go through the model in each step.
+
+One unified step, in the manner of vLLM v1. Every sequence has `num_computed_tokens` of its
+`token_ids` in the KV cache; a step computes the next tokens of some sequences:
+
+1. Running sequences first, in admission order. A decode (one uncomputed token) always gets its
+   token; a prefill (a prompt, or a re-prefill after preemption) gets what is left of the token
+   budget after the decodes behind it are reserved, so a long prompt is computed in chunks while
+   the decodes keep going. When the KV blocks run out (a prefill chunk first shrinks to what is
+   free), the most recently admitted running sequence is preempted by recompute: its blocks are freed and it goes back to the front of the waiting
+   queue, to re-prefill its prompt and outputs later (prefix-cache hits often make that cheap).
+2. Then, unless something was preempted, waiting sequences are admitted first come first served
+   while `max_num_seqs`, the token budget and the free blocks (counting prefix-cache hits) allow.
+   If the head of the queue does not fit, admission stops: nothing skips ahead of it.
+
+After the model ran, `postprocess` advances the computed counts, registers newly full blocks in
+the prefix cache, appends the sampled tokens and finishes sequences on eos / stop tokens / length.
+The oldest running sequence is never preempted by others, so it always makes progress: every
+sequence finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from glmv.engine.block_manager import BlockManager
+from glmv.engine.sequence import Sequence, SequenceStatus
+from glmv.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, OverloadedError
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 8192
+    max_waiting: int = 1024
+    max_model_len: int = 32768
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.", param=name)
+        if self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}.", param="max_waiting")
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Compute tokens [start, start + num_tokens) of `seq` in this step.
+
+    `samples` is True when the chunk reaches the end of the sequence, so the model must sample the
+    next token from its last position. It is fixed when the chunk is made (before `postprocess`
+    appends the sampled token).
+    """
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_tokens > 1 or not self.samples
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Waiting queue + running batch over a `BlockManager`; see the module docstring for the policy."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        # Every running sequence must be able to decode in every step, so no more may run than
+        # the token budget has tokens.
+        self.max_running = min(config.max_num_seqs, config.max_num_batched_tokens)
+        # The longest a sequence may get: the context limit, or all of the KV cache if smaller.
+        self.max_seq_len = min(config.max_model_len, block_manager.num_blocks * block_manager.block_size)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_seq_len:
+            raise ConfigError(
+                f"Without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) must "
+                f"be >= the longest sequence ({self.max_seq_len} tokens).",
+                param="max_num_batched_tokens",
+            )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._seqs: dict[int, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}
+        self.num_preemptions = 0  # total over the scheduler's life
+
+    # --- queries ------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_seq(self, seq_id: int) -> Sequence | None:
+        """An unfinished sequence by id, or None."""
+        return self._seqs.get(seq_id)
+
+    def get_request(self, request_id: str) -> list[Sequence]:
+        """The unfinished sequences of a request."""
+        return list(self._requests.get(request_id, ()))
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def add(self, seqs: Iterable[Sequence]) -> None:
+        """Queue all sequences of one request at once, or none of them (raising)."""
+        seqs = list(seqs)
+        if not seqs:
+            return
+        request_id = seqs[0].request_id
+        if any(seq.request_id != request_id for seq in seqs):
+            raise ValueError("Scheduler.add takes the sequences of exactly one request")
+        if request_id in self._requests:
+            raise InvalidRequestError(
+                f"Request id {request_id!r} is already in progress.", code="duplicate_request_id"
+            )
+        block_capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        for seq in seqs:
+            if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+                raise ValueError(f"{seq!r} was already scheduled")
+            if seq.num_tokens > self.config.max_model_len:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {self.config.max_model_len} tokens, "
+                    f"but the prompt has {seq.num_tokens} tokens."
+                )
+            if seq.num_tokens > block_capacity:
+                raise ContextLengthExceededError(
+                    f"The prompt has {seq.num_tokens} tokens but the KV cache holds at most "
+                    f"{block_capacity} tokens in all."
+                )
+        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+            raise OverloadedError(
+                f"The server is overloaded: {len(self.waiting)} sequences are waiting "
+                f"(limit {self.config.max_waiting}). Retry later."
+            )
+        self._requests[request_id] = list(seqs)
+        for seq in seqs:
+            self._seqs[seq.seq_id] = seq
+            self.waiting.append(seq)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+
+        # Budget kept back for the decodes not yet visited, so a prefill ahead of them never
+        # takes their token.
+        reserved = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            remaining = seq.num_uncomputed_tokens
+            if remaining <= 0:  # defensive: nothing to compute
+                i += 1
+                continue
+            if remaining == 1:
+                reserved -= 1
+                num_new = 1
+            else:
+                available = budget - reserved
+                num_new = min(remaining, available) if cfg.enable_chunked_prefill else remaining
+                if num_new <= 0 or num_new > available:
+                    i += 1
+                    continue
+                if cfg.enable_chunked_prefill:
+                    # A smaller chunk that fits the free blocks beats preempting someone.
+                    fits = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size
+                    fits -= seq.num_computed_tokens
+                    if fits >= 1:
+                        num_new = min(num_new, fits)
+            # Preempt from the tail (most recently admitted) until this sequence fits. Everything
+            # behind index i is unscheduled in this step, so no scheduled chunk is invalidated.
+            while not bm.can_append(seq, num_new):
+                victim = self.running[-1]
+                if victim is not seq and victim.num_uncomputed_tokens == 1:
+                    reserved -= 1
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.append_slots(seq, num_new)
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # `seq` preempted itself; it was the last running one
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_running:
+                seq = self.waiting[0]
+                cached = bm.num_cached_prefix_tokens(seq)
+                remaining = seq.num_tokens - cached
+                if cfg.enable_chunked_prefill:
+                    num_new = min(remaining, budget)
+                elif remaining <= budget:
+                    num_new = remaining
+                else:
+                    break
+                if not bm.can_allocate(seq, num_new):
+                    break
+                self.waiting.popleft()
+                bm.allocate(seq, num_new)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                budget -= num_new
+
+        return SchedulerOutput(chunks, preempted, cfg.max_num_batched_tokens - budget)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # --- after the model ran ------------------------------------------------------------------
+
+    def postprocess(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Apply a step's results. `sampled` maps seq_id to the new token of every chunk that
+        samples. Returns the sequences that finished in this step."""
+        finished: list[Sequence] = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted or finished by the engine since it was scheduled
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.block_manager.commit(seq)
+            if not chunk.samples:
+                continue
+            token_id = sampled.get(seq.seq_id)
+            if token_id is None:
+                self._finish(seq, FINISH_ERROR)
+                finished.append(seq)
+                continue
+            seq.append_token(token_id)
+            reason, stop_reason = self._check_stop(seq, token_id)
+            if reason is not None:
+                self._finish(seq, reason, stop_reason)
+                finished.append(seq)
+        return finished
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
+        params = seq.params
+        num_output = seq.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in seq.eos_token_ids:
+                return FINISH_STOP, None
+            if token_id in params.stop_token_ids:
+                return FINISH_STOP, token_id
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return FINISH_LENGTH, None
+        if seq.num_tokens >= self.max_seq_len:
+            return FINISH_LENGTH, None
+        return None, None
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finish `seq` for a reason found outside the scheduler (stop string, error); frees its
+        blocks. No-op if it already finished."""
+        if seq.is_finished:
+            return
+        self._finish(seq, reason, stop_reason)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of a request with reason "abort"; returns them."""
+        seqs = [seq for seq in self._requests.get(request_id, ()) if not seq.is_finished]
+        for seq in seqs:
+            self._finish(seq, FINISH_ABORT)
+        return seqs
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self._seqs.pop(seq.seq_id, None)
+        siblings = self._requests.get(seq.request_id)
+        if siblings is not None:
+            if seq in siblings:
+                siblings.remove(seq)
+            if not siblings:
+                del self._requests[seq.request_id]
