@@ -97,6 +97,19 @@ def main() -> None:
                     median_ms(lambda image=image: ours.prepare(image), args.runs, args.warmup),
                 )
             )
+            if torch.cuda.is_available():
+
+                def on_gpu(image: Image.Image = image) -> None:
+                    ours.to_patches(ours.prepare(image).pixels, device="cuda")
+                    torch.cuda.synchronize()
+
+                rows.append(
+                    (
+                        f"{label}: glmv prepare + to_patches on cuda",
+                        median_ms(lambda image=image: reference(image), args.runs, args.warmup),
+                        median_ms(on_gpu, args.runs, args.warmup),
+                    )
+                )
 
     print(
         f"image preprocessing, median of {args.runs} runs after {args.warmup} warm-up "
