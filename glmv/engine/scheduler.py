@@ -6,17 +6,19 @@ One unified step, in the manner of vLLM v1. Every sequence has `num_computed_tok
 1. Running sequences first, in admission order. A decode (one uncomputed token) always gets its
    token; a prefill (a prompt, or a re-prefill after preemption) gets what is left of the token
    budget after the decodes behind it are reserved, so a long prompt is computed in chunks while
-   the decodes keep going. When the KV blocks run out (a prefill chunk first shrinks to what is
-   free), the most recently admitted running sequence is preempted by recompute: its blocks are freed and it goes back to the front of the waiting
-   queue, to re-prefill its prompt and outputs later (prefix-cache hits often make that cheap).
+   the decodes keep going. A prefill chunk also shrinks to the free blocks that the decodes behind
+   it do not need (and waits a step if none are left). When the KV blocks still run out, the most
+   recently admitted running sequence is preempted by recompute: its blocks are freed and it goes
+   back to the front of the waiting queue, to re-prefill its prompt and outputs later (prefix-cache
+   hits often make that cheap).
 2. Then, unless something was preempted, waiting sequences are admitted first come first served
    while `max_num_seqs`, the token budget and the free blocks (counting prefix-cache hits) allow.
    If the head of the queue does not fit, admission stops: nothing skips ahead of it.
 
 After the model ran, `postprocess` advances the computed counts, registers newly full blocks in
 the prefix cache, appends the sampled tokens and finishes sequences on eos / stop tokens / length.
-The oldest running sequence is never preempted by others, so it always makes progress: every
-sequence finishes.
+The oldest running sequence is never preempted by others; it waits at most for the decodes behind
+it, whose number cannot grow while it waits (nothing is admitted then). So every sequence finishes.
 """
 
 from __future__ import annotations
@@ -180,9 +182,25 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
 
-        # Budget kept back for the decodes not yet visited, so a prefill ahead of them never
-        # takes their token.
-        reserved = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
+        # Tokens and fresh blocks kept back for the decodes not yet visited, so that a prefill
+        # ahead of them in the running list never takes their token or their next block.
+        reserved_tokens = 0
+        reserved_blocks = 0
+        for seq in self.running:
+            if seq.num_uncomputed_tokens == 1:
+                reserved_tokens += 1
+                reserved_blocks += self._needs_new_block(seq)
+
+        def preempt_tail() -> Sequence:
+            nonlocal reserved_tokens, reserved_blocks
+            victim = self.running[-1]
+            if victim is not seq and victim.num_uncomputed_tokens == 1:
+                reserved_tokens -= 1
+                reserved_blocks -= self._needs_new_block(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+            return victim
+
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -191,29 +209,39 @@ class Scheduler:
                 i += 1
                 continue
             if remaining == 1:
-                reserved -= 1
+                reserved_tokens -= 1
+                reserved_blocks -= self._needs_new_block(seq)
                 num_new = 1
             else:
-                available = budget - reserved
+                available = budget - reserved_tokens
                 num_new = min(remaining, available) if cfg.enable_chunked_prefill else remaining
                 if num_new <= 0 or num_new > available:
                     i += 1
                     continue
                 if cfg.enable_chunked_prefill:
-                    # A smaller chunk that fits the free blocks beats preempting someone.
-                    fits = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size
-                    fits -= seq.num_computed_tokens
-                    if fits >= 1:
-                        num_new = min(num_new, fits)
+                    # Shrink the chunk to the blocks the decodes behind do not need; if there are
+                    # none, yield to those decodes this step; preempt only when nobody could run.
+                    yielded = False
+                    while True:
+                        spare_blocks = len(seq.block_table) + bm.num_free_blocks - reserved_blocks
+                        fits = spare_blocks * bm.block_size - seq.num_computed_tokens
+                        if fits >= 1:
+                            num_new = min(num_new, fits)
+                            break
+                        if reserved_blocks > 0:
+                            yielded = True
+                            break
+                        if preempt_tail() is seq:
+                            break
+                    if yielded:
+                        i += 1
+                        continue
+                    if seq.status is not SequenceStatus.RUNNING:
+                        break  # `seq` preempted itself; it was the last running one
             # Preempt from the tail (most recently admitted) until this sequence fits. Everything
             # behind index i is unscheduled in this step, so no scheduled chunk is invalidated.
             while not bm.can_append(seq, num_new):
-                victim = self.running[-1]
-                if victim is not seq and victim.num_uncomputed_tokens == 1:
-                    reserved -= 1
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
+                if preempt_tail() is seq:
                     break
             else:
                 bm.append_slots(seq, num_new)
@@ -245,8 +273,15 @@ class Scheduler:
 
         return SchedulerOutput(chunks, preempted, cfg.max_num_batched_tokens - budget)
 
+    def _needs_new_block(self, seq: Sequence) -> bool:
+        """Whether computing one more token of `seq` needs a fresh block."""
+        return len(seq.block_table) * self.block_manager.block_size < seq.num_computed_tokens + 1
+
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        if self.running and self.running[-1] is seq:
+            self.running.pop()
+        else:
+            self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

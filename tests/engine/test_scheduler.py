@@ -579,6 +579,32 @@ def test_prefill_chunk_shrinks_before_preempting() -> None:
     assert_reference([dec, p], d.sched.max_seq_len)
 
 
+def test_prefill_yields_blocks_to_decodes_behind_it() -> None:
+    bm = BlockManager(4, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    (p,) = request("p", list(range(10, 26)), eos=False)
+    (d,) = request("d", [5, 6, 7, 8], eos=False)
+    sched.add([p])
+    sched.add([d])
+    # White-box state: p (admitted first) is half-way through its prompt with 2 blocks; d decodes
+    # behind it and its next token starts a new block. One block is free.
+    sched.waiting.clear()
+    bm.allocate(p, 8)
+    p.num_computed_tokens = 8
+    bm.allocate(d, 4)
+    d.num_computed_tokens = 4
+    d.append_token(9)
+    for seq in (p, d):
+        seq.status = SequenceStatus.RUNNING
+        sched.running.append(seq)
+    assert bm.num_free_blocks == 1
+    out = sched.schedule()
+    assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("d", 1)]
+    assert out.preempted == []
+    assert sched.abort("p") == [p] and sched.abort("d") == [d]
+    assert_drained(sched)
+
+
 def workload(num_requests: int = 16) -> dict[int, list[list[Sequence]]]:
     system = [(3 * i) % 40 + 3 for i in range(13)]
     arrivals: dict[int, list[list[Sequence]]] = {}
