@@ -49,16 +49,17 @@ def paged_attention_reference(
     start = 0
     for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
         slots = _gather_slots(meta.block_tables[i], s_len, meta.block_size)
-        k = k_flat[slots].transpose(0, 1)  # [kv_heads, L, D]
-        v = v_flat[slots].transpose(0, 1)
-        qi = q[start : start + q_len].transpose(0, 1)  # [heads, n, D]
+        # 4-D inputs: the fused (flash / memory-efficient) SDPA kernels take no 3-D tensors.
+        k = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
+        v = v_flat[slots].transpose(0, 1).unsqueeze(0)
+        qi = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
         if q_len == s_len:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
             qpos = torch.arange(s_len - q_len, s_len, device=q.device)
             mask = torch.arange(s_len, device=q.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + q_len] = o.transpose(0, 1)
+        out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
 

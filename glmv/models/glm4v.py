@@ -193,10 +193,11 @@ class VisionAttention(nn.Module):
         start = 0
         for length in lengths:  # full attention inside each image, never across images
             sl = slice(start, start + length)
+            # 4-D inputs so that SDPA can pick its fused kernels (3-D falls back to the math path).
             o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+                q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None]
             )
-            outs.append(o.transpose(0, 1).reshape(length, -1))
+            outs.append(o[0].transpose(0, 1).reshape(length, -1))
             start += length
         return self.proj(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])
 
