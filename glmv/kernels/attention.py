@@ -68,11 +68,13 @@ def _decode_reference(
     q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     max_len = meta.max_seq_len
-    bs = meta.block_size
     pos = torch.arange(max_len, device=q.device)
-    tables = meta.block_tables.long()
-    blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1))
-    slots = blocks * bs + pos % bs  # [B, max_len]
+    slots = meta.decode_slots
+    if slots is None:  # computed once per step, reused by every layer
+        bs = meta.block_size
+        tables = meta.block_tables.long()
+        blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1))
+        slots = meta.decode_slots = blocks * bs + pos % bs  # [B, max_len]
     k = k_flat[slots].permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
     v = v_flat[slots].permute(0, 2, 1, 3)
     mask = (pos[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, max_len]

@@ -22,6 +22,8 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # Decode-only batches: cache slot of every (sequence, position) pair, shared by all layers.
+    decode_slots: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
