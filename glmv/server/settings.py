@@ -1,0 +1,466 @@
+"""`glmv serve` configuration: one `Settings` object from flags, `GLMV_*` variables and a TOML file.
+
+Every field of `Settings` is a command-line flag (`max_num_seqs` -> `--max-num-seqs`), an
+environment variable (`GLMV_MAX_NUM_SEQS`) and a key of the optional TOML file given by
+`--config` / `GLMV_CONFIG` (`max_num_seqs = 64`, dashes allowed too). A flag beats the
+environment, which beats the file, which beats the default. Lists are comma-separated in the
+environment and may be repeated on the command line.
+
+The guardrails (API keys, IP allowlist, rate limits, body cap, access log) live in
+`glmv.server.guard`; its `GuardSettings` is the `guard` field and it adds its own flags.
+
+`run_serve` loads the model, prints where the web page and the API are, warns when the weights
+are random, and serves with uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work
+(new chat requests get 503 with `Retry-After`, `/ready` turns 503), lets running requests finish
+for up to `shutdown_timeout` seconds, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from glmv.errors import ConfigError, GlmvError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from glmv.server.app import ServerState
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+try:
+    from glmv.server import guard as _guard_module
+except ImportError:  # the guard module is optional: without it the server runs unguarded
+    _guard_module = None  # type: ignore[assignment]
+
+log = logging.getLogger("glmv.server")
+
+ENV_PREFIX = "GLMV_"
+MiB = 1024 * 1024
+
+
+def _meta(help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> dict[str, Any]:
+    return {"help": help, "kind": kind, "choices": choices, "metavar": metavar}
+
+
+def _opt(default: Any, help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    return field(default=default, metadata=_meta(help, kind, choices=choices, metavar=metavar))
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything `glmv serve` can be told. See the module docstring for where values come from."""
+
+    # model and engine
+    model: str | None = _opt(None, "checkpoint directory (default: the embedded tiny random-weight model)", "str?", metavar="DIR")
+    served_model_name: list[str] = field(
+        default_factory=list,
+        metadata=_meta("name(s) clients use in 'model' (default: the checkpoint folder's name)", "list", metavar="NAME"),
+    )
+    dtype: str = _opt("auto", "weight and activation dtype", "str", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str | None = _opt(None, "torch device, e.g. cuda:0 or cpu (default: cuda if available)", "str?")
+    chat_template: str | None = _opt(None, "chat template override: a .jinja file, template text, or glm41v / glm46v", "str?")
+    max_num_seqs: int = _opt(128, "most sequences in one running batch", "int")
+    max_num_batched_tokens: int = _opt(8192, "most tokens in one engine step (chunked prefill splits longer prompts)", "int")
+    max_model_len: int | None = _opt(None, "context length cap in tokens (default: the model's)", "int?")
+    max_waiting: int = _opt(1024, "queue bound: sequences that may wait; beyond it requests get 503", "int")
+    kv_cache_gb: float | None = _opt(None, "KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", "float?")
+    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory glmv may use", "float")
+    block_size: int = _opt(16, "tokens per KV-cache block", "int")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes (and images)", "bool")
+    encoder_cache_mb: int = _opt(512, "memory for cached image embeddings, in MB", "int")
+    seed: int | None = _opt(None, "seed of the default random generator", "int?")
+    # HTTP
+    host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)", "str")
+    port: int = _opt(8000, "TCP port", "int")
+    request_timeout: float = _opt(600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float")
+    shutdown_timeout: float = _opt(30.0, "seconds running requests get to finish on SIGTERM", "float")
+    log_level: str = _opt("info", "log level", "str", choices=("critical", "error", "warning", "info", "debug"))
+    # --log-content belongs to the guard (it logs request bodies); answers are logged with it
+    log_content: bool = field(default=False, metadata={"kind": "derived"})
+    # images
+    allow_remote_images: bool = _opt(False, "fetch http(s) image URLs (off: only data: URLs)", "bool")
+    allow_http_images: bool = _opt(False, "with remote images on, also allow plain http (not only https)", "bool")
+    remote_image_domains: list[str] = field(
+        default_factory=list,
+        metadata=_meta("only fetch remote images from these domains and their subdomains", "list", metavar="DOMAIN"),
+    )
+    remote_image_timeout: float = _opt(30.0, "seconds a remote image fetch may take in total", "float")
+    max_images_per_request: int = _opt(8, "most images in one request", "int")
+    max_image_mb: float = _opt(20.0, "largest encoded image, in MB", "float")
+    max_image_pixels: int = _opt(40_000_000, "largest image, in pixels (width x height)", "int")
+    max_request_pixels: int = _opt(100_000_000, "most pixels of all images of one request together", "int")
+    # the settings file itself (read first, so it has no file key of its own)
+    config: str | None = _opt(None, "TOML file with settings (keys as the flags, without --)", "str?", metavar="FILE")
+    # guardrails: filled from the guard module's own flags
+    guard: Any = field(default=None, metadata={"kind": "guard"})
+
+    # --- derived values -------------------------------------------------------------------------
+
+    def image_limits(self) -> Any:
+        from glmv.processing.media import ImageLimits
+
+        return ImageLimits(
+            max_image_bytes=max(1, int(self.max_image_mb * MiB)),
+            max_pixels=self.max_image_pixels,
+            max_total_pixels=self.max_request_pixels,
+            max_images=self.max_images_per_request,
+        )
+
+    def remote_image_policy(self) -> Any:
+        from glmv.processing.media import RemoteImagePolicy
+
+        return RemoteImagePolicy(
+            enabled=self.allow_remote_images,
+            allowed_domains=tuple(self.remote_image_domains) or None,
+            allow_http=self.allow_http_images,
+            total_timeout=self.remote_image_timeout,
+            max_bytes=max(1, int(self.max_image_mb * MiB)),
+        )
+
+    def validate(self) -> None:
+        """Raise `ConfigError` for a value out of range (the image settings are checked by media)."""
+
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"{_flag(name)} {what}, got {getattr(self, name)!r}", param=name)
+
+        need(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
+        need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        need(self.max_waiting >= 0, "max_waiting", "must be >= 0")
+        need(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
+        need(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
+        need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
+        need(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
+        need(self.remote_image_timeout > 0, "remote_image_timeout", "must be > 0")
+        need(self.max_image_mb > 0, "max_image_mb", "must be > 0")
+        need(all(n.strip() for n in self.served_model_name), "served_model_name", "must not hold empty names")
+        self.image_limits()
+        self.remote_image_policy()
+
+    # --- sources ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_sources(
+        cls,
+        args: argparse.Namespace | Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | Path | None = None,
+    ) -> Settings:
+        """Merge flags (`args`, as parsed by a parser given `add_serve_arguments`), environment and
+        TOML file; `config_file` overrides where the file is looked for."""
+        given = _given(args)
+        env = dict(os.environ if environ is None else environ)
+        path = config_file or given.get("config") or _env_value(env, "config") or None
+        table: dict[str, Any] = {}
+        if path:
+            table = _read_toml(Path(str(path)))
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            kind = f.metadata.get("kind")
+            if kind in ("guard", "derived"):
+                continue
+            if f.name in given:
+                values[f.name] = _convert(f.name, kind, given[f.name], "flag")
+            elif (raw := _env_value(env, f.name)) is not None:
+                values[f.name] = _convert(f.name, kind, raw, f"${ENV_PREFIX}{f.name.upper()}")
+            elif f.name in table:
+                values[f.name] = _convert(f.name, kind, table[f.name], f"{path}")
+        if path:
+            values["config"] = str(path)
+        settings = cls(**values)
+        settings.guard = _guard_settings(args, env, table)
+        settings.log_content = bool(getattr(settings.guard, "log_content", False))
+        _check_unknown_keys(table, path)
+        settings.validate()
+        return settings
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per `Settings` field (defaults are applied later, so given flags are known)."""
+    group = parser.add_argument_group("serve")
+    for f in dataclasses.fields(Settings):
+        kind = f.metadata.get("kind")
+        if kind in ("guard", "derived"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        env = f"{ENV_PREFIX}{f.name.upper()}"
+        shown = ", ".join(default) if isinstance(default, list) else default
+        help_text = f"{f.metadata['help']} [env {env}; default: {shown if shown not in (None, '', []) else '-'}]"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs.pop("metavar", None)
+        elif kind == "list":
+            kwargs["action"] = "append"
+        group.add_argument(_flag(f.name), **kwargs)
+    add_guard = getattr(_guard_module, "add_guard_arguments", None)
+    if add_guard is not None:
+        add_guard(parser)
+
+
+def _given(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
+    if args is None:
+        return {}
+    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return {k: v for k, v in items.items() if k in names and k != "guard"}
+
+
+def _env_value(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+    if raw is None or raw.strip() == "":
+        return None
+    return raw
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _convert(name: str, kind: str, value: Any, source: str) -> Any:
+    """A flag string, environment string or TOML value as the field's type."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{_flag(name)} (from {source}) {what}, got {value!r}", param=name)
+
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))):
+        return None
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("must be a string")
+        return value
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("must be true or false")
+    if base == "int":
+        if isinstance(value, bool):
+            raise bad("must be an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip().replace("_", ""))
+        except ValueError:
+            raise bad("must be an integer") from None
+    if base == "float":
+        if isinstance(value, bool):
+            raise bad("must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("must be a number") from None
+    if base == "list":
+        items = value if isinstance(value, list) else [value]
+        out: list[str] = []
+        for item in items:
+            if not isinstance(item, str):
+                raise bad("must be a list of strings")
+            out.extend(part.strip() for part in item.split(",") if part.strip())
+        return out
+    raise AssertionError(f"unknown setting kind {kind!r}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", param="config") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}", param="config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", param="config") from None
+    # `max-num-seqs` and `max_num_seqs` both work; a [serve] table may hold the keys too.
+    flat: dict[str, Any] = {}
+    serve = data.pop("serve", None)
+    for source in (data, serve if isinstance(serve, dict) else {}):
+        for key, value in source.items():
+            flat[str(key).replace("-", "_")] = value
+    return flat
+
+
+def _guard_settings(args: Any, env: Mapping[str, str], table: Mapping[str, Any]) -> Any:
+    guard_cls = getattr(_guard_module, "GuardSettings", None)
+    if guard_cls is None:
+        return None
+    from_sources = getattr(_guard_module, "guard_settings_from", None)
+    if from_sources is None:
+        return guard_cls()
+    namespace = args if isinstance(args, argparse.Namespace) else argparse.Namespace(**dict(args or {}))
+    return from_sources(namespace, env, table)
+
+
+def _guard_toml_keys() -> set[str]:
+    keys: set[str] = {"guard", "max_body_bytes"}
+    guard_cls = getattr(_guard_module, "GuardSettings", None)
+    if guard_cls is not None and dataclasses.is_dataclass(guard_cls):
+        keys |= {f.name for f in dataclasses.fields(guard_cls)}
+    for opt in getattr(_guard_module, "_OPTIONS", ()):
+        keys |= set(getattr(opt, "toml", ()))
+    return keys
+
+
+def _check_unknown_keys(table: Mapping[str, Any], path: Any) -> None:
+    known = {f.name for f in dataclasses.fields(Settings)} | _guard_toml_keys()
+    unknown = sorted(k for k in table if k not in known)
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown setting(s): {', '.join(unknown)}", param="config")
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[int], None]) -> uvicorn.Server:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server with a draining shutdown: 503 for new work, running requests finish."""
+
+        def __init__(self) -> None:
+            super().__init__(config)
+            self._drain_deadline: float | None = None
+            self._signals = 0
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                port = config.port
+                for server in self.servers:
+                    for sock in server.sockets or ():
+                        port = sock.getsockname()[1]
+                        break
+                banner(port)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # The signal is not re-raised after shutdown (uvicorn would, making the exit status
+            # 128 + signal); a clean drain exits 0.
+            self._signals += 1
+            if self._signals == 1:
+                state.draining = True
+                self._drain_deadline = time.monotonic() + state.settings.shutdown_timeout
+                print(
+                    f"glmv: shutting down; waiting up to {state.settings.shutdown_timeout:g} s for "
+                    f"{state.inflight} running request(s)" + (" (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                self.should_exit = True
+                self.force_exit = sig == signal.SIGINT
+
+        async def on_tick(self, counter: int) -> bool:
+            draining = self._drain_deadline is not None and not self.should_exit
+            if draining and (state.inflight == 0 or time.monotonic() >= self._drain_deadline):  # type: ignore[operator]
+                if state.inflight:
+                    log.warning("shutdown timeout reached with %d request(s) still running", state.inflight)
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return _Server()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`glmv serve`: load the model, serve until SIGTERM/Ctrl-C, return the exit status."""
+    try:
+        settings = Settings.from_sources(args)
+    except GlmvError as exc:
+        print(f"glmv serve: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from glmv.models.tiny import is_random_checkpoint
+    from glmv.server.app import build_engine, create_app, resolve_model
+
+    try:
+        model_dir, embedded = resolve_model(settings)
+        settings.model = str(model_dir)
+        print(f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...", flush=True)
+        engine = build_engine(settings)
+        app = create_app(settings, engine)
+    except GlmvError as exc:
+        print(f"glmv serve: {exc.message}", file=sys.stderr)
+        return 1
+    state: ServerState = app.state.glmv
+    random_weights = is_random_checkpoint(model_dir)
+
+    def banner(port: int) -> None:
+        base = f"http://{_display_host(settings.host)}:{port}"
+        lines = [
+            f"glmv: serving {state.model_names[0]!r} ({engine.engine.model.device.type}, context {engine.engine.max_model_len} tokens)",
+            f"  web page: {base}/",
+            f"  API:      {base}/v1   (OpenAI-compatible; docs at {base}/docs)",
+        ]
+        if random_weights:
+            lines.append(
+                "  WARNING: this model has random weights; its answers are random text. "
+                "Pass --model DIR to serve a real checkpoint."
+            )
+        if settings.host in ("0.0.0.0", "::") and state.settings.guard is None:
+            lines.append("  WARNING: listening on all interfaces without the guard module: anyone who can reach it may use it.")
+        print("\n".join(lines), flush=True)
+
+    uv_config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        workers=1,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = _make_server(uv_config, state, banner)
+    try:
+        server.run()
+    finally:
+        engine.shutdown(timeout=5.0)
+    if not server.started:
+        return 1
+    print("glmv: stopped", flush=True)
+    return 0
+
+
+__all__ = ["Settings", "add_serve_arguments", "run_serve"]
