@@ -332,7 +332,9 @@ def _check_dimensions(width: int, height: int, *, param: str, limits: ImageLimit
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height as written in a PNG, GIF or WebP header, without decoding anything."""
+    """Width and height as written in a PNG, GIF, WebP or JPEG header, without decoding anything."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_declared_size(data)
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
@@ -349,6 +351,37 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
         if chunk == b"VP8L" and data[20] == 0x2F:
             bits = int.from_bytes(data[21:25], "little")
             return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+_JPEG_SOF_MARKERS: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_declared_size(data: bytes) -> tuple[int, int] | None:
+    """Walk the JPEG segments up to the first start-of-frame (a bounded number of them)."""
+    position = 2
+    for _ in range(1024):
+        if position + 4 > len(data) or data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker in _JPEG_SOF_MARKERS:
+            if position + 9 > len(data):
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return width, height
+        if length < 2:
+            return None
+        position += 2 + length
     return None
 
 

@@ -10,11 +10,15 @@ import asyncio
 import base64
 import io
 import random
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -329,11 +333,33 @@ def test_header_size_checked_before_opening(
     reject(lambda: load_image(header + b"\x00" * 64, param=PARAM, limits=LIMITS), "too large", size)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP"])
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP", "JPEG"])
 def test_declared_size_parser_matches_pillow(fmt: str) -> None:
-    for save in ({}, {"lossless": True}) if fmt == "WEBP" else ({},):
+    saves: list[dict[str, object]] = [{}]
+    if fmt == "WEBP":
+        saves.append({"lossless": True})
+    if fmt == "JPEG":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        saves += [{"progressive": True}, {"exif": exif.tobytes(), "quality": 50}]
+    for save in saves:
         data = encode(Image.new("RGB", (123, 45), (3, 4, 5)), fmt, **save)
         assert media._declared_size(data) == (123, 45)
+    assert media._declared_size(encode(Image.new("CMYK", (7, 9)), "JPEG")) == (7, 9)
+    assert media._declared_size(b"\xff\xd8\xff\xe0\x00") is None
+    assert media._declared_size(random.Random(1).randbytes(64)) is None
+
+
+def test_jpeg_header_size_checked_before_opening(monkeypatch: pytest.MonkeyPatch) -> None:
+    jpeg = bytearray(encode(Image.new("RGB", (16, 16)), "JPEG"))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 12000, 12000)
+
+    def must_not_open(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("opened despite the size in the header")
+
+    monkeypatch.setattr(Image, "open", must_not_open)
+    reject(lambda: load_image(bytes(jpeg), param=PARAM, limits=LIMITS), "12000x12000")
 
 
 def test_small_max_pixels() -> None:
@@ -1117,7 +1143,8 @@ class Seen:
 class LocalServer:
     """A minimal HTTP/1.1 server on 127.0.0.1 (ephemeral port) serving canned replies."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.routes: dict[str, Reply] = {}
         self.requests: list[Seen] = []
         self.port = 0
@@ -1128,7 +1155,7 @@ class LocalServer:
         return f"http://{host}:{self.port}{path}"
 
     async def __aenter__(self) -> LocalServer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -1174,7 +1201,7 @@ class LocalServer:
                         await asyncio.sleep(reply.drip)
                 writer.write(b"0\r\n\r\n")
             await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -1338,3 +1365,97 @@ async def test_local_server_http_errors_and_refused_connection() -> None:
         fetch_remote_image(f"http://127.0.0.1:{closed_port}/a.png", policy=LOOPBACK_TRUSTED, param=PARAM),
         "could not connect",
     )
+
+
+# --- remote: TLS keeps the real host name while connecting to the pinned address -------------
+
+
+def make_tls_contexts(directory: Path, hostname: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A throwaway CA and a server certificate for `hostname`: (server context, client context)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={hostname}")
+    (directory / "ext.cnf").write_text(f"subjectAltName=DNS:{hostname}\nbasicConstraints=critical,CA:FALSE\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "2",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(directory / "server.pem", directory / "server.key")
+    client_context = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+    return server_context, client_context
+
+
+async def test_tls_uses_real_host_name_for_sni_and_verification(tmp_path: Path) -> None:
+    server_context, client_context = make_tls_contexts(tmp_path, "images.test")
+    sni_seen: list[str | None] = []
+    server_context.sni_callback = lambda sock, name, ctx: sni_seen.append(name)  # type: ignore[assignment]
+    png = small_png((4, 5, 6))
+    resolver = fixed_resolver({"images.test": ["127.0.0.1"], "impostor.test": ["127.0.0.1"]})
+    policy = RemoteImagePolicy(enabled=True, read_timeout=5.0, _trusted_test_networks=("127.0.0.1/32",))
+
+    def transport() -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport(verify=client_context, retries=0)
+
+    async with LocalServer(ssl_context=server_context) as server:
+        server.routes["/ok.png"] = Reply(body=png)
+        body = await fetch_remote_image(
+            f"https://images.test:{server.port}/ok.png",
+            policy=policy,
+            param=PARAM,
+            resolver=resolver,
+            transport_factory=transport,
+        )
+        assert body == png
+        assert sni_seen == ["images.test"]
+        assert server.requests[0].headers["host"] == f"images.test:{server.port}"
+        # Same address, another name: the certificate does not match, so nothing is fetched.
+        await areject(
+            fetch_remote_image(
+                f"https://impostor.test:{server.port}/ok.png",
+                policy=policy,
+                param=PARAM,
+                resolver=resolver,
+                transport_factory=transport,
+            ),
+            "could not connect to image URL host 'impostor.test'",
+            "certificate",
+        )
+        assert len(server.requests) == 1
