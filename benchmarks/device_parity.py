@@ -24,8 +24,13 @@ from glmv.models.generate import ImageInput, generate
 from glmv.models.loader import build_model, load_weights
 
 
-def main() -> None:
+def main(branch_scale: float = 1.0) -> None:
+    """`branch_scale` < 1 shrinks what each residual branch adds (the post-branch norms of the LM,
+    the output projections of the vision blocks): a less chaotic random network, closer to how
+    trained weights behave."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    print(f"=== branch scale {branch_scale} ===")
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -45,7 +50,9 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if "post_self_attn_layernorm" in name or "post_mlp_layernorm" in name:
+                p.fill_(branch_scale)
+            elif name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
             elif p.ndim == 1:
                 p.normal_(0.0, 0.02, generator=gen)
@@ -55,7 +62,12 @@ def main() -> None:
                 p.normal_(0.0, 2.0 / math.sqrt(p.shape[1]), generator=gen)
             else:
                 fan_in = p[0].numel()
-                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+                scale = (
+                    branch_scale
+                    if ("visual.blocks" in name and ("attn.proj" in name or "down_proj" in name))
+                    else 1.0
+                )
+                p.normal_(0.0, scale / math.sqrt(fan_in), generator=gen)
     n_params = sum(p.numel() for p in ref.parameters())
     cfg_dict = json.loads(hf_cfg.to_json_string())
     config = ModelConfig.from_dict(cfg_dict)
@@ -171,4 +183,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    for arg in sys.argv[1:] or ["1.0"]:
+        main(float(arg))
+        torch.cuda.empty_cache()
