@@ -22,8 +22,8 @@ from glmv.engine.sampler import SampledToken
 from glmv.engine.scheduler import Scheduler, SchedulerConfig
 from glmv.engine.sequence import ImageSpan, Sequence
 from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, GlmvError, InvalidRequestError
-from glmv.models.glm4v import Glm4vModel
-from glmv.models.loader import load_model
+from glmv.models.base import ServedModel
+from glmv.models.registry import load_model
 from glmv.processing.detok import IncrementalDetokenizer, StopStringMatcher
 from glmv.processing.tokenizer import Tokenizer
 
@@ -82,15 +82,17 @@ class LLMEngine:
         self,
         config: EngineConfig,
         *,
-        model: Glm4vModel | None = None,
+        model: ServedModel | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
         self.config = config
-        self.model = model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
+        self.model = (
+            model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
+        )
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_pretrained(config.model)
-        mcfg = self.model.config
-        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings)
+        m = self.model
+        self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.max_model_len = min(config.max_model_len or m.max_model_len, m.max_model_len)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -163,10 +165,10 @@ class LLMEngine:
                 f"context of {self.max_model_len} tokens.",
                 param="max_tokens",
             )
-        vocab = self.model.config.text.vocab_size
+        vocab = self.model.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError("The prompt holds token ids outside the vocabulary.", param="messages")
-        image_id = self.model.config.image_token_id
+        image_id = self.model.image_token_id
         expected = sum(1 for t in request.prompt_token_ids if t == image_id)
         if expected != sum(im.length for im in request.images):
             raise InvalidRequestError(
@@ -303,7 +305,9 @@ class LLMEngine:
         d = req.pending.get(state.seq.index)
         if d is None:
             want_lp = state.seq.params.logprobs is not None
-            d = CompletionDelta(index=state.seq.index, text="", token_ids=[], logprobs=[] if want_lp else None)
+            d = CompletionDelta(
+                index=state.seq.index, text="", token_ids=[], logprobs=[] if want_lp else None
+            )
             req.pending[state.seq.index] = d
         return d
 
@@ -366,4 +370,3 @@ class LLMEngine:
         wanted = set(request_ids) if request_ids is not None else None
         while self.has_unfinished() and (wanted is None or wanted & self._requests.keys()):
             self.step()
-

@@ -18,8 +18,7 @@ from glmv.engine.request import ImageInput
 from glmv.engine.sampler import SampledToken, SampleRequest, sample
 from glmv.engine.scheduler import ScheduledChunk
 from glmv.kernels.metadata import AttentionMetadata
-from glmv.models.glm4v import Glm4vModel
-from glmv.models.positions import ImageGrid, mrope_positions
+from glmv.models.base import ServedModel
 
 
 @dataclass(slots=True)
@@ -40,15 +39,14 @@ class StepResult:
     encoded_images: int = 0
 
 
-def kv_bytes_per_block(model: Glm4vModel, block_size: int) -> int:
-    t = model.config.text
-    return t.num_hidden_layers * 2 * block_size * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+def kv_bytes_per_block(model: ServedModel, block_size: int) -> int:
+    return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * model.dtype.itemsize
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: Glm4vModel,
+        model: ServedModel,
         *,
         num_blocks: int,
         block_size: int,
@@ -60,17 +58,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.encoder_cache = encoder_cache
         self.preprocess_key = preprocess_key
-        t = model.config.text
-        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
             )
-            for _ in range(t.num_hidden_layers)
+            for _ in range(model.num_layers)
         ]
         self.device = model.device
-        self.merge = model.config.vision.spatial_merge_size
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.seed()
 
@@ -78,11 +74,9 @@ class ModelRunner:
 
     def _ensure_positions(self, seq_inputs: SeqInputs, num_prompt_tokens: int) -> None:
         if seq_inputs.positions is None:
-            grids = [
-                ImageGrid(im.offset, im.grid_thw[0], im.grid_thw[1] // self.merge, im.grid_thw[2] // self.merge)
-                for im in seq_inputs.images
-            ]
-            seq_inputs.positions, seq_inputs.delta = mrope_positions(num_prompt_tokens, grids)
+            seq_inputs.positions, seq_inputs.delta = self.model.prompt_positions(
+                num_prompt_tokens, seq_inputs.images
+            )
 
     def _chunk_positions(self, chunk: ScheduledChunk, si: SeqInputs) -> torch.Tensor:
         seq = chunk.seq
@@ -94,7 +88,7 @@ class ModelRunner:
             parts.append(si.positions[:, start : min(end, n_prompt)])
         if end > n_prompt:
             lo = max(start, n_prompt)
-            parts.append(torch.arange(lo + si.delta, end + si.delta).expand(3, -1))
+            parts.append(self.model.positions_after_prompt(lo, end, si.delta))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # --- images ---------------------------------------------------------------------------------
@@ -111,7 +105,10 @@ class ModelRunner:
         for chunk in chunks:
             si = inputs[chunk.seq.seq_id]
             for image in si.images:
-                if image.offset < chunk.start + chunk.num_tokens and image.offset + image.length > chunk.start:
+                if (
+                    image.offset < chunk.start + chunk.num_tokens
+                    and image.offset + image.length > chunk.start
+                ):
                     key = self._cache_key(image)
                     needed.setdefault(key, image)
                     owners.setdefault(key, []).append(chunk.seq.seq_id)
@@ -146,7 +143,9 @@ class ModelRunner:
         out: dict[str, torch.Tensor] = {}
         for (key, image), emb in zip(items, embeds, strict=True):
             if emb.shape[0] != image.length:
-                raise ValueError(f"image yields {emb.shape[0]} embeddings for {image.length} placeholder tokens")
+                raise ValueError(
+                    f"image yields {emb.shape[0]} embeddings for {image.length} placeholder tokens"
+                )
             if not torch.isfinite(emb).all():
                 raise ValueError("image embeddings are not finite")
             out[key] = emb
@@ -223,7 +222,10 @@ class ModelRunner:
             keep.append(j)
             rows.append(
                 SampleRequest(
-                    c.seq.params, c.seq.prompt_token_ids, c.seq.output_token_ids, inputs[c.seq.seq_id].generator
+                    c.seq.params,
+                    c.seq.prompt_token_ids,
+                    c.seq.output_token_ids,
+                    inputs[c.seq.seq_id].generator,
                 )
             )
         if keep:

@@ -20,7 +20,9 @@ from torch import nn
 
 from glmv.kernels.attention import paged_attention, write_kv
 from glmv.kernels.metadata import AttentionMetadata
+from glmv.models.base import PromptImage
 from glmv.models.config import ModelConfig, TextConfig, VisionConfig
+from glmv.models.positions import ImageGrid, mrope_positions
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -68,7 +70,8 @@ class MRotaryEmbedding:
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._cache:
             inv = 1.0 / (
-                self.theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device="cpu") / self.rotary_dim)
+                self.theta
+                ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device="cpu") / self.rotary_dim)
             )
             self._cache[device] = (inv.to(device), self._axis.to(device))
         return self._cache[device]
@@ -157,7 +160,9 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
+        h = x + self.post_self_attn_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        )
         return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
 
@@ -328,6 +333,24 @@ class Glm4vModel(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.rotary = MRotaryEmbedding(t)
+        # The `ServedModel` view the engine uses.
+        self.num_layers = t.num_hidden_layers
+        self.num_kv_heads = t.num_key_value_heads
+        self.head_dim = t.head_dim
+        self.vocab_size = t.vocab_size
+        self.max_model_len = t.max_position_embeddings
+        self.eos_token_ids = tuple(config.eos_token_ids)
+        self.image_token_id = config.image_token_id
+
+    def prompt_positions(self, num_tokens: int, images: Sequence[PromptImage]) -> tuple[torch.Tensor, int]:
+        m = self.config.vision.spatial_merge_size
+        grids = [
+            ImageGrid(im.offset, im.grid_thw[0], im.grid_thw[1] // m, im.grid_thw[2] // m) for im in images
+        ]
+        return mrope_positions(num_tokens, grids)
+
+    def positions_after_prompt(self, start: int, end: int, delta: int) -> torch.Tensor:
+        return torch.arange(start + delta, end + delta).expand(3, -1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -342,7 +365,7 @@ class Glm4vModel(nn.Module):
     ) -> list[torch.Tensor]:
         """Run the vision tower; one `[tokens_i, hidden]` tensor per image."""
         merged = self.visual(pixel_values, grids)
-        m2 = self.config.vision.spatial_merge_size ** 2
+        m2 = self.config.vision.spatial_merge_size**2
         return list(merged.split([t * h * w // m2 for t, h, w in grids]))
 
     def forward(

@@ -1,0 +1,56 @@
+"""Which native model class serves a checkpoint, chosen by its `config.json` `model_type`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmv.errors import CheckpointError
+from glmv.models.base import ServedModel
+
+Loader = Callable[..., Any]
+
+
+def _load_glm4v(
+    path: Path, dtype: str | torch.dtype | None, device: str | torch.device | None
+) -> ServedModel:
+    from glmv.models.loader import load_model as load_glm4v
+
+    return load_glm4v(path, dtype=dtype, device=device)  # type: ignore[return-value]
+
+
+LOADERS: dict[str, Loader] = {"glm4v": _load_glm4v}
+
+
+def register(model_type: str, loader: Loader) -> None:
+    LOADERS[model_type] = loader
+
+
+def model_type_of(path: str | Path) -> str:
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{file}: not found (a checkpoint directory needs config.json)") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON: {exc}") from exc
+    return str(data.get("model_type")) if isinstance(data, dict) else ""
+
+
+def load_model(
+    path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
+) -> ServedModel:
+    """Load any supported checkpoint directory as a `ServedModel`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    kind = model_type_of(path)
+    if kind not in LOADERS:
+        raise CheckpointError(
+            f"{path / 'config.json'}: model_type {kind!r} is not supported (supported: {', '.join(sorted(LOADERS))})"
+        )
+    return LOADERS[kind](path, dtype, device)
