@@ -8,18 +8,24 @@ sit together with its content hash (the key of the prefix and embedding caches).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from glmv.engine.request import EngineRequest, ImageInput
 from glmv.engine.sampling import SamplingParams
+from glmv.models.registry import model_type_of
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor, ProcessedImage
+from glmv.processing.tokenizer import Tokenizer
 
 
 class InputBuilder:
+    """`chat` renders messages to a `Prompt` (`encode(messages, counts, hashes, ...)`) and
+    `image_processor` turns images into `ProcessedImage`s; each architecture brings its own."""
+
     def __init__(self, chat: ChatProcessor, image_processor: ImageProcessor) -> None:
         self.chat = chat
         self.image_processor = image_processor
@@ -56,3 +62,23 @@ class InputBuilder:
             for span, im in zip(prompt.image_spans, images, strict=True)
         ]
         return EngineRequest(request_id, prompt.token_ids, params, inputs)
+
+
+# Per architecture (`config.json` model_type): checkpoint dir -> (tokenizer, input builder).
+ProcessorFactory = Callable[[Path], tuple[Any, InputBuilder]]
+
+
+def _glm4v_processors(path: Path) -> tuple[Any, InputBuilder]:
+    tokenizer = Tokenizer.from_pretrained(path)
+    return tokenizer, InputBuilder(ChatProcessor(tokenizer), ImageProcessor.from_pretrained(path))
+
+
+PROCESSORS: dict[str, ProcessorFactory] = {"glm4v": _glm4v_processors}
+
+
+def load_processors(path: str | Path) -> tuple[Any, InputBuilder]:
+    """The tokenizer and input builder for a checkpoint directory, by its model_type."""
+    path = Path(path)
+    kind = model_type_of(path)
+    factory = PROCESSORS.get(kind, _glm4v_processors)
+    return factory(path)
