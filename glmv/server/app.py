@@ -3,8 +3,8 @@
 `create_app(settings, async_engine=None)` wires everything together: the chat-completions route,
 `/v1/models`, `/health` (the process lives), `/ready` (the engine runs and the server is not
 draining), `/metrics` (Prometheus, one registry per app), FastAPI's `/docs` and `/openapi.json`,
-OpenAI-shaped error handlers, the guard middleware (`glmv.server.guard`) and the web page from
-`glmv/server/web/` at `/`. Pass an `AsyncEngine` to serve it (tests do, with a tiny model in
+OpenAI-shaped error handlers, the guard middleware (`glmv.server.guard`) and the web chat page
+(`glmv.server.web_routes.install_web`) at `/`. Pass an `AsyncEngine` to serve it (tests do, with a tiny model in
 process); without one the app loads the model named by `settings` itself.
 """
 
@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import glmv
@@ -33,7 +32,7 @@ from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor
 from glmv.processing.media import ImageLimits, RemoteImagePolicy
 from glmv.server.chat import ChatHandler, TokenBytes
-from glmv.server.errors import install_error_handlers
+from glmv.server.errors import install_error_handlers, internal_error_response
 from glmv.server.metrics import CONTENT_TYPE, ServerMetrics
 from glmv.server.protocol import (
     ChatCompletionChunk,
@@ -52,7 +51,15 @@ except ImportError:  # without the guard module the server runs unguarded
 
 log = logging.getLogger("glmv.server")
 
-WEB_DIR = Path(__file__).parent / "web"
+
+
+def _web_installer() -> Callable[[FastAPI], Any] | None:
+    """`glmv.server.web_routes.install_web` (the chat page at `/`), if that module is present."""
+    try:
+        from glmv.server.web_routes import install_web
+    except ImportError:
+        return None
+    return install_web  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True)
@@ -108,8 +115,10 @@ def build_engine(settings: Settings) -> AsyncEngine:
     return engine
 
 
-class _HttpMetricsMiddleware:
-    """Counts responses by method, route template and status (streams count when they start)."""
+class _ServerMiddleware:
+    """Counts responses by method, route template and status (streams count when they start),
+    and answers an exception that escaped the app with the generic OpenAI-shaped 500, so that
+    middleware outside it (the guard's access log) sees a normal response."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -128,6 +137,11 @@ class _HttpMetricsMiddleware:
 
         try:
             await self.app(scope, receive, counting_send)
+        except Exception as exc:
+            if status:  # the response had started: nothing more can be said to the client
+                raise
+            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await internal_error_response()(scope, receive, counting_send)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None)
@@ -271,8 +285,9 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    if (WEB_DIR / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    install_web = _web_installer()
+    if install_web is not None:
+        install_web(app)
     else:
 
         @app.get("/", include_in_schema=False)
@@ -281,7 +296,7 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
                 {"name": "glmv", "api": "/v1", "docs": "/docs", "models": names, "random_weights": state.random_weights}
             )
 
-    app.add_middleware(_HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(_ServerMiddleware, metrics=metrics)
     install = getattr(_guard_module, "install_guards", None)
     if install is not None and settings.guard is not None:
         install(app, settings.guard)

@@ -82,14 +82,17 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(message, error_type, code=code), status_code=status, headers=headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+def internal_error_response() -> JSONResponse:
+    """The 500 for an unexpected error: it says nothing about the code (the log has the traceback)."""
     return JSONResponse(
-        error_body(
-            "The server had an error while processing your request.", "internal_error", code="internal_error"
-        ),
+        error_body("The server had an error while processing your request.", "internal_error", code="internal_error"),
         status_code=500,
     )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return internal_error_response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

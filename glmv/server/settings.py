@@ -213,8 +213,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         shown = ", ".join(default) if isinstance(default, list) else default
         help_text = f"{f.metadata['help']} [env {env}; default: {shown if shown not in (None, '', []) else '-'}]"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if f.metadata.get("metavar"):
-            kwargs["metavar"] = f.metadata["metavar"]
+        metavar = f.metadata.get("metavar") or {"int": "N", "int?": "N", "float": "NUM", "float?": "NUM"}.get(kind)
+        if metavar and not f.metadata.get("choices"):
+            kwargs["metavar"] = metavar
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if kind == "bool":
@@ -451,6 +452,7 @@ def run_serve(args: argparse.Namespace) -> int:
         workers=1,
         timeout_graceful_shutdown=5,
         server_header=False,
+        proxy_headers=False,  # the guard decides the client address (X-Forwarded-For from trusted proxies only)
     )
     server = _make_server(uv_config, state, banner)
     try:
