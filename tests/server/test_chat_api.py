@@ -490,7 +490,7 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
 
 def test_sigterm_drains_running_requests_and_exits_0(server_model_dir: Any, start_live_server: Callable[..., Any]) -> None:
     server = start_live_server(server_model_dir, "--shutdown-timeout", "60")
-    body = {"messages": user("Count."), "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body = {"messages": user("Count."), "max_tokens": 600, "ignore_eos": True, "stream": True}
     events: list[dict[str, Any]] = []
     done = False
     with httpx.Client(base_url=server.base_url, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
