@@ -1,0 +1,133 @@
+"""Browser fixtures for the web page tests: Debian's Chromium driven by Playwright (Python).
+
+The browser is the system's `chromium` (Playwright's own browser download is never used); the
+tests are skipped, with the reason, when it or the `playwright` package is missing. Each test gets
+a fresh browser context (empty localStorage, sessionStorage and IndexedDB). Screenshots go to
+`tests/artifacts/web/` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "web"
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_executable() -> str | None:
+    """The system Chromium, or None. `GLMV_CHROMIUM` overrides where it is looked for."""
+    for candidate in (os.environ.get("GLMV_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    path = chromium_executable()
+    if path is None:
+        pytest.skip("the web page tests need Debian's chromium (apt-get install chromium; `make test` installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path: str) -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the web page tests need the playwright package")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+class BrowserErrors:
+    """JavaScript errors and console errors a page reported (a test asserts there were none)."""
+
+    def __init__(self) -> None:
+        self.page_errors: list[str] = []
+        self.console_errors: list[str] = []
+
+    def attach(self, page: Any) -> None:
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("console", lambda msg: self.console_errors.append(msg.text) if msg.type == "error" else None)
+
+
+@pytest.fixture
+def new_page(browser: Any) -> Iterator[Any]:
+    """`new_page(width=1280, height=860, locale="en-US")` -> (page, errors) in a fresh context."""
+    contexts: list[Any] = []
+
+    def make(width: int = 1280, height: int = 860, locale: str = "en-US", **kwargs: Any) -> tuple[Any, BrowserErrors]:
+        context = browser.new_context(viewport={"width": width, "height": height}, locale=locale,
+                                      color_scheme="light", **kwargs)
+        context.set_default_timeout(15_000)
+        contexts.append(context)
+        page = context.new_page()
+        errors = BrowserErrors()
+        errors.attach(page)
+        return page, errors
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+class ThreadedUvicorn:
+    """A uvicorn server for an ASGI app, on a thread, bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="web-test-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ThreadedUvicorn:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test web server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
