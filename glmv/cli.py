@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint (for tests)")
     p.add_argument("directory", type=Path)
-    p.add_argument("--variant", default="glm41v", choices=["glm41v", "glm46v"])
+    p.add_argument("--variant", default="glm41v", choices=["glm41v", "glm46v", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_create_tiny_model)
     return parser

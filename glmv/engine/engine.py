@@ -34,8 +34,10 @@ class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
     block_size: int = 16
-    kv_cache_gb: float | None = None  # default: 0.5 GB on CPU, a share of free memory on a GPU
-    gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float | None = None  # default: 0.5 GB on CPU, what is left of the GPU budget on a GPU
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory glmv may use in all
+    gpu_memory_gb: float | None = None  # or an absolute cap, e.g. 24 for a 24 GB card
+    enable_cuda_graphs: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
@@ -56,6 +58,28 @@ class EngineStats:
     encoder_cache_hits: int
     encoder_cache_misses: int
     images_encoded: int
+
+
+@dataclass(slots=True)
+class MemoryReport:
+    """Where the device memory goes (bytes); printed at start-up."""
+
+    budget: int
+    weights: int
+    activations: int
+    kv_cache: int
+    kv_blocks: int
+    cuda_graphs: int = 0
+    graph_capture_seconds: float = 0.0
+
+    def describe(self) -> str:
+        gib = 1024**3
+        return (
+            f"memory budget {self.budget / gib:.2f} GiB: weights {self.weights / gib:.2f}, "
+            f"activations (profiled) {self.activations / gib:.2f}, KV cache {self.kv_cache / gib:.2f} "
+            f"({self.kv_blocks} blocks), CUDA graphs {self.cuda_graphs / gib:.2f} "
+            f"(captured in {self.graph_capture_seconds:.1f} s)"
+        )
 
 
 @dataclass(slots=True)
@@ -93,6 +117,7 @@ class LLMEngine:
         m = self.model
         self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.max_model_len = min(config.max_model_len or m.max_model_len, m.max_model_len)
+        self.memory: MemoryReport | None = None
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -113,6 +138,13 @@ class LLMEngine:
         )
         if config.seed is not None:
             self.runner.default_generator.manual_seed(config.seed)
+        if self.model.device.type == "cuda" and config.enable_cuda_graphs:  # pragma: no cover - CUDA
+            report = self.runner.capture_cuda_graphs(
+                max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len
+            )
+            if self.memory is not None:
+                self.memory.cuda_graphs = report.memory_bytes
+                self.memory.graph_capture_seconds = report.seconds
         self._requests: dict[str, _RequestState] = {}
         self._seqs: dict[int, _SeqState] = {}
         self.images_encoded = 0
@@ -123,10 +155,8 @@ class LLMEngine:
         per_block = kv_bytes_per_block(self.model, self.config.block_size)
         if self.config.kv_cache_gb is not None:
             budget = int(self.config.kv_cache_gb * 1024**3)
-        elif self.model.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.model.device)
-            reserve = total * (1.0 - self.config.gpu_memory_utilization) + 2 * 1024**3
-            budget = int(max(free - reserve, 0))
+        elif self.model.device.type == "cuda":  # pragma: no cover - CUDA
+            budget = self._gpu_kv_budget(per_block)
         else:
             budget = 512 * 1024**2
         num_blocks = budget // per_block
@@ -140,6 +170,94 @@ class LLMEngine:
             # Fewer blocks than one full-length sequence needs: cap the context to what fits.
             self.max_model_len = num_blocks * self.config.block_size
         return num_blocks
+
+    def _gpu_kv_budget(self, per_block: int) -> int:  # pragma: no cover - CUDA
+        """What is left for KV blocks of the GPU budget after weights, profiled activations and a
+        reserve for CUDA graphs; fails with advice when that is not enough."""
+        dev = self.model.device
+        torch.cuda.synchronize(dev)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        cap = total * self.config.gpu_memory_utilization
+        if self.config.gpu_memory_gb is not None:
+            cap = min(cap, self.config.gpu_memory_gb * 1024**3)
+        weights = torch.cuda.memory_allocated(dev)
+        activations = self._profile_activations()
+        reserve = (512 * 1024**2 if self.config.enable_cuda_graphs else 0) + 256 * 1024**2
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = int(min(cap - weights - activations - reserve, free - activations - reserve))
+        need = per_block * ((self.max_model_len + self.config.block_size - 1) // self.config.block_size)
+        if budget < need:
+            gib = 1024**3
+            raise ConfigError(
+                f"not enough GPU memory for the KV cache: budget {cap / gib:.1f} GiB, weights "
+                f"{weights / gib:.1f} GiB, activations {activations / gib:.1f} GiB leave "
+                f"{max(budget, 0) / gib:.2f} GiB, but one {self.max_model_len}-token sequence needs "
+                f"{need / gib:.2f} GiB. Lower --max-model-len or --max-num-batched-tokens, use INT4 "
+                "weights, or raise --gpu-memory-gb / --gpu-memory-utilization."
+            )
+        self.memory = MemoryReport(
+            budget=int(cap),
+            weights=weights,
+            activations=activations,
+            kv_cache=budget,
+            kv_blocks=budget // per_block,
+        )
+        return budget
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:  # pragma: no cover - CUDA
+        """Peak extra memory of the largest prefill step and the largest image, measured."""
+        from glmv.kernels.metadata import AttentionMetadata
+
+        dev = self.model.device
+        m = self.model
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        bs = self.config.block_size
+        blocks = (tokens + bs - 1) // bs
+        shape = (blocks, bs, m.num_kv_heads, m.head_dim)
+        caches = [
+            (torch.empty(shape, dtype=m.dtype, device=dev), torch.empty(shape, dtype=m.dtype, device=dev))
+            for _ in range(m.num_layers)
+        ]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        pos = m.positions_after_prompt(0, tokens, 0).to(dev)
+        meta = AttentionMetadata.build(
+            query_lens=[tokens],
+            seq_lens=[tokens],
+            block_tables=[list(range(blocks))],
+            block_size=bs,
+            device=dev,
+        )
+        hidden = m(ids, pos, caches, meta)
+        m.compute_logits(hidden[-min(tokens, self.config.max_num_seqs) :])
+        del hidden
+        grid = self._largest_image_grid()
+        if grid is not None:
+            t, h, w = grid
+            pixels = torch.zeros(t * h * w, m.config.vision.patch_dim, dtype=m.dtype, device=dev)
+            m.encode_images(pixels, [grid])
+            del pixels
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del caches
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def _largest_image_grid(self) -> tuple[int, int, int] | None:  # pragma: no cover - CUDA
+        if getattr(self.model.config, "model_type", None) != "glm4v":
+            return None
+        try:
+            from glmv.processing.image import ImageProcessorConfig, smart_resize
+
+            cfg = ImageProcessorConfig.from_pretrained(self.config.model)
+        except Exception:
+            return None
+        side = int((cfg.max_pixels / cfg.temporal_patch_size) ** 0.5)
+        h, w = smart_resize(side, side, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+        return (1, h // cfg.patch_size, w // cfg.patch_size)
 
     @property
     def preprocess_key(self) -> str:

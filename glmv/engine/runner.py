@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,7 +59,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.encoder_cache = encoder_cache
         self.preprocess_key = preprocess_key
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # One extra block at the end: the scratch slot that padded rows of a CUDA-graph batch write to.
+        shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=model.dtype, device=model.device),
@@ -67,8 +69,25 @@ class ModelRunner:
             for _ in range(model.num_layers)
         ]
         self.device = model.device
+        self.graphs: Any = None  # DecodeGraphs once captured (CUDA only)
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.seed()
+
+    def capture_cuda_graphs(self, *, max_batch: int, max_model_len: int) -> Any:  # pragma: no cover - CUDA
+        """Capture decode graphs for batch buckets up to `max_batch`; returns a CaptureReport."""
+        from glmv.engine.cuda_graphs import DecodeGraphs
+
+        rows = self.model.positions_after_prompt(0, 1, 0).shape[0]
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            block_size=self.block_size,
+            max_blocks_per_seq=(max_model_len + self.block_size - 1) // self.block_size,
+            scratch_block=self.num_blocks,
+            max_batch=max_batch,
+            position_rows=rows,
+        )
+        return self.graphs.capture()
 
     # --- positions ------------------------------------------------------------------------------
 
@@ -184,8 +203,38 @@ class ModelRunner:
             offset += chunk.num_tokens
 
         n = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        pos = torch.cat(positions, dim=1).to(self.device, non_blocking=True)
+        ids = torch.tensor(token_ids, dtype=torch.int64)
+        pos = torch.cat(positions, dim=1)
+        if self.graphs is not None and not image_rows and n == len(chunks) and self.graphs.fits(n):
+            hidden = self._decode_with_graph(chunks, ids, pos)  # pragma: no cover - CUDA only
+        else:
+            hidden = self._forward_eager(chunks, ids, pos, n, image_rows, mask_ranges)
+        return self._sample(chunks, hidden, inputs, result)
+
+    def _decode_with_graph(
+        self, chunks: Sequence[ScheduledChunk], ids: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover - CUDA only
+        bs = self.block_size
+        slots, lens, tables = [], [], []
+        for c in chunks:
+            p = c.start
+            table = c.seq.block_table
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table)
+        return self.graphs.run(ids, pos, slots, lens, tables)
+
+    def _forward_eager(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        ids_cpu: torch.Tensor,
+        pos_cpu: torch.Tensor,
+        n: int,
+        image_rows: list[torch.Tensor],
+        mask_ranges: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        ids = ids_cpu.to(self.device, non_blocking=True)
+        pos = pos_cpu.to(self.device, non_blocking=True)
         meta = AttentionMetadata.build(
             query_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.start + c.num_tokens for c in chunks],
@@ -200,8 +249,15 @@ class ModelRunner:
             for lo, hi in mask_ranges:
                 mask[lo:hi] = True
             image_mask = mask.to(self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta, image_embeds, image_mask)
+        return self.model(ids, pos, self.kv_caches, meta, image_embeds, image_mask)
 
+    def _sample(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        hidden: torch.Tensor,
+        inputs: Mapping[int, SeqInputs],
+        result: StepResult,
+    ) -> StepResult:
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return result

@@ -7,6 +7,8 @@ Cache layout (one pair per decoder layer): `k_cache`, `v_cache` of shape
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -89,7 +91,33 @@ def write_kv(
     write_kv_reference(k_cache, v_cache, k, v, slot_mapping)
 
 
+_triton_decode = None  # the module, once imported (CUDA only)
+
+
+def _decode_kernel():  # pragma: no cover - needs CUDA and Triton
+    global _triton_decode
+    if _triton_decode is None:
+        from glmv.kernels import triton_decode
+
+        _triton_decode = triton_decode
+    return _triton_decode
+
+
+def use_triton(q: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors unless GLMV_DISABLE_TRITON is set."""
+    return q.is_cuda and not _TRITON_DISABLED
+
+
+_TRITON_DISABLED = os.environ.get("GLMV_DISABLE_TRITON", "") not in ("", "0")
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
+    """Decode-only batches on CUDA take the Triton paged kernel (graph-capturable: it reads lengths
+    from device tensors); everything else, and every CPU batch, the torch reference."""
+    if meta.decode_only and use_triton(q):  # pragma: no cover - CUDA only
+        return _decode_kernel().paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.num_splits
+        )
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -24,6 +24,9 @@ class AttentionMetadata:
     block_size: int
     # Decode-only batches: cache slot of every (sequence, position) pair, shared by all layers.
     decode_slots: torch.Tensor | None = None
+    # GPU decode kernel: how many slices each sequence is split into (None: chosen per launch;
+    # fixed for a captured CUDA graph).
+    num_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

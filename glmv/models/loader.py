@@ -162,6 +162,32 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return model.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def random_init(model: Glm4vModel, *, seed: int = 0, branch_scale: float = 1.0) -> None:
+    """Draw every weight at random on the model's device: fan-in-scaled matrices, unit norms, and
+    residual branches scaled by `branch_scale` (< 1 keeps a deep random network from being chaotic)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    hidden = model.config.text.hidden_size
+    for name, p in model.named_parameters():
+        if "post_self_attn_layernorm" in name or "post_mlp_layernorm" in name:
+            p.fill_(branch_scale)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        elif p.ndim == 1:
+            p.normal_(0.0, 0.02, generator=gen)
+        elif name in ("embed_tokens.weight", "visual.position_embedding.weight"):
+            p.normal_(0.0, 1.0, generator=gen)
+        elif name == "lm_head.weight":
+            p.normal_(0.0, 2.0 / hidden**0.5, generator=gen)
+        else:
+            scale = (
+                branch_scale
+                if name.startswith("visual.blocks") and ("attn.proj" in name or "down_proj" in name)
+                else 1.0
+            )
+            p.normal_(0.0, scale / p.shape[1] ** 0.5, generator=gen)
+
+
 def load_model(
     path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
 ) -> Glm4vModel:
@@ -172,6 +198,14 @@ def load_model(
     dev = torch.device(device) if device is not None else _default_device()
     config = ModelConfig.from_pretrained(path)
     model = build_model(config, resolve_dtype(dtype, dev), dev)
+    random_spec = json.loads((path / "config.json").read_text(encoding="utf-8")).get("glmv_random_init")
+    if random_spec is not None and not any(path.glob("*.safetensors")):
+        random_init(
+            model,
+            seed=int(random_spec.get("seed", 0)),
+            branch_scale=float(random_spec.get("branch_scale", 1.0)),
+        )
+        return model
     load_weights(model, iter_checkpoint_tensors(path))
     return model
 

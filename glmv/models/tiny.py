@@ -45,7 +45,13 @@ VARIANTS: dict[str, TinySpec] = {
     "glm41v": TinySpec("glm41v", "v4", 128, 320, 2, 4, 2, (2, 3, 3), 2, 64, 2, 112, 1024),
     # GLM-4.6V-Flash style: transformers-5 `rope_parameters`, other sizes, the 4.6V template.
     "glm46v": TinySpec("glm46v", "v5", 192, 256, 3, 6, 2, (2, 3, 3), 3, 96, 3, 168, 1024),
+    # The full GLM-4.6V-Flash shape (10.3 B parameters) for GPU benchmarks. No weights are written:
+    # config.json asks the loader to draw them on the device (see RANDOM_INIT_KEY).
+    "full": TinySpec("glm46v", "v5", 4096, 13696, 40, 32, 2, (8, 12, 12), 24, 1536, 12, 336, 6144),
 }
+
+# config.json key of a weightless checkpoint whose weights the loader draws at random.
+RANDOM_INIT_KEY = "glmv_random_init"
 
 
 def _config(spec: TinySpec, vocab_size: int, ids: dict[str, Any]) -> dict[str, Any]:
@@ -185,11 +191,12 @@ def _weights(spec: TinySpec, vocab_size: int, seed: int) -> dict[str, torch.Tens
 
 
 def _preprocessor_config(spec: TinySpec) -> dict[str, Any]:
+    longest = 9633792 if spec.hidden == 4096 else 2 * 28 * 28 * spec.max_image_tokens
     return {
         "image_processor_type": "Glm4vImageProcessor",
         "processor_class": "Glm4vProcessor",
         "do_resize": True,
-        "size": {"shortest_edge": 12544, "longest_edge": 2 * 28 * 28 * spec.max_image_tokens},
+        "size": {"shortest_edge": 12544, "longest_edge": longest},
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,
@@ -225,9 +232,14 @@ def create_tiny_model(out_dir: str | Path, *, variant: str = "glm41v", seed: int
     ids: dict[str, Any] = {k: int(info.special_ids[k]) for k in keys}
     ids["eos_token_ids"] = [int(t) for t in info.special_ids["eos_token_ids"]]
     vocab_size = ((info.vocab_size + 63) // 64) * 64
+    if variant == "full":
+        vocab_size = 151552
     config = _config(spec, vocab_size, ids)
+    if variant == "full":
+        config[RANDOM_INIT_KEY] = {"seed": seed, "branch_scale": 0.2}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(_weights(spec, vocab_size, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if variant != "full":
+        save_file(_weights(spec, vocab_size, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "preprocessor_config.json").write_text(
         json.dumps(_preprocessor_config(spec), indent=2) + "\n", encoding="utf-8"
     )
