@@ -1,4 +1,4 @@
-"""The `glmv` command line: serve · chat · create-tiny-model (and more as they land)."""
+"""The `glmv` command line: serve · chat · bench serve · create-tiny-model (and more as they land)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-thinking", action="store_true", help="turn thinking off where the template allows")
     p.set_defaults(func=_cmd_chat)
+
+    from glmv.bench_serve import add_bench_serve_arguments, run_bench_serve
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput)")
+    add_bench_serve_arguments(p)
+    p.set_defaults(func=run_bench_serve)
 
     p = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint (for tests)")
     p.add_argument("directory", type=Path)
