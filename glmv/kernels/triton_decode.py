@@ -28,7 +28,8 @@ def _decode_partial_kernel(
     stride_lb, stride_lh,
     max_blocks,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCKS_PER_TILE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -41,7 +42,6 @@ def _decode_partial_kernel(
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    TILE: tl.constexpr = BLOCK_SIZE * BLOCKS_PER_TILE
     offs_t = tl.arange(0, TILE)
     head = kvh * GROUP + offs_g
     q = tl.load(
@@ -56,19 +56,25 @@ def _decode_partial_kernel(
     for blk0 in range(blk_start, blk_end, BLOCKS_PER_TILE):
         blk = blk0 + offs_t // BLOCK_SIZE
         in_range = blk < blk_end
-        phys = tl.load(bt_ptr + b * stride_btb + blk, mask=in_range & (blk < max_blocks), other=0)
+        phys = tl.load(bt_ptr + b * stride_btb + blk, mask=in_range & (blk < max_blocks), other=0).to(tl.int64)
         tok = blk * BLOCK_SIZE + offs_t % BLOCK_SIZE
         valid = in_range & (tok < seq_len)
         kv_off = phys[:, None] * stride_kb + (offs_t % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
         k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE]
+        if IEEE:  # float32 caches: exact products, as the CPU reference computes them
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_PAD, TILE]
+        else:
+            qk = tl.dot(q, tl.trans(k)) * scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp(qk - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     has = l_i > 0
@@ -147,7 +153,8 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         block_tables.shape[1],
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-        BLOCK_SIZE=block_size, BLOCKS_PER_TILE=blocks_per_tile, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, TILE=block_size * blocks_per_tile, NUM_SPLITS=num_splits,
+        BLOCKS_PER_TILE=blocks_per_tile, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     out = torch.empty_like(q)

@@ -1,0 +1,300 @@
+"""GPU benchmarks of PERF.md #1-#4 and the GPU kernel checks, in one run on the device machine.
+
+    PYTHONPATH=. python3 benchmarks/device_engine.py [--quick] [--http]
+
+1. Triton paged decode attention vs the torch reference on random inputs (odd lengths, block
+   boundaries, long contexts, GQA 16:1 and 2:1).
+2. Greedy tokens of the tiny checkpoint on CUDA (Triton + CUDA graphs) vs the CPU reference path.
+3. The full-size GLM-4.6V-Flash shape with random weights (a weightless checkpoint, drawn on the
+   GPU), bf16, through glmv's engine:
+   - batch-1 decode ms/token vs the floor (LM bytes per step / copy bandwidth measured here);
+   - TTFT for one 1120x1120 image + 32 text tokens, idle;
+   - second turn about the same image: TTFT vs the first;
+   - 64 concurrent requests, each its own 1120x1120 image + 64 text tokens, 256 output tokens;
+   - transformers on a slice of the same workload (batch 8) for the ratio.
+Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glmv.engine.engine import EngineConfig, LLMEngine
+from glmv.engine.request import EngineRequest, ImageInput
+from glmv.engine.sampling import SamplingParams
+from glmv.kernels.attention import paged_attention_reference
+from glmv.kernels.metadata import AttentionMetadata
+from glmv.models.tiny import create_tiny_model
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(name: str, value: str, target: str = "") -> None:
+    ROWS.append((name, value, target))
+    print(f"  {name}: {value} {target}", flush=True)
+
+
+def check_kernel(dev: torch.device) -> None:
+    from glmv.kernels.triton_decode import paged_decode_attention
+
+    torch.manual_seed(0)
+    worst = 0.0
+    for heads, kv_heads, dim in ((32, 2, 128), (4, 2, 32)):
+        for lens in ([1], [16], [17], [31, 32, 33], [5000], [7, 1000, 1, 64, 129, 2048, 15], [1640] * 64):
+            bs = 16
+            blocks_needed = sum((n + bs - 1) // bs for n in lens)
+            num_blocks = blocks_needed + 5
+            perm = torch.randperm(num_blocks).tolist()
+            tables, used = [], 0
+            for n in lens:
+                k = (n + bs - 1) // bs
+                tables.append(perm[used : used + k])
+                used += k
+            kc = torch.randn(num_blocks, bs, kv_heads, dim, device=dev, dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            q = torch.randn(len(lens), heads, dim, device=dev, dtype=torch.bfloat16)
+            meta = AttentionMetadata.build(
+                query_lens=[1] * len(lens), seq_lens=lens, block_tables=tables, block_size=bs, device=dev
+            )
+            ref = paged_attention_reference(q.float(), kc.float(), vc.float(), meta, dim**-0.5)
+            out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, dim**-0.5)
+            assert torch.isfinite(out).all()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            worst = max(worst, err)
+    row("Triton decode attention vs float32 reference (worst rel. error)", f"{worst:.2e}", "(bf16: < 1e-2)")
+    assert worst < 1e-2
+
+
+def tiny_gpu_vs_cpu(tmp: Path) -> None:
+    ckpt = create_tiny_model(tmp / "tiny", variant="glm41v")
+    from glmv.engine.llm import LLM
+    from tests.models.reference import noise_image
+
+    convs = [
+        [{"role": "user", "content": "Summarise the invoice."}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": noise_image(300, 200, 1)},
+                    {"type": "text", "text": "What?"},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": noise_image(448, 448, 2)},
+                    {"type": "text", "text": "Chart?"},
+                ],
+            }
+        ],
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    out = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(ckpt, dtype="float32", device=device)
+        out[device] = [r.outputs[0].token_ids for r in llm.chat(convs, params, use_tqdm=False)]
+        if device == "cuda":
+            assert llm.engine.runner.graphs is not None
+    same = out["cpu"] == out["cuda"]
+    row("tiny checkpoint greedy tokens, CUDA (graphs + Triton) == CPU reference", str(same))
+
+
+def image_request(
+    rid: str, seed: int, text_tokens: int, max_tokens: int, image_id: int, follow_up: bool = False
+) -> EngineRequest:
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(6400, 1176, generator=gen)
+    prefix = [3, 4, 5, 6]  # stand-ins for [gMASK]<sop><|user|>\n (token values do not change speed)
+    ids = [
+        *prefix,
+        7,
+        *([image_id] * 1600),
+        8,
+        *[100 + (seed * 7 + i) % 1500 for i in range(text_tokens)],
+        9,
+        10,
+    ]
+    if follow_up:
+        ids += [11, 12, *[200 + i for i in range(40)], 13, 14]
+    image = ImageInput(
+        offset=len(prefix) + 1,
+        length=1600,
+        content_hash=f"img{seed}",
+        grid_thw=(1, 80, 80),
+        pixel_values=pixels,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return EngineRequest(rid, ids, params, [image])
+
+
+def run_requests(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[float]]:
+    """Submit together; per request the wall time of every token's arrival (first = TTFT)."""
+    t0 = time.perf_counter()
+    times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter() - t0
+            for d in out.deltas:
+                times[out.request_id].extend([now] * len(d.token_ids))
+    return times
+
+
+def full_size(tmp: Path, quick: bool) -> None:
+    ckpt = create_tiny_model(tmp / "full", variant="full")
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64 if quick else 128))
+    row("engine start-up (random init + profile + graph capture)", f"{time.perf_counter() - t0:.1f} s")
+    if engine.memory is not None:
+        row("memory", engine.memory.describe())
+    image_id = engine.model.image_token_id
+
+    # Copy bandwidth and the decode floor.
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 10 / (time.perf_counter() - t)
+    del x, y
+    m = engine.model
+    lm_bytes = sum(
+        p.numel() * p.element_size() for n, p in m.named_parameters() if not n.startswith("visual.")
+    )
+    lm_bytes -= m.embed_tokens.weight.numel() * m.embed_tokens.weight.element_size()
+
+    # Warm-up (and prefix cache off for the timing requests by using fresh image hashes).
+    run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
+
+    # 1. batch-1 decode.
+    times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+    tpot = statistics.median(gaps)
+    kv_bytes = (1640 + 128) * 40 * 1024
+    floor = (lm_bytes + kv_bytes) / bw
+    row("copy bandwidth", f"{bw / 1e12:.2f} TB/s")
+    row(
+        "batch-1 decode ms/token (median step)",
+        f"{tpot * 1e3:.2f} ms",
+        f"floor {floor * 1e3:.2f} ms -> {tpot / floor:.2f}x floor (target <= 1.15x)",
+    )
+
+    # 2. TTFT idle, 3 fresh images.
+    ttfts = [
+        run_requests(engine, [image_request(f"t{i}", 10 + i, 32, 1, image_id)])[f"t{i}"][0] for i in range(3)
+    ]
+    row(
+        "TTFT, one 1120x1120 image + 32 text tokens (engine, median of 3)",
+        f"{statistics.median(ttfts) * 1e3:.1f} ms",
+        "(target <= 80 ms)",
+    )
+
+    # 3. second turn about the same image.
+    first = run_requests(engine, [image_request("turn1", 50, 32, 1, image_id)])["turn1"][0]
+    second = run_requests(engine, [image_request("turn2", 50, 32, 1, image_id, follow_up=True)])["turn2"][0]
+    row(
+        "second-turn TTFT / first-turn TTFT",
+        f"{second * 1e3:.1f} / {first * 1e3:.1f} ms = {second / first:.2f}",
+        "(target <= 0.25)",
+    )
+
+    # 4. 64 concurrent.
+    n_req = 16 if quick else 64
+    reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(n_req)]
+    t = time.perf_counter()
+    times_all = run_requests(engine, reqs)
+    elapsed = time.perf_counter() - t
+    total = sum(len(v) for v in times_all.values())
+    tps = total / elapsed
+    row(
+        f"{n_req} concurrent image requests x 256 tokens: output tok/s (engine)",
+        f"{tps:.0f} tok/s",
+        "(target >= 2000 over HTTP)",
+    )
+    del engine
+    torch.cuda.empty_cache()
+    ROWS.append(("_tps", str(tps), ""))
+
+
+def transformers_slice() -> float:
+    """transformers generate on 8 of those requests at batch 8, 64 new tokens: aggregate tok/s."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    text = {
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [8, 12, 12],
+            "partial_rotary_factor": 0.5,
+        }
+    }
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Glm4vForConditionalGeneration(Glm4vConfig(text_config=text)).eval()
+    torch.set_default_dtype(torch.float32)
+    b = 8
+    img = 151343
+    ids = torch.tensor(
+        [[151331, 151333, 151336, 198, 151339, *([img] * 1600), 151340, *range(1000, 1064), 151337, 198]] * b,
+        device="cuda",
+    )
+    pixels = torch.randn(6400 * b, 1176, device="cuda")
+    grid = torch.tensor([[1, 80, 80]] * b, device="cuda")
+    kw = {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (ids == img).int(),
+    }
+    with torch.no_grad():
+        model.generate(**kw, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(**kw, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        torch.cuda.synchronize()
+    tps = b * 64 / (time.perf_counter() - t)
+    row("transformers generate, batch 8 of the same requests, 64 tokens: tok/s", f"{tps:.0f} tok/s")
+    return tps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(dev), torch.__version__, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        check_kernel(dev)
+        tiny_gpu_vs_cpu(Path(tmp))
+        full_size(Path(tmp), args.quick)
+    tps = float(next(v for k, v, _ in ROWS if k == "_tps"))
+    if not args.skip_transformers:
+        base = transformers_slice()
+        row("glmv engine / transformers throughput", f"{tps / base:.1f}x", "(target >= 20x)")
+    print("\n" + "=" * 100)
+    for name, value, target in ROWS:
+        if not name.startswith("_"):
+            print(f"{name:75s} {value} {target}")
+
+
+if __name__ == "__main__":
+    main()
