@@ -73,7 +73,18 @@ def _glm4v_processors(path: Path) -> tuple[Any, InputBuilder]:
     return tokenizer, InputBuilder(ChatProcessor(tokenizer), ImageProcessor.from_pretrained(path))
 
 
-PROCESSORS: dict[str, ProcessorFactory] = {"glm4v": _glm4v_processors}
+def _chatglm_processors(path: Path) -> tuple[Any, InputBuilder]:
+    """GLM-4v-9b: tiktoken-format tokenizer, rule-based prompt, fixed-size square images."""
+    from glmv.processing.chatglm_prompt import ChatGLMPromptBuilder
+    from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
+    from glmv.processing.image_9b import ImageProcessor9b
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(path)
+    builder = InputBuilder(ChatGLMPromptBuilder(tokenizer), ImageProcessor9b.from_pretrained(path))  # type: ignore[arg-type]
+    return tokenizer, builder
+
+
+PROCESSORS: dict[str, ProcessorFactory] = {"glm4v": _glm4v_processors, "chatglm": _chatglm_processors}
 
 
 def load_processors(path: str | Path) -> tuple[Any, InputBuilder]:

@@ -23,7 +23,15 @@ def _load_glm4v(
     return load_glm4v(path, dtype=dtype, device=device)  # type: ignore[return-value]
 
 
-LOADERS: dict[str, Loader] = {"glm4v": _load_glm4v}
+def _load_chatglm(
+    path: Path, dtype: str | torch.dtype | None, device: str | torch.device | None
+) -> ServedModel:
+    from glmv.models.glm4v_9b import load_glm4v_9b
+
+    return load_glm4v_9b(path, dtype=dtype, device=device)  # type: ignore[return-value]
+
+
+LOADERS: dict[str, Loader] = {"glm4v": _load_glm4v, "chatglm": _load_chatglm}
 
 
 def register(model_type: str, loader: Loader) -> None:
