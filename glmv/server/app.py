@@ -25,11 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import glmv
 from glmv.engine.async_engine import AsyncEngine
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder
+from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.errors import ModelNotFoundError
 from glmv.models.tiny import is_random_checkpoint
 from glmv.processing.chat import ChatProcessor
-from glmv.processing.image import ImageProcessor
 from glmv.processing.media import ImageLimits, RemoteImagePolicy
 from glmv.server.chat import ChatHandler, TokenBytes
 from glmv.server.errors import install_error_handlers, internal_error_response
@@ -110,7 +109,9 @@ def build_engine(settings: Settings) -> AsyncEngine:
         encoder_cache_mb=settings.encoder_cache_mb,
         seed=settings.seed,
     )
-    engine = AsyncEngine(LLMEngine(config))
+    # The tokenizer of the checkpoint's architecture (GLM-4v-9b ships no tokenizer.json).
+    tokenizer, _ = load_processors(model_dir)
+    engine = AsyncEngine(LLMEngine(config, tokenizer=tokenizer))
     engine.start()
     return engine
 
@@ -174,9 +175,13 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
         engine.start()
     core = engine.engine
     model_dir = str(core.config.model)
-    image_processor = ImageProcessor.from_pretrained(model_dir)
-    core.runner.preprocess_key = image_processor.config.cache_key()
-    builder = InputBuilder(ChatProcessor(core.tokenizer, settings.chat_template), image_processor)
+    _, builder = load_processors(model_dir)  # the input rules of the checkpoint's architecture
+    if settings.chat_template is not None:
+        if isinstance(builder.chat, ChatProcessor):
+            builder = InputBuilder(ChatProcessor(core.tokenizer, settings.chat_template), builder.image_processor)
+        else:
+            log.warning("--chat-template is ignored: this model's prompt format is built in")
+    core.runner.preprocess_key = builder.image_processor.config.cache_key()
     names = list(settings.served_model_name) or [Path(model_dir).name or "glmv"]
     metrics = ServerMetrics(engine.stats, names[0])
     state = ServerState(
