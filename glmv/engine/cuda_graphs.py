@@ -82,7 +82,7 @@ class DecodeGraphs:
     def capture(self) -> CaptureReport:
         t0 = time.perf_counter()
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
         self.seq_lens.fill_(1)
         for b in reversed(self.sizes):
@@ -96,7 +96,7 @@ class DecodeGraphs:
             self.graphs[b] = graph
         self.seq_lens.zero_()
         torch.cuda.synchronize()
-        return CaptureReport(list(self.sizes), time.perf_counter() - t0, torch.cuda.memory_allocated() - before)
+        return CaptureReport(list(self.sizes), time.perf_counter() - t0, torch.cuda.memory_reserved() - before)
 
     def fits(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.sizes[-1]

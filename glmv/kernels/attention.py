@@ -48,8 +48,26 @@ def paged_attention_reference(
     if meta.decode_only:
         return _decode_reference(q, k_flat, v_flat, meta, scale)
     out = torch.empty_like(q)
+    _attend_each(q, k_flat, v_flat, meta, scale, out, skip_decodes=False)
+    return out
+
+
+def _attend_each(
+    q: torch.Tensor,
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    skip_decodes: bool,
+) -> None:
+    """Sequence by sequence (optionally leaving out the one-token decodes) into `out`."""
     start = 0
     for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        if skip_decodes and q_len == 1:
+            start += 1
+            continue
         slots = _gather_slots(meta.block_tables[i], s_len, meta.block_size)
         # 4-D inputs: the fused (flash / memory-efficient) SDPA kernels take no 3-D tensors.
         k = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
@@ -63,7 +81,6 @@ def paged_attention_reference(
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
-    return out
 
 
 def _decode_reference(
@@ -116,8 +133,35 @@ def paged_attention(
 ) -> torch.Tensor:
     """Decode-only batches on CUDA take the Triton paged kernel (graph-capturable: it reads lengths
     from device tensors); everything else, and every CPU batch, the torch reference."""
-    if meta.decode_only and use_triton(q):  # pragma: no cover - CUDA only
-        return _decode_kernel().paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.num_splits
-        )
+    if use_triton(q):  # pragma: no cover - CUDA only
+        kernel = _decode_kernel().paged_decode_attention
+        if meta.decode_only:
+            return kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.num_splits)
+        if 1 in meta.query_lens_cpu:
+            # Mixed step: all one-token decodes in one kernel launch, the prefill chunks one by one.
+            if meta.decode_subset is None:
+                seqs, rows, row = [], [], 0
+                for i, n in enumerate(meta.query_lens_cpu):
+                    if n == 1:
+                        seqs.append(i)
+                        rows.append(row)
+                    row += n
+                dev = q.device
+                meta.decode_subset = (torch.tensor(seqs, device=dev), torch.tensor(rows, device=dev))
+            seqs_t, rows_t = meta.decode_subset
+            out = torch.empty_like(q)
+            out[rows_t] = kernel(
+                q[rows_t], k_cache, v_cache, meta.block_tables[seqs_t], meta.seq_lens[seqs_t], scale
+            )
+            heads, dim = k_cache.shape[-2], k_cache.shape[-1]
+            _attend_each(
+                q,
+                k_cache.view(-1, heads, dim),
+                v_cache.view(-1, heads, dim),
+                meta,
+                scale,
+                out,
+                skip_decodes=True,
+            )
+            return out
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -27,6 +27,8 @@ class AttentionMetadata:
     # GPU decode kernel: how many slices each sequence is split into (None: chosen per launch;
     # fixed for a captured CUDA graph).
     num_splits: int | None = None
+    # Mixed batches on CUDA: (decode seq indices, their token rows) on the device, built once per step.
+    decode_subset: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

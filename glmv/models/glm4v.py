@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmv.kernels.attention import paged_attention, write_kv
+from glmv.kernels.attention import paged_attention, use_triton, write_kv
 from glmv.kernels.metadata import AttentionMetadata
 from glmv.models.base import PromptImage
 from glmv.models.config import ModelConfig, TextConfig, VisionConfig
@@ -33,11 +33,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight * norm(x)`, plus `residual` when given (fused into one kernel on CUDA)."""
+        if use_triton(x):  # pragma: no cover - CUDA only
+            return _fused().rms_norm(x, self.weight, self.eps, residual)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        out = self.weight * xf.to(dtype)
+        return out if residual is None else residual + out
+
+
+_fused_module = None
+
+
+def _fused():  # pragma: no cover - CUDA only
+    global _fused_module
+    if _fused_module is None:
+        from glmv.kernels import triton_fused
+
+        _fused_module = triton_fused
+    return _fused_module
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +102,9 @@ class MRotaryEmbedding:
 
 
 def apply_mrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[N, heads, head_dim]` in place of its first `rotary_dim` dims."""
+    """Rotate the first `rotary_dim` dims of `x` `[N, heads, head_dim]` (in place on CUDA)."""
+    if use_triton(x):  # pragma: no cover - CUDA only
+        return _fused().mrope_(x, cos, sin)
     rot = cos.shape[-1]
     c = cos.unsqueeze(1)
     s = sin.unsqueeze(1)
@@ -135,7 +153,10 @@ class TextMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_triton(gate_up):  # pragma: no cover - CUDA only
+            return self.down_proj(_fused().silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
 

@@ -5,6 +5,10 @@ maps the transformers tensor names onto glmv's modules (fusing q/k/v and gate/up
 patch and downsample convolutions into matmuls), and checks every tensor: a missing, unexpected
 or mis-shaped tensor, or an unreadable file, raises one `CheckpointError` naming the file and
 the tensor.
+
+4-bit checkpoints (AWQ GEMM or GPTQ, `glmv.models.quant`) load too: the linear layers the
+checkpoint holds `qweight`s for become `Int4Linear`s before any memory is allocated, and their
+packed tensors are converted into glmv's layout, fused like the float ones.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from safetensors import SafetensorError, safe_open
 from glmv.errors import CheckpointError
 from glmv.models.config import ModelConfig
 from glmv.models.glm4v import Glm4vModel
+from glmv.models.quant.checkpoint import (
+    LEAF_TO_BUFFER,
+    QUANT_LEAVES,
+    QuantSpec,
+    copy_quantized_part,
+    read_quant_spec,
+)
+from glmv.models.quant.linear import Int4Linear, quantizable_linears, random_init_int4, replace_linears
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -74,8 +86,7 @@ def map_name(name: str) -> str:
     return name
 
 
-def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield `(name, tensor, file)` for every tensor of a checkpoint directory."""
+def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -87,8 +98,12 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str
         files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors weights found")
-    for fname in files:
-        fpath = path / fname
+    return [path / fname for fname in files]
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield `(name, tensor, file)` for every tensor of a checkpoint directory."""
+    for fpath in _checkpoint_files(path):
         if not fpath.is_file():
             raise CheckpointError(f"{fpath}: listed in the index but missing")
         try:
@@ -99,9 +114,48 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str
             raise CheckpointError(f"{fpath}: cannot read safetensors file: {exc}") from exc
 
 
-def load_weights(model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
-    """Copy checkpoint tensors into `model`, fusing and reshaping; strict about names and shapes."""
+def checkpoint_tensor_names(path: Path) -> list[str]:
+    """The names of every tensor of a checkpoint directory, without reading the tensors."""
+    names: list[str] = []
+    for fpath in _checkpoint_files(path):
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: listed in the index but missing")
+        try:
+            with safe_open(str(fpath), framework="pt", device="cpu") as f:
+                names.extend(f.keys())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{fpath}: cannot read safetensors file: {exc}") from exc
+    return names
+
+
+def fused_name(name: str) -> tuple[str, str | None, int]:
+    """A glmv parameter name (after `map_name`) → its name after q/k/v and gate/up fusion, the
+    fused module suffix it goes into (None when not fused), and its slot index there."""
+    for suffix, (fused, idx) in _FUSED.items():
+        if f".{suffix}." in f".{name}":
+            base, _, leaf = name.rpartition(f"{suffix}.")
+            return f"{base}{fused}.{leaf}", fused, idx
+    return name, None, 0
+
+
+def quantized_module_names(names: Iterable[str]) -> set[str]:
+    """glmv module names of the linear layers that checkpoint tensor `names` hold `qweight`s for."""
+    modules: set[str] = set()
+    for raw in names:
+        if raw.endswith(".qweight"):
+            name, _, _ = fused_name(map_name(raw[: -len("qweight")] + "weight"))
+            modules.add(name[: -len(".weight")])
+    return modules
+
+
+def load_weights(
+    model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, str]], quant: QuantSpec | None = None
+) -> None:
+    """Copy checkpoint tensors into `model`, fusing and reshaping; strict about names and shapes.
+    `quant` describes the packing of the 4-bit tensors of the model's `Int4Linear` layers."""
     params = dict(model.named_parameters())
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    qfilled: dict[tuple[str, str], int] = {}
     cfg = model.config
     t = cfg.text
     q_size = t.num_attention_heads * t.head_dim
@@ -111,20 +165,29 @@ def load_weights(model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, s
     seen_head = False
 
     for raw_name, tensor, file in tensors:
-        name = map_name(raw_name)
+        name, fused, idx = fused_name(map_name(raw_name))
+        module_name, _, leaf = name.rpartition(".")
         slot: tuple[int, int] | None = None
-        for suffix, (fused, idx) in _FUSED.items():
-            marker = f".{suffix}."
-            if marker in f".{name}":
-                base, _, leaf = name.rpartition(f"{suffix}.")
-                name = f"{base}{fused}.{leaf}"
-                if fused.endswith("qkv_proj"):
-                    sizes = (q_size, kv_size, kv_size)
-                else:
-                    inner = params[name].shape[0] // 2 if name in params else 0
-                    sizes = (inner, inner)
-                slot = (sum(sizes[:idx]), sizes[idx])
-                break
+        if fused is not None:
+            if fused.endswith("qkv_proj"):
+                sizes = (q_size, kv_size, kv_size)
+            elif module_name in qmods:
+                inner = qmods[module_name].out_features // 2
+                sizes = (inner, inner)
+            else:
+                inner = params[name].shape[0] // 2 if name in params else 0
+                sizes = (inner, inner)
+            slot = (sum(sizes[:idx]), sizes[idx])
+        if module_name in qmods and leaf in QUANT_LEAVES:
+            if quant is None:
+                raise CheckpointError(f"{file}: 4-bit tensor {raw_name!r} but no quantization config")
+            try:
+                done = copy_quantized_part(qmods[module_name], leaf, tensor, slot, quant)
+            except ValueError as exc:
+                raise CheckpointError(f"{file}: tensor {raw_name!r} {exc}") from exc
+            key = (module_name, LEAF_TO_BUFFER.get(leaf, leaf))
+            qfilled[key] = qfilled.get(key, 0) + done
+            continue
         if name not in params:
             raise CheckpointError(f"{file}: unexpected tensor {raw_name!r} (not part of a glm4v model)")
         param = params[name]
@@ -143,11 +206,21 @@ def load_weights(model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, s
         if name == "lm_head.weight":
             seen_head = True
 
-    if not seen_head and cfg.tie_word_embeddings and "embed_tokens.weight" in filled:
+    if (
+        not seen_head
+        and cfg.tie_word_embeddings
+        and "embed_tokens.weight" in filled
+        and "lm_head.weight" in params
+    ):
         with torch.no_grad():
             params["lm_head.weight"].data.copy_(params["embed_tokens.weight"].data)
         filled["lm_head.weight"] = params["lm_head.weight"].shape[0]
     missing = [n for n, p in params.items() if filled.get(n, 0) != p.shape[0]]
+    for module_name, module in qmods.items():
+        for buffer in LEAF_TO_BUFFER.values():
+            if qfilled.get((module_name, buffer), 0) != module.out_features:
+                missing.append(f"{module_name}.{buffer}")
+        module.invalidate_cache()
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing tensors for: {shown}")
@@ -156,8 +229,8 @@ def load_weights(model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, s
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Glm4vModel:
     """An uninitialised model of the given shape, allocated directly on `device`."""
     with torch.device("meta"):
-        model = Glm4vModel(config)
-    model = model.to_empty(device=device).to(dtype)
+        model = Glm4vModel(config).to(dtype)  # cast while still on meta: no full-precision copy
+    model = model.to_empty(device=device)
     # LayerNorm/RMSNorm parameters stay in the model dtype (as in transformers).
     return model.eval().requires_grad_(False)
 
@@ -197,17 +270,43 @@ def load_model(
         raise CheckpointError(f"{path}: not a checkpoint directory")
     dev = torch.device(device) if device is not None else _default_device()
     config = ModelConfig.from_pretrained(path)
-    model = build_model(config, resolve_dtype(dtype, dev), dev)
+    quant = read_quant_spec(path)
     random_spec = json.loads((path / "config.json").read_text(encoding="utf-8")).get("glmv_random_init")
-    if random_spec is not None and not any(path.glob("*.safetensors")):
-        random_init(
-            model,
-            seed=int(random_spec.get("seed", 0)),
-            branch_scale=float(random_spec.get("branch_scale", 1.0)),
-        )
+    weightless = random_spec is not None and not any(path.glob("*.safetensors"))
+    if quant is None:
+        model = build_model(config, resolve_dtype(dtype, dev), dev)
+    else:
+        if weightless:
+            with torch.device("meta"):
+                shapes = Glm4vModel(config)
+            names = quantizable_linears(shapes, quant.group_size, skip=quant.modules_to_not_convert)
+        else:
+            names = sorted(quantized_module_names(checkpoint_tensor_names(path)))
+        model = build_quantized_model(config, resolve_dtype(dtype, dev), dev, names, quant.group_size)
+    if weightless:
+        seed = int(random_spec.get("seed", 0))
+        branch_scale = float(random_spec.get("branch_scale", 1.0))
+        random_init(model, seed=seed, branch_scale=branch_scale)
+        if quant is not None:
+            random_init_int4(model, seed=seed, branch_scale=branch_scale)
         return model
-    load_weights(model, iter_checkpoint_tensors(path))
+    load_weights(model, iter_checkpoint_tensors(path), quant)
     return model
+
+
+def build_quantized_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, quantized: Iterable[str], group_size: int
+) -> Glm4vModel:
+    """Like `build_model`, with the linear layers named in `quantized` made `Int4Linear`s before
+    anything is allocated (so the full-precision weights never exist)."""
+    with torch.device("meta"):
+        model = Glm4vModel(config).to(dtype)
+    try:
+        replace_linears(model, quantized, group_size, dtype=dtype)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot hold the 4-bit layers of this checkpoint: {exc}") from exc
+    model = model.to_empty(device=device)
+    return model.eval().requires_grad_(False)
 
 
 def _default_device() -> torch.device:
