@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -131,3 +134,52 @@ class ThreadedUvicorn:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class GlmvServeProcess:
+    """`python -m glmv serve --model DIR` on 127.0.0.1 and a free port, as a child process."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        repo = Path(__file__).resolve().parents[2]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
+        env["GLMV_CACHE_DIR"] = str(log_path.parent / "cache")
+        env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), "--max-model-len", "4096", "--kv-cache-gb", "0.1",
+               "--log-level", "warning", *extra]
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> GlmvServeProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"glmv serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"glmv serve did not become ready:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)

@@ -48,6 +48,7 @@ class FakeApi:
     release: threading.Event = field(default_factory=threading.Event)
     disconnects: int = 0
     random_weights: bool = True
+    card_extra: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
@@ -57,6 +58,7 @@ class FakeApi:
             self.release.clear()
             self.disconnects = 0
             self.random_weights = True
+            self.card_extra = {}
 
     def chat_requests(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -128,6 +130,7 @@ def build_fake_app(api: FakeApi) -> FastAPI:
         if not authorised(request):
             return _error(401, "Invalid API key.", "authentication_error", code="invalid_api_key")
         glmv = {"random_weights": True} if api.random_weights else {}
+        glmv.update(api.card_extra)
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "glmv", "glmv": glmv}]}
 
     @app.post("/v1/chat/completions")
@@ -607,4 +610,104 @@ def test_phone_width(site: tuple[str, FakeApi], new_page: Any, artifacts_dir: Pa
     page.screenshot(path=str(artifacts_dir / "phone-menu.png"))
     page.click("#sidebar-backdrop", position={"x": 360, "y": 400})
     page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+    no_script_errors(errors)
+
+
+def test_model_card_limits_images_and_thinking_switch(site: tuple[str, FakeApi], new_page: Any) -> None:
+    url, api = site
+    api.card_extra = {"supports_thinking_toggle": False, "max_images_per_request": 2}
+    page, errors = open_page(new_page, url)
+    toggle = page.locator("#thinking-toggle")
+    assert toggle.is_disabled() and toggle.is_checked()
+    assert page.locator(".switch").get_attribute("title") == "This model always thinks before it answers."
+    files = [{"name": f"p{k}.png", "mimeType": "image/png", "buffer": png_bytes(20, 20)} for k in range(3)]
+    page.set_input_files("#file-input", files=files)
+    page.wait_for_selector("#toast:not([hidden])")
+    assert page.locator("#toast").inner_text() == "At most 2 images per message"
+    page.wait_for_function("() => document.querySelectorAll('#attachments .attachment:not(.loading) img').length === 2")
+    # The random-weights notice can be dismissed for this tab.
+    page.locator(".notice[data-notice='random'] .notice-close").click()
+    assert page.locator(".notice[data-notice='random']").count() == 0
+    send(page, "two pictures")
+    wait_state(page, "done")
+    sent = api.chat_requests()[-1]
+    assert "thinking" not in sent
+    assert len(_images(sent)) == 2
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator(".notice[data-notice='random']").count() == 0
+    no_script_errors(errors)
+
+
+MARKDOWN_PIECES = [
+    "<script>window.__pwned='s'</script>", "<img src=x onerror=window.__pwned='i'>", "<a href='javascript:alert(1)'>x</a>",
+    "[a](javascript:window.__pwned='l')", "[b](JaVaScRiPt:alert(1))", "[c](data:text/html,<script>alert(1)</script>)",
+    "[d]( javascript:alert(1) )", "[e](vbscript:x)", "![f](https://example.com/x.png)", "<https://ok.example/a>",
+    "<javascript:alert(1)>", "https://example.com/path?q=1&r=2).", "**bold *nested* text**", "***x***", "_under_score_",
+    "~~gone~~", "`<b>code</b>`", "```html\n<script>alert(1)</script>\n```", "```\nunclosed fence <i>", "| a | b |\n|---|:-:|\n| <u>1</u> | 2 |",
+    "> quote <b>x</b>", "- item\n  - nested <em>x</em>\n- two", "1. one\n2. two", "# Title <span>", "---", "&lt;script&gt;",
+    "\\*not em\\*", "line one\nline two", "<style>body{display:none}</style>", "<iframe src=//evil>", "[x](<javascript:alert(1)>)",
+    "[y](https://example.com \"title\")", "\u0000", "<svg onload=alert(1)>", "*", "**", "[", "](", "`", "|", "\n\n",
+]
+
+ALLOWED_ATTRS = {"href", "title", "class", "rel", "target", "start", "style", "type", "data-copy"}
+
+
+def test_markdown_renderer_only_builds_allowed_elements(site: tuple[str, FakeApi], new_page: Any) -> None:
+    import random
+
+    url, _ = site
+    page, errors = open_page(new_page, url)
+    rng = random.Random(1234)
+    corpus = list(MARKDOWN_PIECES)
+    corpus += ["".join(rng.choice(MARKDOWN_PIECES) + rng.choice(["", " ", "\n", "\n\n", "|", "*"]) for _ in range(rng.randint(2, 8)))
+               for _ in range(300)]
+    report = page.evaluate(
+        """(inputs) => {
+            const allowed = new Set([...GlmvMarkdown.ALLOWED_TAGS].map(t => t.toUpperCase()));
+            const out = {tags: new Set(), attrs: new Set(), hrefs: [], failures: []};
+            for (const text of inputs) {
+                let frag;
+                try { frag = GlmvMarkdown.render(text); } catch (e) { out.failures.push(text + ' -> ' + e); continue; }
+                const box = document.createElement('div');
+                box.appendChild(frag);
+                document.body.appendChild(box);
+                for (const el of box.querySelectorAll('*')) {
+                    out.tags.add(el.tagName);
+                    if (!allowed.has(el.tagName)) out.failures.push('tag ' + el.tagName + ' from ' + text);
+                    for (const a of el.attributes) out.attrs.add(a.name);
+                    if (el.tagName === 'A') out.hrefs.push(el.getAttribute('href'));
+                }
+                box.remove();
+            }
+            return {tags: [...out.tags].sort(), attrs: [...out.attrs].sort(), hrefs: out.hrefs, failures: out.failures};
+        }""",
+        corpus,
+    )
+    assert report["failures"] == []
+    assert set(report["attrs"]) <= ALLOWED_ATTRS
+    assert report["hrefs"] and all(h.startswith(("https://", "http://", "mailto:")) for h in report["hrefs"])
+    assert {"SCRIPT", "IMG", "IFRAME", "STYLE", "SVG", "U", "B", "I"}.isdisjoint(report["tags"])
+    assert {"TABLE", "PRE", "STRONG", "EM", "DEL", "BLOCKQUOTE", "UL", "OL", "H1", "HR", "A", "CODE"} <= set(report["tags"])
+    assert page.evaluate("() => window.__pwned") is None
+
+    # A few exact renderings.
+    def html(text: str) -> str:
+        return page.evaluate("(t) => { const d = document.createElement('div'); d.appendChild(GlmvMarkdown.render(t)); return d.innerHTML; }", text)
+
+    assert html("**bold *nested* text**") == "<p><strong>bold <em>nested</em> text</strong></p>"
+    assert html("a <b>x</b> & y") == "<p>a &lt;b&gt;x&lt;/b&gt; &amp; y</p>"
+    assert html("snake_case_name and 2 * 3 * 4") == "<p>snake_case_name and 2 * 3 * 4</p>"
+    assert html("- a\n  - b\n- c") == "<ul><li>a<ul><li>b</li></ul></li><li>c</li></ul>"
+    assert html("3. x\n4. y") == '<ol start="3"><li>x</li><li>y</li></ol>'
+    assert html("# T\n\n> q\n\n~~d~~") == "<h1>T</h1><blockquote><p>q</p></blockquote><p><del>d</del></p>"
+    assert html("see (https://example.com/a_(b)).") == (
+        '<p>see (<a href="https://example.com/a_(b)" rel="noopener noreferrer nofollow" target="_blank">'
+        "https://example.com/a_(b)</a>).</p>")
+    assert html("[x](javascript:alert(1))") == "<p>x</p>"
+    assert html("line one\nline two") == "<p>line one<br>line two</p>"
+    assert html("```js\nlet a = '<i>';\n```") == (
+        '<div class="code-block"><div class="code-bar"><span class="code-lang">js</span>'
+        '<button class="code-copy" type="button" data-copy="code"></button></div>'
+        "<pre><code class=\"language-js\">let a = '&lt;i&gt;';</code></pre></div>")
     no_script_errors(errors)

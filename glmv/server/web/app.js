@@ -260,6 +260,18 @@
     return serverLimit > 0 ? Math.min(serverLimit, CONFIG.maxImagePixels) : CONFIG.maxImagePixels;
   }
 
+  function imagesPerMessageLimit() {
+    const card = modelCard();
+    const serverLimit = card && card.glmv && Number(card.glmv.max_images_per_request);
+    return serverLimit > 0 ? Math.min(serverLimit, CONFIG.maxImagesPerMessage) : CONFIG.maxImagesPerMessage;
+  }
+
+  // False when the model's chat template cannot turn thinking off (the card says so).
+  function thinkingSwitchable() {
+    const card = modelCard();
+    return !(card && card.glmv && card.glmv.supports_thinking_toggle === false);
+  }
+
   function buildMessages(history) {
     const out = [];
     const system = (state.settings.system || '').trim();
@@ -297,7 +309,7 @@
     if (temperature !== undefined) body.temperature = temperature;
     if (topP !== undefined) body.top_p = topP;
     if (maxTokens !== undefined) body.max_tokens = maxTokens;
-    if (!state.settings.thinking) body.thinking = { type: 'disabled' };
+    if (!state.settings.thinking && thinkingSwitchable()) body.thinking = { type: 'disabled' };
     return body;
   }
 
@@ -424,6 +436,7 @@
       await readSSE(resp, (obj) => {
         if (obj.usage) usage = obj.usage;
         const choice = obj.choices && obj.choices[0];
+        if (choice && choice.finish_reason) msg.finish = choice.finish_reason;
         const delta = choice && choice.delta;
         if (!delta) return;
         const r = typeof delta.reasoning_content === 'string' ? delta.reasoning_content : '';
@@ -436,7 +449,6 @@
           if (msg.reasoning && tThinkEnd === null) tThinkEnd = now();
           msg.content += c;
         }
-        if (choice.finish_reason) msg.finish = choice.finish_reason;
         scheduleRender();
         if (now() - lastSave > CONFIG.saveEveryMs) { lastSave = now(); persist(conv); }
       });
@@ -529,7 +541,8 @@
       if (!file) continue;
       const name = file.name || 'image';
       if (!(file.type || '').startsWith('image/')) { toast(t('notImage', { name })); continue; }
-      if (state.pending.length >= CONFIG.maxImagesPerMessage) { toast(t('tooManyImages', { n: CONFIG.maxImagesPerMessage })); break; }
+      const most = imagesPerMessageLimit();
+      if (state.pending.length >= most) { toast(t('tooManyImages', { n: most })); break; }
       const entry = { id: uid(), name, url: null, width: 0, height: 0, loading: true };
       state.pending.push(entry);
       renderPending();
@@ -559,16 +572,26 @@
 
   // --- rendering ------------------------------------------------------------------------------
 
+  // Notices above the conversation; dismissible ones stay dismissed for this tab.
   const notices = new Map();
-  function notice(key, text, kind) {
-    notices.set(key, { text, kind });
+  function dismissed(key) {
+    try { return sessionStorage.getItem('glmv.dismissed.' + key) === '1'; } catch (e) { return false; }
+  }
+  function notice(key, text, kind, dismissible) {
+    notices.set(key, { text, kind, dismissible: !!dismissible });
     renderNotices();
   }
   function clearNotice(key) { notices.delete(key); renderNotices(); }
   function renderNotices() {
     const box = $('notices');
     box.replaceChildren();
-    for (const [key, n] of notices) box.appendChild(h('div', { class: 'notice ' + (n.kind || 'info'), 'data-notice': key, role: n.kind === 'error' ? 'alert' : 'status', text: n.text }));
+    for (const [key, n] of notices) {
+      if (n.dismissible && dismissed(key)) continue;
+      box.appendChild(h('div', { class: 'notice ' + (n.kind || 'info'), 'data-notice': key, role: n.kind === 'error' ? 'alert' : 'status' }, [
+        h('span', { class: 'notice-text', text: n.text }),
+        n.dismissible ? h('button', { type: 'button', class: 'notice-close', 'aria-label': t('dismiss'), title: t('dismiss'), text: '×' }) : null,
+      ]));
+    }
   }
 
   let toastTimer = null;
@@ -587,8 +610,14 @@
     select.value = state.settings.model;
     $('model-label').textContent = state.settings.model || '—';
     const card = modelCard();
-    if (card && card.glmv && card.glmv.random_weights) notice('random', t('randomWeights', { model: card.id }), 'warn');
+    if (card && card.glmv && card.glmv.random_weights) notice('random', t('randomWeights', { model: card.id }), 'warn', true);
     else clearNotice('random');
+    const toggle = $('thinking-toggle');
+    const switchable = thinkingSwitchable();
+    toggle.disabled = !switchable;
+    toggle.checked = switchable ? state.settings.thinking !== false : true;
+    toggle.closest('.switch').title = switchable ? '' : t('thinkingAlwaysOn');
+    toggle.closest('.switch').classList.toggle('disabled', !switchable);
   }
 
   function renderModeSelect() {
@@ -678,7 +707,7 @@
     // Thinking block: open while the model thinks, folded once the answer starts (unless the
     // reader opened or closed it by hand).
     let details = node.querySelector(':scope > details.thinking');
-    if (msg.reasoning || (streaming && msg.thinking && !msg.content)) {
+    if (msg.reasoning) {
       if (!details) {
         details = h('details', { class: 'thinking' }, [
           h('summary', null, [h('span', { class: 'thinking-label' })]),
@@ -726,6 +755,7 @@
       if (msg.status === 'interrupted') meta.appendChild(h('span', { class: 'badge', text: t('interrupted') }));
       if (msg.stats) meta.appendChild(h('span', { class: 'stats', text: statsText(msg.stats) }));
       if (msg.status === 'done' && !msg.content && !msg.reasoning) meta.appendChild(h('span', { class: 'badge', text: t('emptyAnswer') }));
+      if (msg.status === 'done' && msg.finish === 'length') meta.appendChild(h('span', { class: 'badge', text: t('truncated') }));
       meta.appendChild(h('span', { class: 'spacer' }));
       if (msg.content) meta.appendChild(h('button', { type: 'button', class: 'link-btn', dataset: { action: 'copy' }, text: t('copy') }));
       if (isLast) meta.appendChild(h('button', { type: 'button', class: 'link-btn', dataset: { action: 'regenerate' }, text: t('regenerate') }));
@@ -869,7 +899,9 @@
     document.addEventListener('paste', (e) => {
       const files = imageFilesFrom(e.clipboardData);
       if (!files.length) return;
-      e.preventDefault();
+      // Text copied along with an image (office documents, web pages) is still pasted as text.
+      const types = Array.from((e.clipboardData && e.clipboardData.types) || []);
+      if (!types.includes('text/plain') || e.target !== $('input')) e.preventDefault();
       addFiles(files);
     });
 
@@ -945,6 +977,13 @@
       }
     });
     $('image-viewer').addEventListener('click', () => $('image-viewer').close());
+    $('notices').addEventListener('click', (e) => {
+      const btn = e.target.closest('.notice-close');
+      if (!btn) return;
+      const key = btn.parentElement.dataset.notice;
+      try { sessionStorage.setItem('glmv.dismissed.' + key, '1'); } catch (err) { /* ignore */ }
+      renderNotices();
+    });
 
     $('menu-toggle').addEventListener('click', () => openSidebar(!$('app').classList.contains('sidebar-open')));
     $('sidebar-backdrop').addEventListener('click', () => openSidebar(false));

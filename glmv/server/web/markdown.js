@@ -69,9 +69,11 @@
       const j = src.indexOf(delim, i);
       if (j < 0) return -1;
       if (src[j - 1] === '\\') { i = j + 1; continue; }
-      if (j === from || SPACE.test(src[j - 1])) { i = j + 1; continue; }
       let runEnd = j;
       while (src[runEnd] === delim[0]) runEnd++;
+      // Never close in the middle of a run of the same character (`***x` has no closer).
+      if (j > 0 && src[j - 1] === delim[0]) { i = runEnd; continue; }
+      if (j === from || SPACE.test(src[j - 1])) { i = j + 1; continue; }
       const run = runEnd - j;
       if (run !== delim.length && !(run > delim.length && delim.length >= 2)) { i = runEnd; continue; }
       if (delim[0] === '_' && WORD.test(src[j + delim.length] || '')) { i = runEnd; continue; }
@@ -157,6 +159,15 @@
       if (text) { out.push(document.createTextNode(text)); text = ''; }
     };
     if (depth > MAX_DEPTH) return [document.createTextNode(src)];
+    // A delimiter with no closer after some position has none after any later one either:
+    // remembering that keeps long unbalanced input (`**a **b **c ...`) linear.
+    const noCloser = new Set();
+    const closing = (from, delim) => {
+      if (noCloser.has(delim)) return -1;
+      const j = findClosing(src, from, delim);
+      if (j < 0) noCloser.add(delim);
+      return j;
+    };
     let i = 0;
     while (i < src.length) {
       const c = src[i];
@@ -204,7 +215,7 @@
         const opens = after !== undefined && !SPACE.test(after) && !(c === '_' && WORD.test(before));
         if (c === '~') {
           if (n === 2 && opens) {
-            const close = findClosing(src, i + 2, '~~');
+            const close = closing(i + 2, '~~');
             if (close > i + 2) {
               flush();
               const del = el('del');
@@ -221,7 +232,7 @@
           let done = false;
           for (const len of tries) {
             const delim = c.repeat(len);
-            const close = findClosing(src, i + len, delim);
+            const close = closing(i + len, delim);
             if (close > i + len) {
               flush();
               const inner = parseInline(src.slice(i + len, close), depth + 1);
