@@ -219,39 +219,47 @@ def synthetic_image(width: int, height: int, seed: int, index: int, fmt: str = "
 
 @dataclass(slots=True)
 class Conversation:
-    """The prepared inputs of one conversation: its first user turn and the follow-up questions."""
+    """The prepared inputs of one conversation: its first user message (as JSON) and the follow-ups.
+
+    The user message is serialised once, before the run: with large images, encoding it while other
+    streams are being timed would stall the event loop and inflate their latencies.
+    """
 
     index: int
-    user_content: list[dict[str, Any]]
+    user_message: bytes
     follow_ups: list[str]
+
+    @property
+    def user_content(self) -> list[dict[str, Any]]:
+        return json.loads(self.user_message)["content"]
 
 
 def build_conversations(config: BenchConfig, start: int, count: int) -> list[Conversation]:
     """Conversations `start .. start+count-1` (prompts and images depend only on the seed and index)."""
     num_images = config.num_images
-    image_ids: dict[int, int] = {}  # image index -> position in `urls`
-    for i in range(start, start + count):
-        for j in range(num_images):
-            key = j if config.same_image else i * num_images + j
-            image_ids.setdefault(key, len(image_ids))
-    urls: list[str] = []
-    if image_ids:
+
+    def image_key(conversation: int, j: int) -> int:
+        return j if config.same_image else conversation * num_images + j
+
+    keys = list(dict.fromkeys(image_key(i, j) for i in range(start, start + count) for j in range(num_images)))
+    urls: dict[int, str] = {}
+    if keys:
         assert config.image_size is not None
         width, height = config.image_size
-        keys = list(image_ids)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(keys))) as pool:
-            urls = list(pool.map(lambda k: synthetic_image(width, height, config.seed, k, config.image_format), keys))
+            made = pool.map(lambda k: synthetic_image(width, height, config.seed, k, config.image_format), keys)
+            urls = dict(zip(keys, made, strict=True))
     question = _FIRST_QUESTION_IMAGE if num_images else _FIRST_QUESTION_TEXT
     follow_up = _SECOND_QUESTION_IMAGE if num_images else _SECOND_QUESTION_TEXT
     conversations = []
     for i in range(start, start + count):
-        content: list[dict[str, Any]] = []
-        for j in range(num_images):
-            key = j if config.same_image else i * num_images + j
-            content.append({"type": "image_url", "image_url": {"url": urls[image_ids[key]]}})
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": urls[image_key(i, j)]}} for j in range(num_images)
+        ]
         text = synthetic_text(config.input_tokens, config.seed, i)
         content.append({"type": "text", "text": f"{text}\n{question}" if text else question})
-        conversations.append(Conversation(i, content, [follow_up] * (config.turns - 1)))
+        message = json.dumps({"role": "user", "content": content}).encode()
+        conversations.append(Conversation(i, message, [follow_up] * (config.turns - 1)))
     return conversations
 
 
@@ -272,6 +280,14 @@ def request_body(config: BenchConfig, model: str, messages: list[dict[str, Any]]
     if config.extra_body:
         body.update(config.extra_body)
     return body
+
+
+def encode_body(config: BenchConfig, model: str, messages: Sequence[bytes]) -> bytes:
+    """`request_body` as JSON bytes, with `messages` given as already-serialised JSON objects."""
+    rest = request_body(config, model, [])
+    del rest["messages"]
+    tail = json.dumps(rest).encode()
+    return b"".join((b'{"messages": [', b", ".join(messages), b"], ", tail[1:]))
 
 
 # --- one request --------------------------------------------------------------------------------------------
@@ -392,18 +408,19 @@ class _Stream:
 async def stream_chat(
     client: httpx.AsyncClient,
     url: str,
-    body: dict[str, Any],
+    body: bytes,
     headers: dict[str, str],
     record: RequestRecord,
     clock: Callable[[], float],
     origin: float,
 ) -> None:
-    """Send one streaming request and fill `record` in (errors become `record.error`, never raised)."""
+    """POST one streaming request (`body`: JSON bytes) and fill `record` in (errors become
+    `record.error`, never raised)."""
     sent_at = clock()
     record.start = sent_at - origin
     state = _Stream(record, sent_at)
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
+        async with client.stream("POST", url, content=body, headers=headers) as response:
             if response.status_code != 200:
                 raw = await response.aread()
                 try:
@@ -725,12 +742,13 @@ async def _run_conversation(
 ) -> list[RequestRecord]:
     url = _server_root(config.base_url) + config.endpoint
     headers = _headers(config)
-    messages: list[dict[str, Any]] = [{"role": "user", "content": conversation.user_content}]
+    headers["Content-Type"] = "application/json"
+    messages: list[bytes] = [conversation.user_message]
     records: list[RequestRecord] = []
     for turn in range(1, turns + 1):
         record = RequestRecord(conversation.index, turn, scheduled=scheduled)
         headers["X-Request-Id"] = f"bench-{config.seed}-{conversation.index}-{turn}"
-        body = request_body(config, model, messages)
+        body = encode_body(config, model, messages)
         try:
             await asyncio.wait_for(stream_chat(client, url, body, headers, record, clock, origin), config.timeout)
         except asyncio.TimeoutError:
@@ -748,8 +766,8 @@ async def _run_conversation(
         if turn < turns:
             messages = [
                 *messages,
-                {"role": "assistant", "content": _answer_text(record)},
-                {"role": "user", "content": conversation.follow_ups[turn - 1]},
+                json.dumps({"role": "assistant", "content": _answer_text(record)}).encode(),
+                json.dumps({"role": "user", "content": conversation.follow_ups[turn - 1]}).encode(),
             ]
     return records
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import itertools
 import json
@@ -40,6 +41,7 @@ from glmv.bench_serve import (
     arrival_schedule,
     build_conversations,
     config_from_args,
+    encode_body,
     parse_image_size,
     request_body,
     run_benchmark,
@@ -347,6 +349,11 @@ def test_request_body_and_synthetic_inputs() -> None:
     assert body["stream_options"] == {"include_usage": True}
     assert (body["max_tokens"], body["min_tokens"], body["ignore_eos"]) == (17, 17, True)
     assert "temperature" not in body
+    # The bytes actually sent are the same JSON, built from the pre-serialised user message.
+    extra = dataclasses.replace(config, extra_body={"top_k": 1}, temperature=0.5)
+    sent = json.loads(encode_body(extra, "m", [convs[0].user_message, b'{"role": "assistant", "content": "x"}']))
+    assert sent == request_body(extra, "m", [json.loads(convs[0].user_message), {"role": "assistant", "content": "x"}])
+    assert sent["top_k"] == 1 and sent["temperature"] == 0.5
     content = convs[0].user_content
     assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
     images = [decode_data_url(part["image_url"]["url"]) for part in content[:2]]
