@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -358,6 +359,9 @@ def test_request_body_and_synthetic_inputs() -> None:
     assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
     images = [decode_data_url(part["image_url"]["url"]) for part in content[:2]]
     assert [(im.format, im.size, im.mode) for im in images] == [("PNG", (48, 32), "RGB")] * 2
+    # The PNG holds exactly the seeded noise: image j of conversation i is index i * images + j.
+    expected = np.random.default_rng([5, 1]).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(images[1]), expected)
     # Every request its own images and text; the same seed gives the same ones.
     urls = [p["image_url"]["url"] for c in convs for p in c.user_content[:2]]
     assert len(set(urls)) == 6
