@@ -37,6 +37,7 @@ from glmv.kernels.metadata import AttentionMetadata
 from glmv.models.tiny import create_tiny_model
 
 ROWS: list[tuple[str, str, str]] = []
+PROFILE = False
 
 
 def row(name: str, value: str, target: str = "") -> None:
@@ -252,6 +253,105 @@ def full_size(tmp: Path, quick: bool) -> None:
     ROWS.append(("_tps", str(tps), ""))
 
 
+def http_phase(tmp: Path) -> None:
+    """The same measurements over HTTP: `glmv serve` in a subprocess, streaming clients."""
+    import asyncio
+    import base64
+    import io
+    import json
+    import os
+    import subprocess
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    ckpt = tmp / "full"
+    port = 8399
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmv", "serve", "--model", str(ckpt), "--port", str(port), "--dtype", "bfloat16",
+         "--max-num-seqs", "128"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            if proc.poll() is not None:
+                raise RuntimeError("server exited: " + (tmp / "serve.log").read_text()[-3000:])
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        rng = np.random.default_rng(0)
+
+        def url(seed: int) -> str:
+            arr = np.random.default_rng(seed).integers(0, 256, (1120, 1120, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+            return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+        del rng
+        text = " ".join(["invoice"] * 32)
+
+        async def one(client: httpx.AsyncClient, image_url: str, max_tokens: int) -> tuple[float, int]:
+            body = {
+                "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}],
+            }  # fmt: skip
+            t0 = time.perf_counter()
+            ttft, n = None, 0
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if ttft is None and chunk.get("choices"):
+                        ttft = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+            return ttft or 0.0, n
+
+        async def main_async() -> None:
+            async with httpx.AsyncClient(timeout=600) as client:
+                await one(client, url(9000), 4)
+                await one(client, url(9001), 4)
+                ttfts = [(await one(client, url(9100 + i), 1))[0] for i in range(3)]
+                row(
+                    "TTFT over HTTP, 1120x1120 JPEG + 32 words (median of 3)",
+                    f"{statistics.median(ttfts) * 1e3:.1f} ms",
+                    "(target <= 100 ms)",
+                )
+                urls = [url(9200 + i) for i in range(64)]
+                t0 = time.perf_counter()
+                done = await asyncio.gather(*(one(client, u, 256) for u in urls))
+                elapsed = time.perf_counter() - t0
+                total = sum(n for _, n in done)
+                row(
+                    "64 concurrent image requests x 256 tokens over HTTP: output tok/s",
+                    f"{total / elapsed:.0f} tok/s",
+                    "(target >= 2000)",
+                )
+                ROWS.append(("_http_tps", str(total / elapsed), ""))
+
+        asyncio.run(main_async())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        print("--- server log tail ---\n" + (tmp / "serve.log").read_text()[-1500:])
+
+
 def transformers_slice() -> float:
     """transformers generate on 8 of those requests at batch 8, 64 new tokens: aggregate tok/s."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
@@ -297,17 +397,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--http", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        check_kernel(dev)
-        tiny_gpu_vs_cpu(Path(tmp))
+        if not args.skip_checks:
+            check_kernel(dev)
+            tiny_gpu_vs_cpu(Path(tmp))
         full_size(Path(tmp), args.quick)
+        if args.http:
+            http_phase(Path(tmp))
     tps = float(next(v for k, v, _ in ROWS if k == "_tps"))
     if not args.skip_transformers:
         base = transformers_slice()
         row("glmv engine / transformers throughput", f"{tps / base:.1f}x", "(target >= 20x)")
+        http = [float(v) for k, v, _ in ROWS if k == "_http_tps"]
+        if http:
+            row("glmv over HTTP / transformers throughput", f"{http[0] / base:.1f}x", "(target >= 20x)")
     print("\n" + "=" * 100)
     for name, value, target in ROWS:
         if not name.startswith("_"):
