@@ -234,6 +234,30 @@ def full_size(tmp: Path, quick: bool) -> None:
         f"{second * 1e3:.1f} / {first * 1e3:.1f} ms = {second / first:.2f}",
         "(target <= 0.25)",
     )
+    if PROFILE:
+        import cProfile
+        import pstats
+
+        from torch.profiler import ProfilerActivity, profile
+
+        cases = (
+            ("first turn", [image_request("pf1", 60, 32, 1, image_id)]),
+            ("second turn", [image_request("pf2", 60, 32, 1, image_id, follow_up=True)]),
+            ("8 concurrent prompts", [image_request(f"pf8-{i}", 70 + i, 64, 1, image_id) for i in range(8)]),
+        )
+        for label, reqs in cases:
+            pr = cProfile.Profile()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                pr.enable()
+                t_case = time.perf_counter()
+                run_requests(engine, reqs)
+                t_case = time.perf_counter() - t_case
+                pr.disable()
+            print(f"--- profile: {label}: {t_case * 1e3:.1f} ms ---")
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50)
+            )
+            pstats.Stats(pr).sort_stats("tottime").print_stats(12)
 
     # 4. 64 concurrent.
     n_req = 16 if quick else 64
@@ -410,6 +434,10 @@ def main() -> None:
             check_kernel(dev)
             tiny_gpu_vs_cpu(Path(tmp))
         full_size(Path(tmp), args.quick)
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
         if args.http:
             http_phase(Path(tmp))
     tps = float(next(v for k, v, _ in ROWS if k == "_tps"))
