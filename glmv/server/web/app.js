@@ -202,7 +202,8 @@
       if (resp.ok) return resp;
       const err = await readErrorBody(resp);
       if (resp.status !== 401 || attempt >= 10) throw err;
-      const entered = await askForKey(key ? t('keyRejected') : t('keyPrompt'), err.message);
+      // The server's own words matter only when a key was tried and refused.
+      const entered = await askForKey(key ? t('keyRejected') : t('keyPrompt'), key ? err.message : '');
       if (!entered) throw err;
       setApiKey(entered);
     }
@@ -214,7 +215,7 @@
     keyPromise = new Promise((resolve) => {
       const dialog = $('key-dialog');
       const input = $('key-input');
-      $('key-message').textContent = headline + (detail && detail !== headline ? ' (' + detail + ')' : '');
+      $('key-message').textContent = headline + (detail ? ' (' + detail + ')' : '');
       input.value = '';
       const finish = (value) => {
         $('key-form').removeEventListener('submit', onSubmit);
