@@ -51,7 +51,6 @@ except ImportError:  # without the guard module the server runs unguarded
 log = logging.getLogger("glmv.server")
 
 
-
 def _web_installer() -> Callable[[FastAPI], Any] | None:
     """`glmv.server.web_routes.install_web` (the chat page at `/`), if that module is present."""
     try:
@@ -178,7 +177,9 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
     _, builder = load_processors(model_dir)  # the input rules of the checkpoint's architecture
     if settings.chat_template is not None:
         if isinstance(builder.chat, ChatProcessor):
-            builder = InputBuilder(ChatProcessor(core.tokenizer, settings.chat_template), builder.image_processor)
+            builder = InputBuilder(
+                ChatProcessor(core.tokenizer, settings.chat_template), builder.image_processor
+            )
         else:
             log.warning("--chat-template is ignored: this model's prompt format is built in")
     core.runner.preprocess_key = builder.image_processor.config.cache_key()
@@ -220,7 +221,13 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
         responses={
             200: {
                 "description": "A chat completion, or with `stream: true` an SSE stream of `ChatCompletionChunk` events ending with `data: [DONE]`.",
-                "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")}},
+                "content": {
+                    "text/event-stream": {
+                        "schema": ChatCompletionChunk.model_json_schema(
+                            ref_template="#/components/schemas/{model}"
+                        )
+                    }
+                },
             },
             **_ERRORS,
         },
@@ -277,7 +284,9 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         if not engine.running:
-            return JSONResponse({"status": "engine_not_running"}, status_code=503, headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"status": "engine_not_running"}, status_code=503, headers={"Retry-After": "5"}
+            )
         return JSONResponse({"status": "ready"})
 
     @app.get(
@@ -298,7 +307,13 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
         @app.get("/", include_in_schema=False)
         async def root() -> JSONResponse:
             return JSONResponse(
-                {"name": "glmv", "api": "/v1", "docs": "/docs", "models": names, "random_weights": state.random_weights}
+                {
+                    "name": "glmv",
+                    "api": "/v1",
+                    "docs": "/docs",
+                    "models": names,
+                    "random_weights": state.random_weights,
+                }
             )
 
     app.add_middleware(_ServerMiddleware, metrics=metrics)

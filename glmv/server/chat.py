@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("glmv.server.chat")
 
 # Template variables the chat processor sets itself; a request may not override them.
-_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "image_token_counts", "image_hashes", "self"})
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "add_generation_prompt", "image_token_counts", "image_hashes", "self"}
+)
 # Logprobs of impossible tokens are -inf, which JSON cannot carry.
 _MIN_LOGPROB = -9999.0
 _DISCONNECT_POLL_S = 0.5
@@ -69,7 +71,11 @@ _DISCONNECT_POLL_S = 0.5
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of the byte-level BPE alphabet (every byte has one printable character)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -259,7 +265,13 @@ class _Run:
                 )
         if self.state.settings.log_content:
             for i, c in enumerate(self.choices):
-                log.info("%s choice %d reasoning=%r content=%r", self.id, i, "".join(c.reasoning), "".join(c.content))
+                log.info(
+                    "%s choice %d reasoning=%r content=%r",
+                    self.id,
+                    i,
+                    "".join(c.reasoning),
+                    "".join(c.content),
+                )
         log.debug(
             "%s %s: prompt %d tokens, completion %d tokens",
             self.id,
@@ -279,7 +291,8 @@ class _Run:
                 "logprob": _finite(lp.logprob),
                 "bytes": token_bytes(lp.token_id, lp.token),
                 "top_logprobs": [
-                    {"token": text, "logprob": _finite(v), "bytes": token_bytes(tid, text)} for tid, text, v in lp.top[:k]
+                    {"token": text, "logprob": _finite(v), "bytes": token_bytes(tid, text)}
+                    for tid, text, v in lp.top[:k]
                 ],
             }
             for lp in items
@@ -380,17 +393,29 @@ class ChatHandler:
     @staticmethod
     def _check_unsupported(body: ChatCompletionRequest) -> None:
         if body.tools:
-            raise InvalidRequestError("Tool calling is not supported by this server.", param="tools", code="unsupported_parameter")
+            raise InvalidRequestError(
+                "Tool calling is not supported by this server.", param="tools", code="unsupported_parameter"
+            )
         if body.functions:
-            raise InvalidRequestError("Function calling is not supported by this server.", param="functions", code="unsupported_parameter")
+            raise InvalidRequestError(
+                "Function calling is not supported by this server.",
+                param="functions",
+                code="unsupported_parameter",
+            )
         for name in ("tool_choice", "function_call"):
             value = getattr(body, name)
             if value is not None and value not in ("none", "auto"):
                 raise InvalidRequestError(
-                    f"'{name}' is not supported by this server (no tool calling).", param=name, code="unsupported_parameter"
+                    f"'{name}' is not supported by this server (no tool calling).",
+                    param=name,
+                    code="unsupported_parameter",
                 )
         if body.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported by this server.", param="logit_bias", code="unsupported_parameter")
+            raise InvalidRequestError(
+                "logit_bias is not supported by this server.",
+                param="logit_bias",
+                code="unsupported_parameter",
+            )
         if body.response_format is not None and body.response_format.type != "text":
             raise InvalidRequestError(
                 f"response_format type '{body.response_format.type}' is not supported yet; only 'text' is.",
@@ -399,7 +424,9 @@ class ChatHandler:
             )
         if body.stream_options is not None and not body.stream:
             raise InvalidRequestError(
-                "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
+                "stream_options is only allowed when stream is true.",
+                param="stream_options",
+                code="invalid_value",
             )
 
     def _sampling_params(self, body: ChatCompletionRequest) -> tuple[SamplingParams, int]:
@@ -462,7 +489,9 @@ class ChatHandler:
         images: list[Image.Image] = []
         for url, param in image_refs:
             images.append(
-                await resolve_image(url, param=param, limits=state.image_limits, remote=state.remote_policy, budget=budget)
+                await resolve_image(
+                    url, param=param, limits=state.image_limits, remote=state.remote_policy, budget=budget
+                )
             )
         return await asyncio.to_thread(
             self._build, request_id, messages, images, [p for _, p in image_refs], params, template_kwargs
@@ -644,8 +673,13 @@ async def _stream(run: _Run, first: RequestOutput | None, include_usage: bool) -
     if include_usage:
         base["usage"] = None
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
-              finish_reason: str | None = None, stop_reason: int | str | None = None) -> str:
+    def chunk(
+        index: int,
+        delta: dict[str, Any],
+        logprobs: list[dict[str, Any]] | None = None,
+        finish_reason: str | None = None,
+        stop_reason: int | str | None = None,
+    ) -> str:
         choice: dict[str, Any] = {
             "index": index,
             "delta": delta,
@@ -672,7 +706,9 @@ async def _stream(run: _Run, first: RequestOutput | None, include_usage: bool) -
             for d in out.deltas:
                 choice = run.choices[d.index]
                 reasoning, content = _apply_delta(run, choice, d.text)
-                lps = run.logprob_entries(d.logprobs) if (choice.logprobs is not None and d.logprobs) else None
+                lps = (
+                    run.logprob_entries(d.logprobs) if (choice.logprobs is not None and d.logprobs) else None
+                )
                 if lps is not None:
                     choice.logprobs.extend(lps)  # type: ignore[union-attr]
                 if reasoning or content or lps:
@@ -695,7 +731,14 @@ async def _stream(run: _Run, first: RequestOutput | None, include_usage: bool) -
         log.exception("%s: streaming failed", run.id)
         run.outcome = "error"
         yield _sse(
-            {"error": {"message": "The server had an error while processing your request.", "type": "internal_error", "param": None, "code": "internal_error"}}
+            {
+                "error": {
+                    "message": "The server had an error while processing your request.",
+                    "type": "internal_error",
+                    "param": None,
+                    "code": "internal_error",
+                }
+            }
         )
     yield _DONE
 

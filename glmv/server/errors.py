@@ -38,7 +38,9 @@ _HTTP_CODES = {
 }
 
 
-def error_body(message: str, error_type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -71,7 +73,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    error_type, code = _HTTP_CODES.get(status, ("invalid_request_error" if status < 500 else "internal_error", None))
+    error_type, code = _HTTP_CODES.get(
+        status, ("invalid_request_error" if status < 500 else "internal_error", None)
+    )
     if status == 404:
         message = f"Unknown route: {request.method} {request.url.path}"
     elif status == 405:
@@ -85,7 +89,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def internal_error_response() -> JSONResponse:
     """The 500 for an unexpected error: it says nothing about the code (the log has the traceback)."""
     return JSONResponse(
-        error_body("The server had an error while processing your request.", "internal_error", code="internal_error"),
+        error_body(
+            "The server had an error while processing your request.", "internal_error", code="internal_error"
+        ),
         status_code=500,
     )
 

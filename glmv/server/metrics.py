@@ -19,7 +19,25 @@ from glmv.engine.engine import EngineStats
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Buckets in seconds: from a fast GPU decode step up to minutes-long CPU generations.
-_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -47,7 +65,11 @@ class _EngineCollector(Collector):
             c.add_metric(value, v)
             return c
 
-        yield gauge("glmv_requests_running", "Requests being generated (sequences in the running batch).", s.num_running)
+        yield gauge(
+            "glmv_requests_running",
+            "Requests being generated (sequences in the running batch).",
+            s.num_running,
+        )
         yield gauge("glmv_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
         yield gauge("glmv_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", s.kv_usage)
         yield gauge("glmv_kv_cache_blocks", "KV-cache blocks in total.", s.num_blocks)
@@ -55,8 +77,14 @@ class _EngineCollector(Collector):
         yield gauge("glmv_prefix_cache_hit_rate", "Prefix-cache hits per query since start (0 to 1).", rate)
         yield counter("glmv_prefix_cache_queries", "Prefix-cache block lookups.", s.prefix_cache_queries)
         yield counter("glmv_prefix_cache_hits", "Prefix-cache block lookups that hit.", s.prefix_cache_hits)
-        yield counter("glmv_encoder_cache_hits", "Image embeddings served from the encoder cache.", s.encoder_cache_hits)
-        yield counter("glmv_encoder_cache_misses", "Image embeddings not found in the encoder cache.", s.encoder_cache_misses)
+        yield counter(
+            "glmv_encoder_cache_hits", "Image embeddings served from the encoder cache.", s.encoder_cache_hits
+        )
+        yield counter(
+            "glmv_encoder_cache_misses",
+            "Image embeddings not found in the encoder cache.",
+            s.encoder_cache_misses,
+        )
         yield counter("glmv_images_encoded", "Images run through the vision encoder.", s.images_encoded)
 
 

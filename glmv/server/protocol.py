@@ -37,7 +37,9 @@ class _Lenient(BaseModel):
 
 
 class ImageURL(_Lenient):
-    url: str = Field(description="A `data:image/...;base64,...` URL, or an http(s) URL when the server allows remote images.")
+    url: str = Field(
+        description="A `data:image/...;base64,...` URL, or an http(s) URL when the server allows remote images."
+    )
     detail: Literal["auto", "low", "high"] | None = Field(
         None, description="Accepted for compatibility; glmv always uses the checkpoint's image resolution."
     )
@@ -104,11 +106,14 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class ChatMessage(_Lenient):
-    role: Role = Field(description="`developer` is treated as `system`; `tool` and `function` are not supported.")
+    role: Role = Field(
+        description="`developer` is treated as `system`; `tool` and `function` are not supported."
+    )
     content: MessageContent | None = None
     name: str | None = None
     reasoning_content: str | None = Field(
-        None, description="An earlier assistant turn's reasoning; the chat template decides whether it is kept."
+        None,
+        description="An earlier assistant turn's reasoning; the chat template decides whether it is kept.",
     )
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -118,7 +123,9 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool | None = Field(None, description="Send a last chunk with `usage` and empty `choices`.")
+    include_usage: bool | None = Field(
+        None, description="Send a last chunk with `usage` and empty `choices`."
+    )
 
 
 class ResponseFormat(BaseModel):
@@ -168,10 +175,10 @@ class ChatCompletionRequest(_Lenient):
     )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Extra variables for the chat template, e.g. {\"enable_thinking\": false}."
+        None, description='Extra variables for the chat template, e.g. {"enable_thinking": false}.'
     )
     thinking: ThinkingOptions | None = Field(
-        None, description="{\"type\": \"disabled\"} turns reasoning off where the chat template allows it."
+        None, description='{"type": "disabled"} turns reasoning off where the chat template allows it.'
     )
 
 
@@ -209,7 +216,9 @@ class Choice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
-    stop_reason: int | str | None = Field(None, description="The stop string or token id that ended the choice.")
+    stop_reason: int | str | None = Field(
+        None, description="The stop string or token id that ended the choice."
+    )
 
 
 class PromptTokensDetails(BaseModel):
@@ -331,8 +340,7 @@ def validation_error_to_glmv(errors: Sequence[dict[str, Any]]) -> InvalidRequest
             detail = (err.get("ctx") or {}).get("error")
             suffix = f" ({detail})" if detail else ""
             return InvalidRequestError(
-                f"We could not parse the JSON body of your request{suffix}. "
-                "The body must be a JSON object.",
+                f"We could not parse the JSON body of your request{suffix}. The body must be a JSON object.",
                 code="invalid_json",
             )
     # The deepest location wins: for a union, that is the member the input came closest to.
@@ -345,14 +353,16 @@ def validation_error_to_glmv(errors: Sequence[dict[str, Any]]) -> InvalidRequest
         param = f"{param}.type"
     if param is None:
         if deepest.get("type") == "missing":
-            return InvalidRequestError("The request body is empty; send a JSON object.", code="invalid_request_body")
-        if deepest.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             return InvalidRequestError(
-                "The request body must be a JSON object.", code="invalid_request_body"
+                "The request body is empty; send a JSON object.", code="invalid_request_body"
             )
+        if deepest.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            return InvalidRequestError("The request body must be a JSON object.", code="invalid_request_body")
         return InvalidRequestError(f"Invalid request: {text}.")
     if deepest.get("type") == "missing":
-        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     return InvalidRequestError(f"Invalid value for '{param}': {text}.", param=param, code="invalid_value")
 
 

@@ -53,11 +53,15 @@ ENV_PREFIX = "GLMV_"
 MiB = 1024 * 1024
 
 
-def _meta(help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> dict[str, Any]:
+def _meta(
+    help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None
+) -> dict[str, Any]:
     return {"help": help, "kind": kind, "choices": choices, "metavar": metavar}
 
 
-def _opt(default: Any, help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+def _opt(
+    default: Any, help: str, kind: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None
+) -> Any:
     return field(default=default, metadata=_meta(help, kind, choices=choices, metavar=metavar))
 
 
@@ -66,38 +70,60 @@ class Settings:
     """Everything `glmv serve` can be told. See the module docstring for where values come from."""
 
     # model and engine
-    model: str | None = _opt(None, "checkpoint directory (default: the embedded tiny random-weight model)", "str?", metavar="DIR")
+    model: str | None = _opt(
+        None, "checkpoint directory (default: the embedded tiny random-weight model)", "str?", metavar="DIR"
+    )
     served_model_name: list[str] = field(
         default_factory=list,
-        metadata=_meta("name(s) clients use in 'model' (default: the checkpoint folder's name)", "list", metavar="NAME"),
+        metadata=_meta(
+            "name(s) clients use in 'model' (default: the checkpoint folder's name)", "list", metavar="NAME"
+        ),
     )
-    dtype: str = _opt("auto", "weight and activation dtype", "str", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _opt(
+        "auto", "weight and activation dtype", "str", choices=("auto", "float32", "bfloat16", "float16")
+    )
     device: str | None = _opt(None, "torch device, e.g. cuda:0 or cpu (default: cuda if available)", "str?")
-    chat_template: str | None = _opt(None, "chat template override: a .jinja file, template text, or glm41v / glm46v", "str?")
+    chat_template: str | None = _opt(
+        None, "chat template override: a .jinja file, template text, or glm41v / glm46v", "str?"
+    )
     max_num_seqs: int = _opt(128, "most sequences in one running batch", "int")
-    max_num_batched_tokens: int = _opt(8192, "most tokens in one engine step (chunked prefill splits longer prompts)", "int")
+    max_num_batched_tokens: int = _opt(
+        8192, "most tokens in one engine step (chunked prefill splits longer prompts)", "int"
+    )
     max_model_len: int | None = _opt(None, "context length cap in tokens (default: the model's)", "int?")
     max_waiting: int = _opt(1024, "queue bound: sequences that may wait; beyond it requests get 503", "int")
-    kv_cache_gb: float | None = _opt(None, "KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", "float?")
+    kv_cache_gb: float | None = _opt(
+        None, "KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", "float?"
+    )
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory glmv may use", "float")
     block_size: int = _opt(16, "tokens per KV-cache block", "int")
-    enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes (and images)", "bool")
+    enable_prefix_caching: bool = _opt(
+        True, "reuse the KV cache of shared prompt prefixes (and images)", "bool"
+    )
     encoder_cache_mb: int = _opt(512, "memory for cached image embeddings, in MB", "int")
     seed: int | None = _opt(None, "seed of the default random generator", "int?")
     # HTTP
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)", "str")
     port: int = _opt(8000, "TCP port", "int")
-    request_timeout: float = _opt(600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float")
+    request_timeout: float = _opt(
+        600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float"
+    )
     shutdown_timeout: float = _opt(30.0, "seconds running requests get to finish on SIGTERM", "float")
-    log_level: str = _opt("info", "log level", "str", choices=("critical", "error", "warning", "info", "debug"))
+    log_level: str = _opt(
+        "info", "log level", "str", choices=("critical", "error", "warning", "info", "debug")
+    )
     # --log-content belongs to the guard (it logs request bodies); answers are logged with it
     log_content: bool = field(default=False, metadata={"kind": "derived"})
     # images
     allow_remote_images: bool = _opt(False, "fetch http(s) image URLs (off: only data: URLs)", "bool")
-    allow_http_images: bool = _opt(False, "with remote images on, also allow plain http (not only https)", "bool")
+    allow_http_images: bool = _opt(
+        False, "with remote images on, also allow plain http (not only https)", "bool"
+    )
     remote_image_domains: list[str] = field(
         default_factory=list,
-        metadata=_meta("only fetch remote images from these domains and their subdomains", "list", metavar="DOMAIN"),
+        metadata=_meta(
+            "only fetch remote images from these domains and their subdomains", "list", metavar="DOMAIN"
+        ),
     )
     remote_image_timeout: float = _opt(30.0, "seconds a remote image fetch may take in total", "float")
     max_images_per_request: int = _opt(8, "most images in one request", "int")
@@ -105,7 +131,9 @@ class Settings:
     max_image_pixels: int = _opt(40_000_000, "largest image, in pixels (width x height)", "int")
     max_request_pixels: int = _opt(100_000_000, "most pixels of all images of one request together", "int")
     # the settings file itself (read first, so it has no file key of its own)
-    config: str | None = _opt(None, "TOML file with settings (keys as the flags, without --)", "str?", metavar="FILE")
+    config: str | None = _opt(
+        None, "TOML file with settings (keys as the flags, without --)", "str?", metavar="FILE"
+    )
     # guardrails: filled from the guard module's own flags
     guard: Any = field(default=None, metadata={"kind": "guard"})
 
@@ -211,9 +239,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         env = f"{ENV_PREFIX}{f.name.upper()}"
         shown = ", ".join(default) if isinstance(default, list) else default
-        help_text = f"{f.metadata['help']} [env {env}; default: {shown if shown not in (None, '', []) else '-'}]"
+        help_text = (
+            f"{f.metadata['help']} [env {env}; default: {shown if shown not in (None, '', []) else '-'}]"
+        )
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        metavar = f.metadata.get("metavar") or {"int": "N", "int?": "N", "float": "NUM", "float?": "NUM"}.get(kind)
+        metavar = f.metadata.get("metavar") or {"int": "N", "int?": "N", "float": "NUM", "float?": "NUM"}.get(
+            kind
+        )
         if metavar and not f.metadata.get("choices"):
             kwargs["metavar"] = metavar
         if f.metadata.get("choices"):
@@ -381,7 +413,8 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
                 self._drain_deadline = time.monotonic() + state.settings.shutdown_timeout
                 print(
                     f"glmv: shutting down; waiting up to {state.settings.shutdown_timeout:g} s for "
-                    f"{state.inflight} running request(s)" + (" (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""),
+                    f"{state.inflight} running request(s)"
+                    + (" (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -407,7 +440,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except GlmvError as exc:
         print(f"glmv serve: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     import uvicorn
 
@@ -417,7 +452,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         model_dir, embedded = resolve_model(settings)
         settings.model = str(model_dir)
-        print(f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...", flush=True)
+        print(
+            f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
+            flush=True,
+        )
         engine = build_engine(settings)
         app = create_app(settings, engine)
     except GlmvError as exc:
@@ -439,7 +477,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 "Pass --model DIR to serve a real checkpoint."
             )
         if settings.host in ("0.0.0.0", "::") and state.settings.guard is None:
-            lines.append("  WARNING: listening on all interfaces without the guard module: anyone who can reach it may use it.")
+            lines.append(
+                "  WARNING: listening on all interfaces without the guard module: anyone who can reach it may use it."
+            )
         print("\n".join(lines), flush=True)
 
     uv_config = uvicorn.Config(

@@ -79,7 +79,9 @@ def make_app(shared_engine: AsyncEngine, server_model_dir: Path) -> Callable[...
 
 def asgi_client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://testserver", timeout=60
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://testserver",
+        timeout=60,
     )
 
 
@@ -128,7 +130,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None) -> LiveServer:
+def start_server(
+    model_dir: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> LiveServer:
     port = free_port()
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
     clean_env["GLMV_CACHE_DIR"] = str(log_dir / "cache")
@@ -240,7 +244,8 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         if metric != name:
             continue
         found = dict(
-            (k, v.strip('"')) for k, v in (item.split("=", 1) for item in label_text.rstrip("}").split(",") if item)
+            (k, v.strip('"'))
+            for k, v in (item.split("=", 1) for item in label_text.rstrip("}").split(",") if item)
         )
         if labels is None or all(found.get(k) == v for k, v in labels.items()):
             return float(value)

@@ -86,11 +86,20 @@ class ScriptedEngine(AsyncEngine):
 # --- shapes ---------------------------------------------------------------------------------------------
 
 
-async def test_non_streaming_response_has_the_openai_shape(client: httpx.AsyncClient, image_url: Callable[..., str]) -> None:
-    text_only = (await client.post("/v1/chat/completions", json={"messages": user("Describe it."), "max_tokens": 8})).json()
+async def test_non_streaming_response_has_the_openai_shape(
+    client: httpx.AsyncClient, image_url: Callable[..., str]
+) -> None:
+    text_only = (
+        await client.post("/v1/chat/completions", json={"messages": user("Describe it."), "max_tokens": 8})
+    ).json()
     r = await client.post(
         "/v1/chat/completions",
-        json={"model": "tiny-glm41v", "messages": user("Describe it.", image_url()), "max_tokens": 8, "seed": 1},
+        json={
+            "model": "tiny-glm41v",
+            "messages": user("Describe it.", image_url()),
+            "max_tokens": 8,
+            "seed": 1,
+        },
     )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -188,29 +197,93 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     ({}, 400, "messages", "missing_required_parameter"),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", None),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", None),
-    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]}, 400, "messages[0].content[0].type", None),
-    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text", None),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"detail": "low"}}]}]}, 400, "messages[0].content[1].image_url.url", None),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "1"}]}, 400, "messages[1].role", None),
-    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages[0].content[0]", None),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content[0].type",
+        None,
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        400,
+        "messages[0].content[0].text",
+        None,
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "image_url", "image_url": {"detail": "low"}},
+                    ],
+                }
+            ]
+        },
+        400,
+        "messages[0].content[1].image_url.url",
+        None,
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "tool", "content": "b", "tool_call_id": "1"},
+            ]
+        },
+        400,
+        "messages[1].role",
+        None,
+    ),
+    (
+        {
+            "messages": [
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+            ]
+        },
+        400,
+        "messages[0].content[0]",
+        None,
+    ),
     ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content", None),
     ({"messages": user("x"), "temperature": 3}, 400, "temperature", None),
     ({"messages": user("x"), "top_p": 0}, 400, "top_p", None),
     ({"messages": user("x"), "n": 0}, 400, "n", None),
     ({"messages": user("x"), "max_tokens": 0}, 400, "max_tokens", None),
     ({"messages": user("x"), "max_tokens": 10**6}, 400, "max_tokens", "context_length_exceeded"),
-    ({"messages": user("x"), "max_completion_tokens": 10**6}, 400, "max_completion_tokens", "context_length_exceeded"),
+    (
+        {"messages": user("x"), "max_completion_tokens": 10**6},
+        400,
+        "max_completion_tokens",
+        "context_length_exceeded",
+    ),
     ({"messages": user("x"), "stop": ["a", 3]}, 400, "stop[1]", None),
     ({"messages": user("x"), "stop": ""}, 400, "stop", None),
     ({"messages": user("x"), "seed": 2**70}, 400, "seed", None),
     ({"messages": user("x"), "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     ({"messages": user("x"), "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens", None),
-    ({"messages": user("x"), "response_format": {"type": "json_object"}}, 400, "response_format.type", "unsupported_parameter"),
-    ({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    (
+        {"messages": user("x"), "response_format": {"type": "json_object"}},
+        400,
+        "response_format.type",
+        "unsupported_parameter",
+    ),
+    (
+        {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
     ({"messages": user("x"), "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported_parameter"),
     ({"messages": user("x"), "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ({"messages": user("x"), "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs.messages", None),
+    (
+        {"messages": user("x"), "chat_template_kwargs": {"messages": []}},
+        400,
+        "chat_template_kwargs.messages",
+        None,
+    ),
     ({"messages": user("x"), "thinking": {"type": "maybe"}}, 400, "thinking.type", None),
     ({"messages": user("x"), "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ({"messages": user("x" + "<|image|>")}, 400, "messages", None),
@@ -233,9 +306,13 @@ async def test_bad_requests_get_openai_errors(
 
 
 async def test_requests_that_are_not_json_objects(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = await client.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_body"
     r = await client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -246,7 +323,12 @@ async def test_requests_that_are_not_json_objects(client: httpx.AsyncClient) -> 
 async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/nothing")
     assert r.status_code == 404
-    assert r.json()["error"] == {"message": "Unknown route: GET /v1/nothing", "type": "invalid_request_error", "param": None, "code": "not_found"}
+    assert r.json()["error"] == {
+        "message": "Unknown route: GET /v1/nothing",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
     r = await client.get("/v1/chat/completions")
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
@@ -280,13 +362,17 @@ async def test_unknown_fields_are_ignored_and_extras_accepted(client: httpx.Asyn
 # --- thinking -----------------------------------------------------------------------------------------
 
 
-async def test_thinking_toggle_reaches_the_template(server_model46_dir: Any, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_thinking_toggle_reaches_the_template(
+    server_model46_dir: Any, make_app: Callable[..., Any], make_client: Any
+) -> None:
     engine = build_engine(make_settings(server_model46_dir))
     try:
         async with make_client(make_app(engine=engine)) as c:
 
             async def prompt_tokens(**extra: Any) -> int:
-                r = await c.post("/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 1, **extra})
+                r = await c.post(
+                    "/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 1, **extra}
+                )
                 assert r.status_code == 200, r.text
                 return int(r.json()["usage"]["prompt_tokens"])
 
@@ -304,17 +390,34 @@ async def test_thinking_toggle_reaches_the_template(server_model46_dir: Any, mak
 
 async def test_thinking_field_is_harmless_without_a_toggle(client: httpx.AsyncClient) -> None:
     a = (await client.post("/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 1})).json()
-    b = (await client.post("/v1/chat/completions", json={"messages": user("Hello"), "max_tokens": 1, "thinking": {"type": "disabled"}})).json()
+    b = (
+        await client.post(
+            "/v1/chat/completions",
+            json={"messages": user("Hello"), "max_tokens": 1, "thinking": {"type": "disabled"}},
+        )
+    ).json()
     assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
 
 
-REASONING_SCRIPT: list[Step] = ["<think>\nI look", " at the pic", "ture.</think>\n<answer>A red", " square<|begin_of_box|>[1,2]<|end_of_box|>", ("</answer>", "stop")]
+REASONING_SCRIPT: list[Step] = [
+    "<think>\nI look",
+    " at the pic",
+    "ture.</think>\n<answer>A red",
+    " square<|begin_of_box|>[1,2]<|end_of_box|>",
+    ("</answer>", "stop"),
+]
 
 
-async def test_reasoning_is_split_from_content(shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_reasoning_is_split_from_content(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
     async with make_client(make_app(engine=ScriptedEngine(shared_engine, REASONING_SCRIPT))) as c:
         whole = (await c.post("/v1/chat/completions", json={"messages": user("What is it?")})).json()
-        events, done = parse_sse((await c.post("/v1/chat/completions", json={"messages": user("What is it?"), "stream": True})).text)
+        events, done = parse_sse(
+            (
+                await c.post("/v1/chat/completions", json={"messages": user("What is it?"), "stream": True})
+            ).text
+        )
     message = whole["choices"][0]["message"]
     assert message["reasoning_content"] == "I look at the picture."
     assert message["content"] == "A red square[1,2]"
@@ -329,13 +432,22 @@ async def test_reasoning_is_split_from_content(shared_engine: AsyncEngine, make_
 # --- failures during generation -----------------------------------------------------------------------
 
 
-async def test_mid_stream_error_is_an_error_event(shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_mid_stream_error_is_an_error_event(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
     engine = ScriptedEngine(shared_engine, ["Hello", " wor", EngineError("model execution failed: boom")])
     async with make_client(make_app(engine=engine)) as c:
         r = await c.post("/v1/chat/completions", json={"messages": user("x"), "stream": True})
         events, done = parse_sse(r.text)
         assert r.status_code == 200 and done
-        assert events[-1] == {"error": {"message": "model execution failed: boom", "type": "internal_error", "param": None, "code": "engine_error"}}
+        assert events[-1] == {
+            "error": {
+                "message": "model execution failed: boom",
+                "type": "internal_error",
+                "param": None,
+                "code": "engine_error",
+            }
+        }
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "Hello wor"
         # Without streaming the same failure is a 500 in the same shape.
         r = await c.post("/v1/chat/completions", json={"messages": user("x")})
@@ -344,12 +456,21 @@ async def test_mid_stream_error_is_an_error_event(shared_engine: AsyncEngine, ma
     assert metric_value(metrics, "glmv_requests_finished_total", {"outcome": "error"}) == 2.0
 
 
-async def test_unexpected_errors_do_not_leak_details(shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_unexpected_errors_do_not_leak_details(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
     engine = ScriptedEngine(shared_engine, [RuntimeError("secret internal detail")])
     async with make_client(make_app(engine=engine)) as c:
         r = await c.post("/v1/chat/completions", json={"messages": user("x")})
         assert r.status_code == 500
-        assert r.json() == {"error": {"message": "The server had an error while processing your request.", "type": "internal_error", "param": None, "code": "internal_error"}}
+        assert r.json() == {
+            "error": {
+                "message": "The server had an error while processing your request.",
+                "type": "internal_error",
+                "param": None,
+                "code": "internal_error",
+            }
+        }
         assert "secret" not in r.text and "Traceback" not in r.text
         engine.script = ["a", RuntimeError("secret internal detail")]
         r = await c.post("/v1/chat/completions", json={"messages": user("x"), "stream": True})
@@ -358,7 +479,9 @@ async def test_unexpected_errors_do_not_leak_details(shared_engine: AsyncEngine,
         assert "secret" not in r.text
 
 
-async def test_request_timeout(shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_request_timeout(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
     engine = ScriptedEngine(shared_engine, [30.0, ("never", "stop")])
     async with make_client(make_app(engine=engine, request_timeout=0.3)) as c:
         r = await c.post("/v1/chat/completions", json={"messages": user("x")})
@@ -374,8 +497,12 @@ async def test_request_timeout(shared_engine: AsyncEngine, make_app: Callable[..
     assert metric_value(metrics, "glmv_requests_finished_total", {"outcome": "timeout"}) == 2.0
 
 
-async def test_overload_is_503_before_images_are_decoded(shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any) -> None:
-    engine = ScriptedEngine(shared_engine, [("x", "stop")], admit=OverloadedError("queue full", retry_after=2))
+async def test_overload_is_503_before_images_are_decoded(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
+    engine = ScriptedEngine(
+        shared_engine, [("x", "stop")], admit=OverloadedError("queue full", retry_after=2)
+    )
     async with make_client(make_app(engine=engine)) as c:
         bad_image = user("x", "data:image/png;base64,bm90IGFuIGltYWdl")
         r = await c.post("/v1/chat/completions", json={"messages": bad_image})
@@ -396,7 +523,9 @@ async def test_draining_server_refuses_new_work(make_app: Callable[..., Any], ma
         assert (await c.get("/health")).status_code == 200
 
 
-async def test_ready_is_503_when_the_engine_is_down(server_model_dir: Any, make_app: Callable[..., Any], make_client: Any) -> None:
+async def test_ready_is_503_when_the_engine_is_down(
+    server_model_dir: Any, make_app: Callable[..., Any], make_client: Any
+) -> None:
     engine = build_engine(make_settings(server_model_dir))
     app = make_app(engine=engine)
     engine.shutdown()
@@ -426,14 +555,22 @@ async def test_served_model_names(make_app: Callable[..., Any], make_client: Any
     async with make_client(make_app(served_model_name=["glm-4.1v", "alias"])) as c:
         assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == ["glm-4.1v", "alias"]
         for name in ("glm-4.1v", "alias"):
-            r = await c.post("/v1/chat/completions", json={"model": name, "messages": user("x"), "max_tokens": 1})
+            r = await c.post(
+                "/v1/chat/completions", json={"model": name, "messages": user("x"), "max_tokens": 1}
+            )
             assert r.status_code == 200 and r.json()["model"] == name
-        r = await c.post("/v1/chat/completions", json={"model": "tiny-glm41v", "messages": user("x"), "max_tokens": 1})
+        r = await c.post(
+            "/v1/chat/completions", json={"model": "tiny-glm41v", "messages": user("x"), "max_tokens": 1}
+        )
         assert r.status_code == 404
 
 
-async def test_metrics_count_requests_tokens_and_statuses(client: httpx.AsyncClient, image_url: Callable[..., str]) -> None:
-    r = await client.post("/v1/chat/completions", json={"messages": user("x", image_url()), "max_tokens": 4, "ignore_eos": True})
+async def test_metrics_count_requests_tokens_and_statuses(
+    client: httpx.AsyncClient, image_url: Callable[..., str]
+) -> None:
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": user("x", image_url()), "max_tokens": 4, "ignore_eos": True}
+    )
     assert r.status_code == 200
     await client.post("/v1/chat/completions", json={"messages": []})
     text = (await client.get("/metrics")).text
@@ -448,9 +585,16 @@ async def test_metrics_count_requests_tokens_and_statuses(client: httpx.AsyncCli
     route = {"method": "POST", "route": "/v1/chat/completions"}
     assert metric_value(text, "glmv_http_responses_total", {**route, "status": "200"}) == 1.0
     assert metric_value(text, "glmv_http_responses_total", {**route, "status": "400"}) == 1.0
-    for name in ("glmv_requests_running", "glmv_requests_waiting", "glmv_kv_cache_usage_ratio", "glmv_prefix_cache_hit_rate"):
+    for name in (
+        "glmv_requests_running",
+        "glmv_requests_waiting",
+        "glmv_kv_cache_usage_ratio",
+        "glmv_prefix_cache_hit_rate",
+    ):
         assert metric_value(text, name, labels) is not None, name
-    assert (metric_value(text, "glmv_images_encoded_total", labels) or 0) + (metric_value(text, "glmv_encoder_cache_hits_total", labels) or 0) >= 1
+    assert (metric_value(text, "glmv_images_encoded_total", labels) or 0) + (
+        metric_value(text, "glmv_encoder_cache_hits_total", labels) or 0
+    ) >= 1
 
 
 async def test_docs_and_openapi(client: httpx.AsyncClient) -> None:
@@ -466,7 +610,12 @@ async def test_docs_and_openapi(client: httpx.AsyncClient) -> None:
 
 async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
     async with httpx.AsyncClient(base_url=live_server.base_url, timeout=30) as c:
-        before = metric_value((await c.get("/metrics")).text, "glmv_requests_finished_total", {"outcome": "aborted"}) or 0.0
+        before = (
+            metric_value(
+                (await c.get("/metrics")).text, "glmv_requests_finished_total", {"outcome": "aborted"}
+            )
+            or 0.0
+        )
         body = {"messages": user("Go on forever."), "max_tokens": 1900, "ignore_eos": True, "stream": True}
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -479,7 +628,10 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
         for _ in range(200):
             text = (await c.get("/metrics")).text
             aborted = metric_value(text, "glmv_requests_finished_total", {"outcome": "aborted"}) or 0.0
-            if aborted > before and metric_value(text, "glmv_requests_running", {"model_name": "tiny-glm41v"}) == 0.0:
+            if (
+                aborted > before
+                and metric_value(text, "glmv_requests_running", {"model_name": "tiny-glm41v"}) == 0.0
+            ):
                 break
             await asyncio.sleep(0.05)
         assert aborted == before + 1
@@ -488,12 +640,17 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
         assert generated is not None
 
 
-def test_sigterm_drains_running_requests_and_exits_0(server_model_dir: Any, start_live_server: Callable[..., Any]) -> None:
+def test_sigterm_drains_running_requests_and_exits_0(
+    server_model_dir: Any, start_live_server: Callable[..., Any]
+) -> None:
     server = start_live_server(server_model_dir, "--shutdown-timeout", "60")
     body = {"messages": user("Count."), "max_tokens": 600, "ignore_eos": True, "stream": True}
     events: list[dict[str, Any]] = []
     done = False
-    with httpx.Client(base_url=server.base_url, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         server.process.send_signal(15)  # SIGTERM while the answer is streaming
@@ -501,7 +658,9 @@ def test_sigterm_drains_running_requests_and_exits_0(server_model_dir: Any, star
         refused = None
         for _ in range(100):
             if httpx.get(server.base_url + "/ready", timeout=5).status_code == 503:
-                refused = httpx.post(server.api_url + "/chat/completions", json={"messages": user("x")}, timeout=5)
+                refused = httpx.post(
+                    server.api_url + "/chat/completions", json={"messages": user("x")}, timeout=5
+                )
                 break
             time.sleep(0.05)
         assert refused is not None and refused.status_code == 503

@@ -34,7 +34,12 @@ def _png_bomb(side: int = 100_000) -> bytes:
     """A valid-looking greyscale PNG that claims side x side pixels in a few hundred bytes."""
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     rows = zlib.compress(b"\x00" * (side + 1) * 4, 9)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", rows)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _animated_gif() -> bytes:
@@ -56,7 +61,10 @@ CORPUS: dict[str, tuple[str, bool]] = {
     "truncated_png": (data_url(encode_image(_noise(120, 90))[:6000]), False),
     "one_pixel_png": (data_url(encode_image(Image.new("RGB", (1, 1), (9, 9, 9)))), True),
     "png_bomb": (data_url(_png_bomb()), False),
-    "cmyk_jpeg": (data_url(encode_image(Image.new("CMYK", (64, 48), (0, 128, 255, 0)), "JPEG"), "image/jpeg"), True),
+    "cmyk_jpeg": (
+        data_url(encode_image(Image.new("CMYK", (64, 48), (0, 128, 255, 0)), "JPEG"), "image/jpeg"),
+        True,
+    ),
     "sixteen_bit_png": (data_url(_sixteen_bit_png()), True),
     "animated_gif": (data_url(_animated_gif(), "image/gif"), True),
     "transparent_png": (data_url(encode_image(Image.new("RGBA", (50, 40), (255, 0, 0, 0)))), True),
@@ -73,27 +81,47 @@ CORPUS: dict[str, tuple[str, bool]] = {
 
 def _request(url: str, **extra: Any) -> dict[str, Any]:
     return {
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
         "max_tokens": 4,
         **extra,
     }
 
 
-async def test_bad_image_corpus_with_good_requests_alongside(live_server: Any, image_url: Callable[..., str]) -> None:
+async def test_bad_image_corpus_with_good_requests_alongside(
+    live_server: Any, image_url: Callable[..., str]
+) -> None:
     async with httpx.AsyncClient(base_url=live_server.base_url, timeout=60) as c:
-        text_only = (await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "What is this?"}], "max_tokens": 1})).json()
+        text_only = (
+            await c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "What is this?"}], "max_tokens": 1},
+            )
+        ).json()
 
         async def bad(name: str, url: str) -> tuple[str, httpx.Response]:
             return name, await c.post("/v1/chat/completions", json=_request(url))
 
         async def good(i: int) -> str:
-            r = await c.post("/v1/chat/completions", json=_request(image_url(80 + i, 60), max_tokens=12, ignore_eos=True, stream=True))
+            r = await c.post(
+                "/v1/chat/completions",
+                json=_request(image_url(80 + i, 60), max_tokens=12, ignore_eos=True, stream=True),
+            )
             assert r.status_code == 200
             events, done = parse_sse(r.text)
             assert done and all("error" not in e for e in events)
             return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
 
-        results = await asyncio.gather(*(bad(n, u) for n, (u, _) in CORPUS.items()), *(good(i) for i in range(6)))
+        results = await asyncio.gather(
+            *(bad(n, u) for n, (u, _) in CORPUS.items()), *(good(i) for i in range(6))
+        )
         assert (await c.get("/health")).status_code == 200
         assert (await c.get("/ready")).status_code == 200
 
@@ -115,14 +143,21 @@ async def test_bad_image_corpus_with_good_requests_alongside(live_server: Any, i
     assert "SVG" in answers["svg"].json()["error"]["message"]
 
 
-async def test_too_many_images(make_app: Callable[..., Any], make_client: Any, image_url: Callable[..., str]) -> None:
+async def test_too_many_images(
+    make_app: Callable[..., Any], make_client: Any, image_url: Callable[..., str]
+) -> None:
     async with make_client(make_app(max_images_per_request=2)) as c:
         parts: list[dict[str, Any]] = [{"type": "text", "text": "Compare."}]
         parts += [{"type": "image_url", "image_url": {"url": image_url()}} for _ in range(3)]
-        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 1})
+        r = await c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+        )
         assert r.status_code == 400
         assert r.json()["error"]["param"] == "messages[0].content[3].image_url"
-        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts[:3]}], "max_tokens": 1})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": parts[:3]}], "max_tokens": 1},
+        )
         assert r.status_code == 200
 
 
@@ -141,18 +176,31 @@ async def test_image_size_limits(
     parts: list[dict[str, Any]] = [{"type": "text", "text": "Compare."}]
     parts += [{"type": "image_url", "image_url": {"url": url}} for _ in range(2)]
     async with make_client(make_app(**overrides)) as c:
-        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 1})
+        r = await c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+        )
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == param
     assert words in error["message"]
 
 
-async def test_images_in_several_messages_and_a_string_image_url(client: httpx.AsyncClient, image_url: Callable[..., str]) -> None:
+async def test_images_in_several_messages_and_a_string_image_url(
+    client: httpx.AsyncClient, image_url: Callable[..., str]
+) -> None:
     messages = [
-        {"role": "user", "content": [{"type": "image_url", "image_url": image_url()}, {"type": "text", "text": "First."}]},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": image_url()}, {"type": "text", "text": "First."}],
+        },
         {"role": "assistant", "content": "A red picture."},
-        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "And this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        },
     ]
     r = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
     assert r.status_code == 400

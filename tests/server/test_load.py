@@ -92,7 +92,10 @@ async def test_64_streaming_clients(live_server: Any, image_url: Callable[..., s
         # The engine drains completely: nothing running or waiting, every KV block released.
         for _ in range(100):
             text = (await http.get("/metrics")).text
-            if metric_value(text, "glmv_requests_running", LABELS) == 0.0 and metric_value(text, "glmv_requests_waiting", LABELS) == 0.0:
+            if (
+                metric_value(text, "glmv_requests_running", LABELS) == 0.0
+                and metric_value(text, "glmv_requests_waiting", LABELS) == 0.0
+            ):
                 break
             await asyncio.sleep(0.05)
     assert metric_value(text, "glmv_requests_running", LABELS) == 0.0

@@ -23,11 +23,15 @@ def oai(live_server: Any) -> openai.OpenAI:
 
 def asgi_openai(app: Any, api_key: str = "not-needed") -> openai.AsyncOpenAI:
     http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://testserver")
-    return openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=api_key, max_retries=0, http_client=http)
+    return openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key=api_key, max_retries=0, http_client=http
+    )
 
 
 def content(text: str, images: list[str]) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u, "detail": "auto"}} for u in images]
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": u, "detail": "auto"}} for u in images
+    ]
     return [*parts, {"type": "text", "text": text}]
 
 
@@ -35,7 +39,10 @@ def test_chat_with_0_1_2_images_streaming_and_not(
     oai: openai.OpenAI, image_url: Callable[..., str], server_model_dir: Any
 ) -> None:
     sizes = [(64, 48), (300, 120)]
-    images = [image_url(sizes[0][0], sizes[0][1], (250, 10, 10)), image_url(sizes[1][0], sizes[1][1], (10, 10, 250))]
+    images = [
+        image_url(sizes[0][0], sizes[0][1], (250, 10, 10)),
+        image_url(sizes[1][0], sizes[1][1], (10, 10, 250)),
+    ]
     prompt_tokens = []
     for count in (0, 1, 2):
         messages = [{"role": "user", "content": content("What do you see?", images[:count])}]
@@ -49,12 +56,16 @@ def test_chat_with_0_1_2_images_streaming_and_not(
         assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
         prompt_tokens.append(whole.usage.prompt_tokens)
 
-        stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=11, stream=True)  # type: ignore[arg-type]
+        stream = oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, seed=11, stream=True
+        )  # type: ignore[arg-type]
         chunks = list(stream)
         assert chunks[0].choices[0].delta.role == "assistant"
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == choice.message.content
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [choice.finish_reason]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            choice.finish_reason
+        ]
     # Every image adds its image tokens plus <|begin_of_image|> and <|end_of_image|> to the prompt.
     processor = ImageProcessor.from_pretrained(server_model_dir)
     expected = [processor.num_tokens(h, w) + 2 for w, h in sizes]
@@ -76,13 +87,20 @@ def test_include_usage_chunk(oai: openai.OpenAI) -> None:
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None and last.usage.completion_tokens == 5
-    assert last.usage.prompt_tokens_details is not None and last.usage.prompt_tokens_details.cached_tokens >= 0
+    assert (
+        last.usage.prompt_tokens_details is not None and last.usage.prompt_tokens_details.cached_tokens >= 0
+    )
     assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_n_2_gives_two_different_choices(oai: openai.OpenAI) -> None:
     r = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, n=2, seed=5, extra_body={"ignore_eos": True}
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        n=2,
+        seed=5,
+        extra_body={"ignore_eos": True},
     )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].message.content != r.choices[1].message.content
@@ -92,13 +110,22 @@ def test_n_2_gives_two_different_choices(oai: openai.OpenAI) -> None:
 def test_stop_string_ends_the_answer_before_it(oai: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Write something long."}]
     base = oai.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}  # type: ignore[arg-type]
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
     )
     text = base.choices[0].message.content or ""
     # A stop string whose first occurrence is well inside the text.
     cut, stop = next((p, text[p : p + 3]) for p in range(4, len(text) - 3) if text.find(text[p : p + 3]) == p)
     r = oai.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True}  # type: ignore[arg-type]
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
     )
     assert r.choices[0].message.content == text[:cut]
     assert r.choices[0].finish_reason == "stop"
@@ -188,9 +215,13 @@ async def test_guard_401_and_429(make_app: Callable[..., Any]) -> None:
     assert denied.value.status_code == 401
     client = asgi_openai(app, api_key="sk-right")
     for _ in range(2):
-        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        r = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
         assert r.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.RateLimitError) as limited:
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
     assert limited.value.status_code == 429
     assert int(limited.value.response.headers["retry-after"]) >= 1

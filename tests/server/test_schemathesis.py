@@ -54,7 +54,15 @@ def make_admissible(body: Any) -> None:
     """Fix, in place, what makes a schema-valid request inadmissible for reasons outside the schema."""
     if not isinstance(body, dict):
         return
-    for key in ("model", "tools", "functions", "tool_choice", "function_call", "logit_bias", "chat_template_kwargs"):
+    for key in (
+        "model",
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "logit_bias",
+        "chat_template_kwargs",
+    ):
         body.pop(key, None)
     if (body.get("response_format") or {}).get("type") != "text":
         body.pop("response_format", None)
@@ -112,7 +120,13 @@ def test_api_never_fails_with_a_server_error(api_schema: Any, run: str) -> None:
             continue
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=RUNS[run], deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(
+            max_examples=RUNS[run],
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         def check(case: Any) -> None:
             if run == "admissible":
                 make_admissible(case.body)
