@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -203,6 +205,31 @@ def test_tokenizer_is_tiktokens_algorithm(
         assert tok.decode(ids) == text
     assert tok.encode("<|user|>") == [ref.special["<|user|>"]]  # `encode` parses added tokens
     assert tok.eos_token_ids == [ref.special[s] for s in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+
+
+_TEXT = st.text(
+    alphabet=st.sampled_from(list("abcxyz ABC 012345 \n\t.,!?'s'll $€¥ 你好世界发票 🙂 <|>[]"))
+    | st.characters(),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_TEXT)
+def test_tokenizer_matches_tiktoken_on_any_text(
+    ckpt: Path, processors: tuple[ChatGLMTokenizer, InputBuilder], text: str
+) -> None:
+    tok, _ = processors
+    assert tok.encode_text(text) == _tiktoken(ckpt).encode(text)
+
+
+_TIKTOKEN: dict[Path, TiktokenReference] = {}
+
+
+def _tiktoken(ckpt: Path) -> TiktokenReference:
+    if ckpt not in _TIKTOKEN:
+        _TIKTOKEN[ckpt] = TiktokenReference(ckpt)
+    return _TIKTOKEN[ckpt]
 
 
 @pytest.mark.parametrize("case", CASES)
