@@ -294,7 +294,12 @@ class ChatGLMTokenizer(Tokenizer):
         """Ids of `text` with every character taken literally (special tokens are not parsed)."""
         if not text:
             return []
-        return self.plain.encode(text, add_special_tokens=False).ids
+        try:
+            return self.plain.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # Lone surrogates (JSON allows "\ud800") have no UTF-8 form: encode them as U+FFFD.
+            clean = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return self.plain.encode(clean, add_special_tokens=False).ids
 
     def special_id(self, token: str) -> int:
         """The id of one added token, or `CheckpointError` naming it."""
