@@ -30,7 +30,7 @@ serve: $(BASE)
 system-deps:
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = "0" ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server fonts-wqy-microhei >/dev/null; \
 		else \
 			echo "note: chromium/redis-server missing and not root; their tests will be skipped"; \
 		fi; \
