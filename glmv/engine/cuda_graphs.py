@@ -62,6 +62,12 @@ class DecodeGraphs:
         self.slots = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev)
+        # Host copy of the block tables (pinned), rewritten only where a row's table changed.
+        self._host_tables = torch.full(
+            (n, max_blocks_per_seq), scratch_block, dtype=torch.int32, pin_memory=True
+        )
+        # What each host row holds: (sequence id, its preemption count, table length).
+        self._row_state: list[tuple[int, int, int]] = [(-1, 0, 0)] * n
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -96,7 +102,9 @@ class DecodeGraphs:
             self.graphs[b] = graph
         self.seq_lens.zero_()
         torch.cuda.synchronize()
-        return CaptureReport(list(self.sizes), time.perf_counter() - t0, torch.cuda.memory_reserved() - before)
+        return CaptureReport(
+            list(self.sizes), time.perf_counter() - t0, torch.cuda.memory_reserved() - before
+        )
 
     def fits(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.sizes[-1]
@@ -108,15 +116,26 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        row_keys: list[tuple[int, int]],
     ) -> torch.Tensor:
-        """Replay the smallest bucket that holds `len(ids)` sequences; hidden states `[B, hidden]`."""
+        """Replay the smallest bucket that holds `len(ids)` sequences; hidden states `[B, hidden]`.
+
+        `row_keys` identify each row's table contents ((sequence id, preemption count)): a row is
+        rewritten only when its key or length changed since the previous step."""
         b = ids.shape[0]
         size = next(s for s in self.sizes if s >= b)
-        width = self.block_tables.shape[1]
-        host_tables = torch.full((size, width), self.scratch_block, dtype=torch.int32)
-        for i, table in enumerate(block_tables):
-            host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        self.block_tables[:size].copy_(host_tables, non_blocking=True)
+        host = self._host_tables
+        for i, (table, key) in enumerate(zip(block_tables, row_keys, strict=True)):
+            state = (key[0], key[1], len(table))
+            if self._row_state[i] != state:  # a new sequence in this row, or a block appended
+                host[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+                host[i, len(table) :] = self.scratch_block
+                self._row_state[i] = state
+        for i in range(b, size):
+            if self._row_state[i] != (-1, 0, 0):
+                host[i] = self.scratch_block
+                self._row_state[i] = (-1, 0, 0)
+        self.block_tables[:size].copy_(host[:size], non_blocking=True)
         self.ids[:b].copy_(ids, non_blocking=True)
         self.positions[:, :b].copy_(positions, non_blocking=True)
         pad = size - b

@@ -40,6 +40,21 @@ class StepResult:
     encoded_images: int = 0
 
 
+def decode_graph_inputs(
+    chunks: Sequence[ScheduledChunk], block_size: int
+) -> tuple[list[int], list[int], list[list[int]], list[tuple[int, int]]]:
+    """Cache slot, attended length, block table and row key of each one-token decode chunk."""
+    slots, lens, tables, keys = [], [], [], []
+    for c in chunks:
+        p = c.start
+        table = c.seq.block_table
+        slots.append(table[p // block_size] * block_size + p % block_size)
+        lens.append(p + 1)
+        tables.append(table)
+        keys.append((c.seq.seq_id, c.seq.num_preemptions))
+    return slots, lens, tables, keys
+
+
 def kv_bytes_per_block(model: ServedModel, block_size: int) -> int:
     return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * model.dtype.itemsize
 
@@ -101,6 +116,8 @@ class ModelRunner:
         seq = chunk.seq
         start, end = chunk.start, chunk.start + chunk.num_tokens
         n_prompt = seq.num_prompt_tokens
+        if start >= n_prompt:  # decode: no prompt positions involved
+            return self.model.positions_after_prompt(start, end, si.delta)
         assert si.positions is not None
         parts = []
         if start < n_prompt:
@@ -215,14 +232,8 @@ class ModelRunner:
         self, chunks: Sequence[ScheduledChunk], ids: torch.Tensor, pos: torch.Tensor
     ) -> torch.Tensor:  # pragma: no cover - CUDA only
         bs = self.block_size
-        slots, lens, tables = [], [], []
-        for c in chunks:
-            p = c.start
-            table = c.seq.block_table
-            slots.append(table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(table)
-        return self.graphs.run(ids, pos, slots, lens, tables)
+        slots, lens, tables, keys = decode_graph_inputs(chunks, bs)
+        return self.graphs.run(ids, pos, slots, lens, tables, keys)
 
     def _forward_eager(
         self,
@@ -279,8 +290,8 @@ class ModelRunner:
             rows.append(
                 SampleRequest(
                     c.seq.params,
-                    c.seq.prompt_token_ids,
-                    c.seq.output_token_ids,
+                    c.seq.token_ids,
+                    c.seq.num_prompt_tokens,
                     inputs[c.seq.seq_id].generator,
                 )
             )

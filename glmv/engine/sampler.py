@@ -22,8 +22,8 @@ class SampleRequest:
     """What the sampler needs to know about one row of the batch."""
 
     params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
+    token_ids: Sequence[int]  # prompt + output so far (read only when penalties apply)
+    num_prompt_tokens: int
     generator: torch.Generator | None  # a seeded request's own generator
 
 
@@ -41,9 +41,9 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> Non
         if not p.uses_penalties:
             continue
         device = logits.device
-        out_ids = torch.tensor(list(row.output_token_ids), dtype=torch.int64, device=device)
+        out_ids = torch.tensor(row.token_ids[row.num_prompt_tokens :], dtype=torch.int64, device=device)
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), device=device)
+            seen = torch.tensor(row.token_ids, device=device)
             seen = seen[seen < vocab].unique()
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
