@@ -336,13 +336,21 @@ class ChatHandler:
                 param=image_refs[limits.max_images][1],
             )
         state.engine.check_admission()  # before any image is decoded
+        if state.inflight >= state.engine.max_pending:  # requests still decoding images count too
+            raise OverloadedError(
+                f"The server is at capacity ({state.inflight} requests in flight); retry shortly.",
+                retry_after=1,
+            )
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         state.inflight += 1
         counted = True
         try:
             prepared = await _cancel_on_disconnect(
-                request, self._prepare(request_id, messages, image_refs, params, template_kwargs)
+                request,
+                self._within_timeout(
+                    self._prepare(request_id, messages, image_refs, params, template_kwargs), http_arrival
+                ),
             )
             if prepared is None:
                 state.metrics.request_finished("aborted")
@@ -473,6 +481,19 @@ class ChatHandler:
         if body.thinking is not None and self.state.builder.chat.supports_thinking_toggle:
             kwargs["enable_thinking"] = body.thinking.type == "enabled"
         return kwargs
+
+    async def _within_timeout(self, awaitable: Awaitable[_Prepared], http_arrival: float) -> _Prepared:
+        timeout = self.state.settings.request_timeout
+        if not timeout or timeout <= 0:
+            return await awaitable
+        remaining = http_arrival + timeout - time.monotonic()
+        try:
+            return await asyncio.wait_for(awaitable, max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            self.state.metrics.request_finished("timeout")
+            raise RequestTimeoutError(
+                f"The request's images were not ready within {timeout:g} s and it was stopped."
+            ) from None
 
     # --- images and prompt --------------------------------------------------------------------
 

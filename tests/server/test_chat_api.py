@@ -42,8 +42,15 @@ class ScriptedEngine(AsyncEngine):
     number of seconds to sleep.
     """
 
-    def __init__(self, real: AsyncEngine, script: list[Step], *, admit: GlmvError | None = None) -> None:
-        super().__init__(real.engine)
+    def __init__(
+        self,
+        real: AsyncEngine,
+        script: list[Step],
+        *,
+        admit: GlmvError | None = None,
+        max_pending: int | None = None,
+    ) -> None:
+        super().__init__(real.engine, max_pending=max_pending)
         self.script = script
         self.admit_error = admit
         self.closed: list[str] = []
@@ -509,6 +516,40 @@ async def test_overload_is_503_before_images_are_decoded(
         assert r.status_code == 503
         assert r.headers["retry-after"] == "2"
         assert r.json()["error"]["type"] == "overloaded_error"
+
+
+async def test_capacity_counts_requests_still_preparing(
+    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+) -> None:
+    engine = ScriptedEngine(shared_engine, [5.0, ("late", "stop")], max_pending=1)
+    app = make_app(engine=engine, request_timeout=1.0)
+    async with make_client(app) as c:
+        first = asyncio.create_task(c.post("/v1/chat/completions", json={"messages": user("x")}))
+        while app.state.glmv.inflight == 0:
+            await asyncio.sleep(0.01)
+        r = await c.post("/v1/chat/completions", json={"messages": user("y")})
+        assert r.status_code == 503 and "capacity" in r.json()["error"]["message"]
+        assert (await first).status_code == 504
+    assert app.state.glmv.inflight == 0
+
+
+async def test_slow_images_hit_the_request_timeout(
+    make_app: Callable[..., Any],
+    make_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[..., str],
+) -> None:
+    import glmv.server.chat as chat_module
+
+    async def slow_resolve(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(chat_module, "resolve_image", slow_resolve)
+    app = make_app(request_timeout=0.3)
+    async with make_client(app) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": user("x", image_url())})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert app.state.glmv.inflight == 0
 
 
 async def test_draining_server_refuses_new_work(make_app: Callable[..., Any], make_client: Any) -> None:
