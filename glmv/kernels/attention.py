@@ -94,9 +94,13 @@ def _decode_reference(
         tables = meta.block_tables.long()
         blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1))
         slots = meta.decode_slots = blocks * bs + pos % bs  # [B, max_len]
-    k = k_flat[slots].permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
-    v = v_flat[slots].permute(0, 2, 1, 3)
-    mask = (pos[None, :] < meta.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, max_len]
+    valid = pos[None, :] < meta.seq_lens[:, None].long()  # [B, max_len]
+    # Padding positions read whatever a reused block holds (even NaN from a failed request):
+    # zero them so that masked positions cannot poison the softmax.
+    keep = valid[:, :, None, None]
+    k = k_flat[slots].where(keep, 0.0).permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
+    v = v_flat[slots].where(keep, 0.0).permute(0, 2, 1, 3)
+    mask = valid[:, None, None, :]  # [B, 1, 1, max_len]
     qb = q.unsqueeze(2)  # [B, heads, 1, D]
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)
@@ -165,3 +169,46 @@ def paged_attention(
             )
             return out
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def split_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> torch.Tensor:
+    """The Triton decode kernel's algorithm in plain torch, for CPU tests of its partitioning.
+
+    Each sequence's blocks are cut into `num_splits` slices of `ceil(blocks / splits)` blocks; each
+    slice yields a partial softmax-weighted sum and its log-sum-exp; the slices are merged by their
+    log-sum-exp. Empty slices (short sequences, zero-length padding rows) contribute nothing.
+    """
+    batch, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    out = torch.zeros(batch, heads, dim, dtype=torch.float32)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        n_blocks = -(-length // block_size)
+        per_split = -(-n_blocks // num_splits) if n_blocks else 0
+        parts, lses = [], []
+        for s in range(num_splits):
+            lo, hi = s * per_split, min(s * per_split + per_split, n_blocks)
+            if lo >= hi:
+                continue
+            blocks = block_tables[b, lo:hi].long()
+            k = k_cache[blocks].reshape(-1, kv_heads, dim)[: length - lo * block_size].float()
+            v = v_cache[blocks].reshape(-1, kv_heads, dim)[: length - lo * block_size].float()
+            k = k.repeat_interleave(group, dim=1)  # [T, heads, D]
+            v = v.repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,thd->ht", q[b].float(), k) * scale
+            lse = torch.logsumexp(scores, dim=-1)  # [heads]
+            parts.append(torch.einsum("ht,thd->hd", torch.softmax(scores, dim=-1), v))
+            lses.append(lse)
+        if parts:
+            weights = torch.softmax(torch.stack(lses), dim=0)  # [splits, heads]
+            out[b] = (torch.stack(parts) * weights[..., None]).sum(0)
+    return out.to(q.dtype)
