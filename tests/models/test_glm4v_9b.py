@@ -223,7 +223,9 @@ def test_tokenizer_matches_tiktoken_on_any_text(
     assert tok.encode_text(text) == _tiktoken(ckpt).encode(text)
 
 
-def test_lone_surrogates_become_replacement_characters(processors: tuple[ChatGLMTokenizer, InputBuilder]) -> None:
+def test_lone_surrogates_become_replacement_characters(
+    processors: tuple[ChatGLMTokenizer, InputBuilder],
+) -> None:
     tok, _ = processors
     assert tok.encode_text("a\ud800b") == tok.encode_text("a\ufffd\ufffd\ufffdb")
 
@@ -548,3 +550,45 @@ def test_letterbox_from_preprocessor_config(tmp_path: Path, ckpt: Path) -> None:
     (d / "preprocessor_config.json").write_text(json.dumps({"resize_mode": "stretch"}))
     with pytest.raises(CheckpointError):
         load_processors(d)
+
+
+# ------------------------------------------------------------------------------ CLI and full size
+
+
+def test_cli_writes_tiny_and_full_size_checkpoints(tmp_path: Path) -> None:
+    from glmv.cli import main
+    from glmv.models.glm4v_9b import Glm4v9bConfig
+
+    assert main(["create-tiny-model", "--arch", "glm4v-9b", str(tmp_path / "tiny")]) == 0
+    assert isinstance(load_model(tmp_path / "tiny", dtype="float32", device="cpu"), Glm4v9bModel)
+    assert main(["create-tiny-model", "--arch", "glm4v-9b", "--variant", "full", str(tmp_path / "full")]) == 0
+    assert not list((tmp_path / "full").glob("*.safetensors"))
+    cfg = Glm4v9bConfig.from_pretrained(tmp_path / "full")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) == (
+        4096,
+        40,
+        2,
+        128,
+        64,
+    )
+    assert (cfg.vision.num_hidden_layers, cfg.vision.hidden_size, cfg.image_span_length) == (63, 1792, 1602)
+    with torch.device("meta"):
+        full = Glm4v9bModel(cfg)
+    counts = {"text": 0, "vision": 0}
+    for name, p in full.named_parameters():
+        counts["vision" if name.startswith("vision.") else "text"] += p.numel()
+    # 13.9 B parameters: GLM-4-9B text 9.40 B + EVA2-CLIP-E vision and adapter 4.51 B.
+    assert counts == {"text": 9_399_951_360, "vision": 4_506_369_536}
+
+
+def test_weightless_checkpoint_draws_random_weights(tmp_path: Path, ckpt: Path) -> None:
+    d = tmp_path / "weightless"
+    shutil.copytree(ckpt, d)
+    (d / "model.safetensors").unlink()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["glmv_random_init"] = {"seed": 1, "branch_scale": 0.2}
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_model(d, dtype="float32", device="cpu")
+    _, builder = load_processors(d)
+    logits, _ = paged_logits(m, build(builder, "one_image"), 64)  # type: ignore[arg-type]
+    assert torch.isfinite(logits).all() and logits.std().item() > 0.1
