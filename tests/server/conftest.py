@@ -131,8 +131,9 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
+    model_dir: Path | None, log_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> LiveServer:
+    """Start `glmv serve` (on the embedded tiny model when `model_dir` is None) and wait until ready."""
     port = free_port()
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
     clean_env["GLMV_CACHE_DIR"] = str(log_dir / "cache")
@@ -140,7 +141,7 @@ def start_server(
     clean_env.update(env or {})
     cmd = [
         sys.executable, "-m", "glmv", "serve",
-        "--model", str(model_dir),
+        *(["--model", str(model_dir)] if model_dir is not None else []),
         "--host", "127.0.0.1",
         "--port", str(port),
         "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
@@ -176,7 +177,7 @@ def live_server(server_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def start_live_server(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., LiveServer]:
-    def start(model_dir: Path, *extra: str, env: dict[str, str] | None = None) -> LiveServer:
+    def start(model_dir: Path | None, *extra: str, env: dict[str, str] | None = None) -> LiveServer:
         return start_server(model_dir, tmp_path_factory.mktemp("live-extra"), *extra, env=env)
 
     return start

@@ -681,11 +681,16 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
         assert generated is not None
 
 
-def test_sigterm_drains_running_requests_and_exits_0(
-    server_model_dir: Any, start_live_server: Callable[..., Any]
-) -> None:
-    server = start_live_server(server_model_dir, "--shutdown-timeout", "60")
-    body = {"messages": user("Count."), "max_tokens": 600, "ignore_eos": True, "stream": True}
+def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[..., Any]) -> None:
+    # No --model: the embedded tiny checkpoint is created (in GLMV_CACHE_DIR) and served.
+    server = start_live_server(None, "--shutdown-timeout", "60")
+    banner = server.log()
+    assert f"web page: {server.base_url}/" in banner
+    assert f"API:      {server.api_url}" in banner
+    assert "WARNING: this model has random weights; its answers are random text." in banner
+    card = httpx.get(server.api_url + "/models", timeout=10).json()["data"][0]
+    assert card["id"] == "tiny-glm41v" and card["glmv"]["random_weights"] is True
+    body = {"messages": user("Count."), "max_tokens": 500, "ignore_eos": True, "stream": True}
     events: list[dict[str, Any]] = []
     done = False
     with (
