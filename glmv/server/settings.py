@@ -377,6 +377,17 @@ def _check_unknown_keys(table: Mapping[str, Any], path: Any) -> None:
 # --- running ---------------------------------------------------------------------------------------
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _display_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
@@ -476,9 +487,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 "  WARNING: this model has random weights; its answers are random text. "
                 "Pass --model DIR to serve a real checkpoint."
             )
-        if settings.host in ("0.0.0.0", "::") and state.settings.guard is None:
+        guard = settings.guard
+        keys = guard is not None and (
+            getattr(guard, "api_keys", None) or getattr(guard, "api_keys_file", None)
+        )
+        if not _is_loopback(settings.host) and not keys:
             lines.append(
-                "  WARNING: listening on all interfaces without the guard module: anyone who can reach it may use it."
+                f"  WARNING: listening on {settings.host} without an API key: anyone who can reach this port "
+                "may use the model. Pass --api-key (or --api-keys-file) or bind to 127.0.0.1."
             )
         print("\n".join(lines), flush=True)
 
