@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +43,6 @@ from glmv.errors import (
     OverloadedError,
     RequestTimeoutError,
 )
-from glmv.processing.image import ProcessedImage
 from glmv.processing.media import ImageBudget, resolve_image
 from glmv.processing.reasoning import ReasoningParser, prompt_opens_thinking
 from glmv.server.protocol import ChatCompletionRequest, TextContentPart
@@ -64,6 +64,7 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 # Logprobs of impossible tokens are -inf, which JSON cannot carry.
 _MIN_LOGPROB = -9999.0
 _DISCONNECT_POLL_S = 0.5
+_HAS_ASYNCIO_TIMEOUT = sys.version_info >= (3, 11)
 
 
 # --- token bytes for logprobs -------------------------------------------------------------------
@@ -209,7 +210,11 @@ class _Run:
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                out = await asyncio.wait_for(self.gen.__anext__(), remaining)
+                if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token
+                    async with asyncio.timeout(remaining):  # type: ignore[attr-defined]
+                        out = await self.gen.__anext__()
+                else:  # pragma: no cover - Python 3.10
+                    out = await asyncio.wait_for(self.gen.__anext__(), remaining)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
@@ -528,10 +533,10 @@ class ChatHandler:
         template_kwargs: dict[str, Any],
     ) -> _Prepared:
         builder = self.state.builder
-        processed: list[ProcessedImage] = []
+        processed: list[Any] = []
         for image, param in zip(images, image_params, strict=True):
             try:
-                processed.append(builder.image_processor.preprocess(image))
+                processed.append(builder.preprocess_one(image))
             except InvalidImageError as exc:
                 exc.param = exc.param or param
                 raise
