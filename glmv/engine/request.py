@@ -8,6 +8,7 @@ token ids of each choice, logprobs, finish reasons and usage.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ class ImageInput:
     content_hash: str  # identity of the pixels + preprocessing settings (cache key)
     grid_thw: tuple[int, int, int]  # patch grid before the 2×2 merge
     pixel_values: torch.Tensor | None  # [t*h*w, patch_dim]; may be None once cached embeddings exist
+    # Or built on demand on the device (uint8 pixels travel, normalisation runs there): (device, dtype) -> rows.
+    pixels_fn: Callable[[torch.device, torch.dtype], torch.Tensor] | None = None
 
 
 @dataclass(slots=True)

@@ -171,10 +171,15 @@ class ModelRunner:
         return found
 
     def _encode(self, items: Sequence[tuple[str, ImageInput]]) -> dict[str, torch.Tensor]:
+        parts = []
         for _, image in items:
-            if image.pixel_values is None:
+            if image.pixel_values is not None:
+                parts.append(image.pixel_values.to(self.device, non_blocking=True))
+            elif image.pixels_fn is not None:
+                parts.append(image.pixels_fn(self.device, self.model.dtype))
+            else:
                 raise ValueError("image pixels are no longer available and its embeddings were evicted")
-        pixels = torch.cat([im.pixel_values for _, im in items]).to(self.device)  # type: ignore[misc]
+        pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
         embeds = self.model.encode_images(pixels, [im.grid_thw for _, im in items])
         out: dict[str, torch.Tensor] = {}
         for (key, image), emb in zip(items, embeds, strict=True):

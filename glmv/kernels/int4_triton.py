@@ -1,26 +1,34 @@
-"""INT4 weight × bf16/fp16 activation matmul in Triton: a GEMV-shaped kernel and a GEMM kernel.
+"""INT4 weight × bf16/fp16 activation matmul on CUDA: Triton GEMV and GEMM kernels.
 
 Imported only when an `Int4Linear` runs on a CUDA device; nothing on the CPU path imports
 Triton. Weights are in glmv's layout (`glmv.models.quant.int4`): `qweight` int32 `[K/8, N]` with
 input channel `8r + i` in nibble `i` of row `r`, `zeros` uint8 and `scales` float16 `[K/g, N]`.
 
-Both kernels walk K in chunks of 128 input channels (16 packed rows) and never build the
-dequantized weight in memory. Turning a nibble into a number costs two integer instructions:
-rotate it into mantissa bits 19–22 and OR in the exponent of 1.0, which gives the float32
-`v = 1 + q/16` exactly (no int→float conversion, a quarter-rate instruction). When a chunk lies
-inside one quantization group (group size a multiple of 128), the scale and zero point come out
-of the inner product:
+Three paths, by the number of rows `M` of `x`:
 
-    Σ_k x_k (q_k - z) s = s · (16 · (Σ_k x_k v_k − Σ_k x_k) − z · Σ_k x_k)
+* **GEMV** (decode, `M ≤ GEMV_MAX_M`): each program owns a strip of output columns and walks its
+  share of K one packed row at a time, so all the work is elementwise over the strip — no
+  reductions, no shared memory. A nibble becomes a number with two integer instructions: rotate
+  it into mantissa bits 19–22 and OR in the exponent of 1.0, giving the float32 `v = 1 + q/16`
+  exactly (an int→float conversion would be quarter-rate). The scale and zero point come out of
+  the sum over each quantization group,
 
-so the inner loop is one FMA per weight (GEMV) or one tensor-core product of `x` with the exact
-`v` (GEMM), and the scale/zero work is per chunk and column. Smaller groups dequantize each
-element instead. K is split across programs when the output alone gives too few of them; the
-partial sums go through a float32 buffer and a second small kernel (deterministic, unlike
-atomics), which also adds the bias.
+      Σ_k x_k (q_k − z) s = s · (16 · (Σ_k x_k v_k − Σ_k x_k) − z · Σ_k x_k),
+
+  so the inner loop is one FMA per weight and row of `x`.
+* **GEMM** (`GEMV_MAX_M < M < DEQUANT_MIN_M`): tiles of `x` times 128-row chunks of the weight
+  on the tensor cores, the chunk expanded from its 16 packed rows in registers and fed to the
+  product as the exact `v` (group sizes that are multiples of 128) or as the dequantized value.
+* **Large M** (prefill): the weight is dequantized into a scratch bf16/fp16 matrix by a Triton
+  kernel and multiplied by cuBLAS: the dequantization is a small fraction of a compute-bound
+  product.
+
+When the output alone gives too few programs, K is split between programs and the partial sums
+are added in a fixed order (the same bits every run), plus the bias: by a second small kernel,
+or by the last program of each output tile to finish, counted with an atomic.
 
 `int4_matmul` falls back to the torch reference (`int4_matmul_reference`) where a kernel cannot
-run (no Triton, an unsupported dtype, or a failed compile), saying so once.
+run (an unsupported dtype or group size, or a failed compile), saying so once.
 """
 
 from __future__ import annotations
@@ -36,10 +44,9 @@ from glmv.models.quant.int4 import int4_matmul_reference
 
 logger = logging.getLogger(__name__)
 
-CHUNK_K = 128  # input channels per inner step
-_CHUNK: tl.constexpr = tl.constexpr(CHUNK_K)
-_ROWS: tl.constexpr = tl.constexpr(CHUNK_K // 8)  # packed rows per inner step
-GEMV_MAX_M = 4  # at most this many rows use the CUDA-core kernel; more use tensor cores
+CHUNK_K = 128  # input channels per step of the GEMM and per scale application of the GEMV
+GEMV_MAX_M = 4  # at most this many rows take the GEMV kernel
+DEQUANT_MIN_M = 512  # at least this many rows take dequantize + cuBLAS
 
 
 @triton.jit
@@ -48,8 +55,52 @@ def _nibble(w, NIB: tl.constexpr):
     R: tl.constexpr = (4 * NIB + 13) % 32  # rotate right so that bit 4·NIB lands on bit 19
     u = w.to(tl.uint32, bitcast=True)
     rot = (u >> R) | (u << (32 - R))
-    bits = (rot & 0x00780000) | 0x3F800000
-    return bits.to(tl.float32, bitcast=True)
+    return ((rot & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _finish_tile(
+    acc,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    M,
+    N,
+    bias_ptr,
+    out_ptr,
+    stride_om,
+    part_ptr,
+    count_ptr,
+    tile,
+    pid_s,
+    splits,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+):
+    """Store a finished tile. With split K, store the partial sum; then either the last program of
+    the tile to finish adds all partials (in split order) and stores the result, or (not
+    FUSED_REDUCE) `_split_reduce_kernel` does that in a second launch."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    if PARTIAL:
+        tl.store(part_ptr + pid_s * M * N + idx, acc, mask=mask)
+    if PARTIAL and FUSED_REDUCE:
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            acc = tl.zeros_like(acc)
+            for s in range(0, splits):
+                acc += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile, 0)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+    if not PARTIAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -60,75 +111,56 @@ def _int4_gemv_kernel(
     s_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_om,
-    stride_os,
     chunks_per_split,
+    splits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FACTORED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
 ):
-    """CUDA-core kernel for a handful of rows (decode): one FMA per weight and row."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    offs_r = tl.arange(0, _ROWS)
     k_rows = K // 8
-    c_start = pid_s * chunks_per_split
+    # Packed rows between two scale applications: one group, or one 128-chunk of a larger group.
+    RG: tl.constexpr = (GROUP if GROUP < 128 else 128) // 8
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # The last split may run past K: those rows are masked (no memory traffic).
+    t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    xs = tl.zeros([BLOCK_M], dtype=tl.float32)
     for it in range(0, chunks_per_split):
-        c = c_start + it
-        rows = c * _ROWS + offs_r
-        r_mask = rows < k_rows
-        w = tl.load(
-            qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0
-        )
-        t = tl.zeros([BLOCK_M, _ROWS, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if not FACTORED:
-            grp = (rows * 8) // GROUP
-            gz = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-            gs = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-            gs = gs.to(tl.float32)
-            gz = (gz.to(tl.float32) + 16.0) * gs  # (16v - 16 - z)·s = 16s·v − (16 + z)·s
-            gs16 = gs * 16.0
-        for i in tl.static_range(8):
-            xi = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + (rows * 8 + i)[None, :],
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            v = _nibble(w, i)
-            if FACTORED:
-                t += xi[:, :, None] * v[None, :, :]
-                xs += tl.sum(xi, axis=1)
-            else:
-                t += xi[:, :, None] * (gs16 * v - gz)[None, :, :]
-        part = tl.sum(t, axis=1)
-        if FACTORED:
-            g = (c * _CHUNK) // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-            acc += s[None, :] * (16.0 * (part - xs[:, None]) - z[None, :] * xs[:, None])
-        else:
-            acc += part
-    mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+        c = pid_s * chunks_per_split + it
+        for r in tl.static_range(16):
+            row = c * 16 + r
+            ok = row < k_rows  # the last split may run past K: masked, no memory traffic
+            w = tl.load(qw_ptr + row * N + offs_n, mask=n_mask & ok, other=0)
+            for i in tl.static_range(8):
+                xk = tl.load(x_ptr + offs_m * stride_xm + (row * 8 + i), mask=m_mask & ok, other=0.0)
+                xk = xk.to(tl.float32)
+                t += xk[:, None] * _nibble(w, i)[None, :]
+                xs += xk
+            if (r + 1) % RG == 0:
+                g = (row * 8) // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask & ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask & ok, other=0).to(tl.float32)
+                acc += s[None, :] * (16.0 * (t - xs[:, None]) - z[None, :] * xs[:, None])
+                t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+    _finish_tile(
+        acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -139,23 +171,24 @@ def _int4_gemm_kernel(
     s_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_om,
-    stride_os,
     chunks_per_split,
+    splits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FACTORED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    EXPAND: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Tensor-core kernel: per chunk, eight products of x's stride-8 column slices with the
-    nibble planes of the packed rows (each K = 16)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -163,74 +196,107 @@ def _int4_gemm_kernel(
     m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_r = tl.arange(0, _ROWS)
-    k_rows = K // 8
-    c_start = pid_s * chunks_per_split
+    lane_k = tl.arange(0, 128)
+    rot = ((lane_k % 8) * 4 + 13) % 32  # per input channel: rotate its nibble onto bit 19
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # The last split may run past K: those rows are masked (no memory traffic).
     for it in range(0, chunks_per_split):
-        c = c_start + it
-        rows = c * _ROWS + offs_r
-        r_mask = rows < k_rows
-        w = tl.load(
-            qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0
+        c = pid_s * chunks_per_split + it
+        offs_k = c * 128 + lane_k
+        k_mask = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if not FACTORED:
-            grp = (rows * 8) // GROUP
-            gz = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-            gs = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-            gs = gs.to(tl.float32)
-            gz = (gz.to(tl.float32) + 16.0) * gs
-            gs16 = gs * 16.0
-        for i in tl.static_range(8):
-            xi = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + (rows * 8 + i)[None, :],
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
+        if EXPAND == 0:
+            # Each packed row read once per input channel it holds (the 8 reads hit one cache line).
+            w = tl.load(
+                qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0,
             )
-            v = _nibble(w, i)
-            if FACTORED:
-                xs += tl.sum(xi.to(tl.float32), axis=1)
-            else:
-                v = gs16 * v - gz
+        else:
+            rows = c * 16 + tl.arange(0, 16)
+            w16 = tl.load(
+                qw_ptr + rows[:, None] * N + offs_n[None, :],
+                mask=(rows < K // 8)[:, None] & n_mask[None, :],
+                other=0,
+            )
+            w = tl.reshape(tl.broadcast_to(w16[:, None, :], [16, 8, BLOCK_N]), [128, BLOCK_N])
+        u = w.to(tl.uint32, bitcast=True)
+        ru = rot.to(tl.uint32)[:, None]
+        bits = ((u >> ru) | (u << (32 - ru))) & 0x00780000 | 0x3F800000
+        v = bits.to(tl.float32, bitcast=True)  # 1 + q/16, exact
+        if GROUP % 128 == 0:
             if IEEE:
-                part = tl.dot(xi, v.to(xi.dtype), part, input_precision="ieee")
+                part = tl.dot(x, v, input_precision="ieee")
             else:
-                part = tl.dot(xi, v.to(xi.dtype), part)
-        if FACTORED:
-            g = (c * _CHUNK) // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+                part = tl.dot(x, v.to(x.dtype))
+            xs = tl.sum(x.to(tl.float32), axis=1)
+            g = (c * 128) // GROUP
+            ok = c * 128 < K
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask & ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask & ok, other=0).to(tl.float32)
             acc += s[None, :] * (16.0 * (part - xs[:, None]) - z[None, :] * xs[:, None])
         else:
-            acc += part
-    mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+            grp = offs_k // GROUP
+            gmask = k_mask[:, None] & n_mask[None, :]
+            s2 = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z2 = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=gmask, other=0).to(tl.float32)
+            wdq = (16.0 * v - 16.0 - z2) * s2
+            if IEEE:
+                acc = tl.dot(x, wdq, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, wdq.to(x.dtype), acc)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    _finish_tile(
+        acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, tile, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
 def _split_reduce_kernel(
-    part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    part_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    splits,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """out[m, n] = Σ_s partial[s, m, n] (+ bias[n]), in a fixed order."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    """out[m, n] = Σ_s partial[s, m, n] (+ bias[n]), in split order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLITS):
+    for s in range(0, splits):
         acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
     n = offs % N
-    m = offs // N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + n, acc, mask=mask)
+    tl.store(out_ptr + (offs // N) * stride_om + n, acc, mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, z_ptr, s_ptr, out_ptr, K, N, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """out[k, n] = (q - z) * s for a block of packed rows (the transpose of the Linear weight)."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
+    w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    grp = (rows * 8) // GROUP
+    s = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+    for i in tl.static_range(8):
+        q = 16.0 * _nibble(w, i) - 16.0  # exact
+        val = (q - z) * s
+        tl.store(out_ptr + (rows * 8 + i)[:, None] * N + offs_n[None, :], val, mask=mask)
 
 
 # --------------------------------------------------------------------------------- launching
@@ -238,17 +304,20 @@ def _split_reduce_kernel(
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
-    """Tile shape and K split of one launch (chosen by `choose_config`, or given for tuning)."""
+    """How one product runs: `kind` is "gemv", "gemm" or "dequant"; tiles and K split."""
 
-    gemv: bool
-    block_m: int
-    block_n: int
-    split_k: int
-    num_warps: int
-    num_stages: int
+    kind: str
+    block_m: int = 1
+    block_n: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    expand: int = 0
+    fused_reduce: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _FALLBACK_REASONS: set[str] = set()
 
 
@@ -259,29 +328,64 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def _counters(device: torch.device, need: int) -> torch.Tensor:
+    """Zeroed per-tile arrival counters, one buffer per stream (kernels on one stream run in
+    order, and each launch leaves its counters at zero again)."""
+    if device.type == "cuda":
+        key = (
+            torch.cuda.current_device() if device.index is None else device.index,
+            torch.cuda.current_stream(device).cuda_stream,
+        )
+    else:  # the Triton interpreter, in tests
+        key = (-1, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < need:
+        buf = torch.zeros(max(need, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _split_for(tiles: int, chunks: int, sm_count: int) -> int:
+    """Enough K splits that the grid covers the SMs about twice, each split a few chunks long."""
+    target = 2 * sm_count
+    if tiles >= target:
+        return 1
+    split = min(chunks, triton.cdiv(target, tiles), 32)
+    return triton.cdiv(chunks, triton.cdiv(chunks, split))
+
+
 def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
-    """Tiles for an `[m, k] @ [k, n]` product: enough programs to cover the SMs a few times over."""
+    """The default launch for an `[m, k] @ [k, n]` product."""
     chunks = triton.cdiv(k, CHUNK_K)
     if m <= GEMV_MAX_M:
-        block_m = _next_pow2(m)
-        block_n = 128 if block_m <= 2 else 64
-        tiles = triton.cdiv(n, block_n)
-        gemv, warps, stages = True, 4, 3
-    else:
-        block_m = min(64, max(16, _next_pow2(m)))
-        block_n = 128 if m >= 64 else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        gemv, warps, stages = False, 4, 3
-    split = 1
-    target = 2 * sm_count
-    if tiles < target:
-        split = min(chunks, triton.cdiv(target, tiles))
-        split = triton.cdiv(chunks, triton.cdiv(chunks, split))  # even chunks per split
-    return LaunchConfig(gemv, block_m, block_n, split, warps, stages)
+        block_n = 256
+        return LaunchConfig(
+            "gemv", _next_pow2(m), block_n, _split_for(triton.cdiv(n, block_n), chunks, sm_count), 2, 2
+        )
+    if m >= DEQUANT_MIN_M:
+        return LaunchConfig("dequant", block_n=128, num_warps=4)
+    block_m = min(64, max(16, _next_pow2(m)))
+    block_n = 128
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 3)
+
+
+def dequantize_triton(
+    qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The `[K, N]` dequantized weight (the transpose of the Linear weight) in `dtype`."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_r, block_n = 16, 128
+    grid = (triton.cdiv(k // 8, block_r), triton.cdiv(n, block_n))
+    _dequant_kernel[grid](
+        qweight, zeros, scales, out, k, n, GROUP=group_size, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    )
+    return out
 
 
 def int4_matmul_triton(
@@ -293,47 +397,84 @@ def int4_matmul_triton(
     bias: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """`x` `[M, K]` (contiguous rows) times the int4 weight: `[M, N]` in `x.dtype`. No fallback."""
+    """`x` `[M, K]` times the int4 weight: `[M, N]` in `x.dtype`. No fallback."""
     m, k = x.shape
     n = qweight.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or choose_config(m, n, k, _sm_count(x.device))
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out
-    factored = group_size % CHUNK_K == 0
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    cfg = config or choose_config(m, n, k, _sm_count(x.device))
+    if cfg.kind == "dequant":
+        w = dequantize_triton(qweight, zeros, scales, group_size, x.dtype)
+        return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunks = triton.cdiv(k, CHUNK_K)
     split = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)
-    partial = split > 1
-    dest = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if partial else out
-    has_bias = bias is not None
+    if cfg.kind == "gemv":
+        grid: tuple[int, ...] = (triton.cdiv(n, cfg.block_n), split)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    tiles = grid[0] * (grid[1] if cfg.kind == "gemm" else 1)
+    if split > 1:
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        count = _counters(x.device, tiles) if cfg.fused_reduce else out
+    else:
+        part = count = out
     bias_arg = bias if bias is not None else out
+    args = (
+        x,
+        qweight,
+        zeros,
+        scales,
+        bias_arg,
+        out,
+        part,
+        count,
+        m,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        per_split,
+        split,
+    )
     common = dict(
         GROUP=group_size,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        FACTORED=factored,
-        HAS_BIAS=has_bias,
-        PARTIAL=partial,
+        PARTIAL=split > 1,
+        HAS_BIAS=bias is not None,
+        FUSED_REDUCE=cfg.fused_reduce,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    args = (x, qweight, zeros, scales, bias_arg, dest, m, n, k, x.stride(0), out.stride(0), m * n, per_split)
-    if cfg.gemv:
-        grid = (triton.cdiv(n, cfg.block_n), split)
+    if cfg.kind == "gemv":
         _int4_gemv_kernel[grid](*args, **common)
     else:
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        _int4_gemm_kernel[grid](*args, IEEE=x.dtype == torch.float32, **common)
-    if partial:
-        block = 1024
+        _int4_gemm_kernel[grid](*args, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common)
+    if split > 1 and not cfg.fused_reduce:
+        block = 512
         _split_reduce_kernel[(triton.cdiv(m * n, block),)](
-            dest, bias_arg, out, m, n, split, out.stride(0), HAS_BIAS=has_bias, BLOCK=block, num_warps=4
+            part,
+            bias_arg,
+            out,
+            m,
+            n,
+            out.stride(0),
+            split,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
         )
     return out
+
+
+def supports(group_size: int) -> bool:
+    """Group sizes the kernels take: multiples of 128, or 8/16/32/64 (which divide 128)."""
+    return group_size % 128 == 0 or group_size in (8, 16, 32, 64)
 
 
 def int4_matmul(
@@ -344,11 +485,11 @@ def int4_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The int4 product on CUDA, falling back to the torch reference where the kernel cannot run."""
+    """The int4 product on CUDA, falling back to the torch reference where the kernels cannot run."""
     reason = None
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reason = f"activation dtype {x.dtype}"
-    elif group_size % 8 != 0:
+    elif not supports(group_size):
         reason = f"group size {group_size}"
     if reason is None:
         try:

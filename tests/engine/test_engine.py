@@ -278,7 +278,8 @@ def test_bad_request_fails_alone(tiny41_dir: Path) -> None:
         [noise_image(112, 112, 1)],
         SamplingParams(max_tokens=5, **GREEDY),
     )
-    bad.images[0].pixel_values = torch.full_like(bad.images[0].pixel_values, float("nan"))
+    rows = bad.images[0].grid_thw[1] * bad.images[0].grid_thw[2]
+    bad.images[0].pixels_fn = lambda device, dtype: torch.full((rows, 1176), float("nan"), dtype=dtype, device=device)
     bad.images[0].content_hash = "poisoned"
     res = run(engine, [good, bad])
     assert res[good.request_id]["finish"][0] == "length" and len(res[good.request_id]["tokens"][0]) == 5

@@ -61,7 +61,9 @@ class QuantSpec:
         fmt = str(data.get("checkpoint_format", "gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise CheckpointError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported")
-        return cls("gptq", group, sym=bool(data.get("sym", True)), gptq_v1=fmt == "gptq", modules_to_not_convert=skip)
+        return cls(
+            "gptq", group, sym=bool(data.get("sym", True)), gptq_v1=fmt == "gptq", modules_to_not_convert=skip
+        )
 
 
 def read_quant_spec(path: str | Path) -> QuantSpec | None:

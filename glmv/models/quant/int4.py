@@ -76,7 +76,11 @@ def check_group_size(in_features: int, group_size: int) -> int:
 
 
 def dequantize(
-    q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+    q: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference dequantization of unpacked `[N, K]` codes with `[N, K/g]` zeros and scales."""
     n, k = q.shape
@@ -189,7 +193,9 @@ def to_packed(w: QuantizedWeight) -> PackedInt4:
     )
 
 
-def from_packed(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> QuantizedWeight:
+def from_packed(
+    qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> QuantizedWeight:
     return QuantizedWeight(
         q=unpack_rows(qweight).t().contiguous(),
         zeros=zeros.t().contiguous(),
