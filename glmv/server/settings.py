@@ -137,6 +137,10 @@ class Settings:
     # guardrails: filled from the guard module's own flags
     guard: Any = field(default=None, metadata={"kind": "guard"})
 
+    def __post_init__(self) -> None:
+        if self.guard is None and _guard_module is not None:
+            self.guard = _guard_module.GuardSettings()  # the guard's defaults: open, access log on
+
     # --- derived values -------------------------------------------------------------------------
 
     def image_limits(self) -> Any:
