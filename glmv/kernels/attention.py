@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from glmv.kernels.metadata import AttentionMetadata
 
@@ -27,6 +28,16 @@ def write_kv_reference(
 def _gather_slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     pos = torch.arange(length, device=table.device)
     return table[pos // block_size].long() * block_size + pos % block_size
+
+
+def _seq_slots(meta: AttentionMetadata, i: int, length: int) -> torch.Tensor:
+    """Cache slots of sequence `i`'s first `length` tokens; computed once per step, not per layer."""
+    if meta.seq_slots is None:
+        meta.seq_slots = {}
+    slots = meta.seq_slots.get(i)
+    if slots is None:
+        slots = meta.seq_slots[i] = _gather_slots(meta.block_tables[i], length, meta.block_size)
+    return slots
 
 
 def paged_attention_reference(
@@ -68,7 +79,7 @@ def _attend_each(
         if skip_decodes and q_len == 1:
             start += 1
             continue
-        slots = _gather_slots(meta.block_tables[i], s_len, meta.block_size)
+        slots = _seq_slots(meta, i, s_len)
         # 4-D inputs: the fused (flash / memory-efficient) SDPA kernels take no 3-D tensors.
         k = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
         v = v_flat[slots].transpose(0, 1).unsqueeze(0)
@@ -76,9 +87,13 @@ def _attend_each(
         if q_len == s_len:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            qpos = torch.arange(s_len - q_len, s_len, device=q.device)
-            mask = torch.arange(s_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            # A chunk after a cached prefix: causal, aligned to the bottom-right corner. Expanding
+            # the KV heads keeps this on the flash / memory-efficient kernels (a boolean mask with
+            # GQA falls back to the slow math path on CUDA).
+            group = qi.shape[1] // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=causal_lower_right(q_len, s_len), scale=scale)
         out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
 

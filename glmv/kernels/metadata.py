@@ -29,6 +29,8 @@ class AttentionMetadata:
     num_splits: int | None = None
     # Mixed batches on CUDA: (decode seq indices, their token rows) on the device, built once per step.
     decode_subset: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Prefill chunks: cache slots of each sequence's whole history, shared by all layers.
+    seq_slots: dict[int, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:
