@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,7 +26,6 @@ from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, Gl
 from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
 from glmv.processing.detok import IncrementalDetokenizer, StopStringMatcher
-from glmv.processing.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
@@ -107,13 +107,17 @@ class LLMEngine:
         config: EngineConfig,
         *,
         model: ServedModel | None = None,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.config = config
         self.model = (
             model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
         )
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_pretrained(config.model)
+        if tokenizer is None:
+            from glmv.engine.inputs import load_processors
+
+            tokenizer = load_processors(config.model)[0]
+        self.tokenizer = tokenizer
         m = self.model
         self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.max_model_len = min(config.max_model_len or m.max_model_len, m.max_model_len)

@@ -21,12 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder
+from glmv.engine.inputs import load_processors
 from glmv.engine.request import TokenLogprob
 from glmv.engine.sampling import SamplingParams
 from glmv.errors import GlmvError, InvalidRequestError
-from glmv.processing.chat import ChatProcessor
-from glmv.processing.image import ImageProcessor
 
 Message = dict[str, Any]
 
@@ -92,10 +90,8 @@ def split_images(messages: list[Message]) -> tuple[list[Message], list[Image.Ima
 
 class LLM:
     def __init__(self, model: str | Path, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))
-        self.inputs = InputBuilder(
-            ChatProcessor(self.engine.tokenizer), ImageProcessor.from_pretrained(model)
-        )
+        tokenizer, self.inputs = load_processors(model)  # the checkpoint's own architecture
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs), tokenizer=tokenizer)
         self.engine.runner.preprocess_key = self.inputs.image_processor.config.cache_key()
         self._ids = itertools.count()
 

@@ -100,6 +100,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
         block_size=settings.block_size,
         kv_cache_gb=settings.kv_cache_gb,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        gpu_memory_gb=settings.gpu_memory_gb,
+        enable_cuda_graphs=settings.enable_cuda_graphs,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=settings.max_model_len,

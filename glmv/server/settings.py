@@ -96,6 +96,10 @@ class Settings:
         None, "KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", "float?"
     )
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory glmv may use", "float")
+    gpu_memory_gb: float | None = _opt(
+        None, "cap on the GPU memory glmv uses in all, in GB (e.g. 24 for a 24 GB card)", "float?"
+    )
+    enable_cuda_graphs: bool = _opt(True, "capture CUDA graphs for decode steps (GPU only)", "bool")
     block_size: int = _opt(16, "tokens per KV-cache block", "int")
     enable_prefix_caching: bool = _opt(
         True, "reuse the KV cache of shared prompt prefixes (and images)", "bool"
@@ -178,6 +182,7 @@ class Settings:
         need(self.max_waiting >= 0, "max_waiting", "must be >= 0")
         need(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
         need(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "gpu_memory_gb", "must be > 0")
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
         need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
@@ -486,6 +491,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"  web page: {base}/",
             f"  API:      {base}/v1   (OpenAI-compatible; docs at {base}/docs)",
         ]
+        memory = engine.engine.memory
+        if memory is not None:
+            lines.append(f"  {memory.describe()}")
         if random_weights:
             lines.append(
                 "  WARNING: this model has random weights; its answers are random text. "
