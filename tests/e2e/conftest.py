@@ -58,8 +58,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[Any]:
+    # Module scope: Playwright's sync API keeps an event loop running in this thread while it is
+    # open, which would break every later test that calls asyncio.run in the same session.
     sync_api = pytest.importorskip("playwright.sync_api", reason="the web page tests need the playwright package")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True)
