@@ -45,7 +45,7 @@ from glmv.models.quant.int4 import int4_matmul_reference
 logger = logging.getLogger(__name__)
 
 CHUNK_K = 128  # input channels per step of the GEMM and per scale application of the GEMV
-GEMV_MAX_M = 4  # at most this many rows take the GEMV kernel
+GEMV_MAX_M = 2  # at most this many rows take the GEMV kernel (one program row per row of x)
 DEQUANT_MIN_M = 512  # at least this many rows take dequantize + cuBLAS
 
 
@@ -127,18 +127,20 @@ def _int4_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
 ):
+    """One row of x (grid axis 2 when there are several). Its entries are loaded as scalars, so
+    multiplying them into the strip of columns costs nothing but the FMA."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
     k_rows = K // 8
+    x_row = x_ptr + pid_m * stride_xm
     # Packed rows between two scale applications: one group, or one 128-chunk of a larger group.
     RG: tl.constexpr = (GROUP if GROUP < 128 else 128) // 8
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xs = tl.full([], 0.0, tl.float32)
     for it in range(0, chunks_per_split):
         c = pid_s * chunks_per_split + it
         for r in tl.static_range(16):
@@ -146,20 +148,20 @@ def _int4_gemv_kernel(
             ok = row < k_rows  # the last split may run past K: masked, no memory traffic
             w = tl.load(qw_ptr + row * N + offs_n, mask=n_mask & ok, other=0)
             for i in tl.static_range(8):
-                xk = tl.load(x_ptr + offs_m * stride_xm + (row * 8 + i), mask=m_mask & ok, other=0.0)
-                xk = xk.to(tl.float32)
-                t += xk[:, None] * _nibble(w, i)[None, :]
+                xk = tl.load(x_row + row * 8 + i, mask=ok, other=0.0).to(tl.float32)
+                t += xk * _nibble(w, i)
                 xs += xk
             if (r + 1) % RG == 0:
                 g = (row * 8) // GROUP
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_mask & ok, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g * N + offs_n, mask=n_mask & ok, other=0).to(tl.float32)
-                acc += s[None, :] * (16.0 * (t - xs[:, None]) - z[None, :] * xs[:, None])
-                t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc += s * (16.0 * (t - xs) - z * xs)
+                t = tl.zeros([BLOCK_N], dtype=tl.float32)
+                xs = tl.full([], 0.0, tl.float32)
+    offs_m = pid_m + tl.arange(0, 1)
     _finish_tile(
-        acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om,
-        part_ptr, count_ptr, pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+        acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
     )  # fmt: skip
 
 
@@ -363,15 +365,14 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     chunks = triton.cdiv(k, CHUNK_K)
     if m <= GEMV_MAX_M:
         block_n = 256
-        return LaunchConfig(
-            "gemv", _next_pow2(m), block_n, _split_for(triton.cdiv(n, block_n), chunks, sm_count), 2, 2
-        )
+        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count)
+        return LaunchConfig("gemv", 1, block_n, split, 2, 2)
     if m >= DEQUANT_MIN_M:
-        return LaunchConfig("dequant", block_n=128, num_warps=4)
-    block_m = min(64, max(16, _next_pow2(m)))
-    block_n = 128
+        return LaunchConfig("dequant")
+    block_m = 16 if m <= 16 else 64
+    block_n = 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 3)
+    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 2)
 
 
 def dequantize_triton(
@@ -414,10 +415,11 @@ def int4_matmul_triton(
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)
     if cfg.kind == "gemv":
-        grid: tuple[int, ...] = (triton.cdiv(n, cfg.block_n), split)
+        grid: tuple[int, ...] = (triton.cdiv(n, cfg.block_n), split, m)
+        tiles = grid[0] * m
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    tiles = grid[0] * (grid[1] if cfg.kind == "gemm" else 1)
+        tiles = grid[0] * grid[1]
     if split > 1:
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         count = _counters(x.device, tiles) if cfg.fused_reduce else out

@@ -1,0 +1,420 @@
+"""INT4 weights on the GPU: kernel checks, per-shape timings, and a full-size LM vs bf16.
+
+    PYTHONPATH=. python3 benchmarks/device_int4.py [--sweep] [--skip-lm]
+
+1. The Triton int4 kernels (GEMV for ≤ 4 rows, tensor-core GEMM above) against the reference
+   dequantization `(q - z) * s` on random inputs: relative L2 error for the four decoder-layer
+   shapes of GLM-4.6V-Flash, many row counts, group sizes 128/64/32/-1, bf16 and fp16.
+2. Per-shape timings (median of CUDA-graph replays) of int4 vs bf16 `F.linear` at 1, 16, 64 and
+   256 rows, with the bytes each must read and the bandwidth reached. `--sweep` also tries tile
+   configurations and prints the best per shape.
+3. A full-size GLM-4.6V-Flash-shaped model with random weights in bf16, and the same model with
+   its linear layers RTN-quantized in memory (group 128): weight bytes (LM only int4; + vision;
+   + lm_head), logits agreement, and the time of one whole 40-layer LM forward (decode step over
+   a 512-token context, CUDA graph) at batch 1 and 64, plus a 2048-token prefill, int4 vs bf16.
+Prints a table last. Runs in about two minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glmv.kernels import int4_triton as K
+from glmv.kernels.metadata import AttentionMetadata
+from glmv.models.config import ModelConfig, TextConfig, VisionConfig
+from glmv.models.loader import build_model, build_quantized_model, random_init
+from glmv.models.quant.int4 import dequantize_packed, quantize_rtn, to_packed
+from glmv.models.quant.linear import Int4Linear, quantizable_linears
+from glmv.models.quant.report import weight_memory
+
+ROWS: list[tuple[str, str, str]] = []
+# (N, K) of one decoder layer of GLM-4.6V-Flash: qkv, o, gate_up, down.
+LAYER_SHAPES = {
+    "qkv_proj": (4608, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (27392, 4096),
+    "down_proj": (4096, 13696),
+}
+
+
+def row(name: str, value: str, target: str = "") -> None:
+    ROWS.append((name, value, target))
+    print(f"  {name}: {value} {target}", flush=True)
+
+
+def random_packed(
+    n: int, k: int, group: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    w = torch.randn(n, k, device=dev) / k**0.5
+    p = to_packed(quantize_rtn(w, group))
+    return p.qweight, p.zeros, p.scales, p.group_size
+
+
+def graph_time_ms(fn, iters: int = 50) -> float:
+    """Median time of one `fn()` call, replayed from a CUDA graph of `iters` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(7):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def check_kernels(dev: torch.device) -> None:
+    torch.manual_seed(0)
+    worst = 0.0
+    cases = []
+    for (n, k), m in itertools.product(LAYER_SHAPES.values(), (1, 2, 3, 16, 64, 600)):
+        cases.append((m, n, k, 128, torch.bfloat16))
+    for g in (64, -1):
+        for m in (1, 17):
+            cases.append((m, 4608, 4096, g, torch.bfloat16))
+    for m in (1, 64):
+        cases.append((m, 4096, 4096, 128, torch.float16))
+        cases.append((m, 1000, 328, 8, torch.float16))  # ragged N, K not a multiple of 128
+
+    def variants(m: int) -> list[K.LaunchConfig | None]:
+        if m == 1:
+            return [None, K.LaunchConfig("gemv", 1, 256, 8, 2, 2, 0, True)]
+        if m == 17:
+            return [None, K.LaunchConfig("gemm", 16, 64, 8, 4, 2, 1, False)]
+        return [None]
+
+    for m, n, k, g, dt in cases:
+        qw, z, s, gs = random_packed(n, k, g, dev)
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        bias = torch.randn(n, device=dev, dtype=dt) * 0.1
+        ref = x.float() @ dequantize_packed(qw, z, s, gs, torch.float32) + bias.float()
+        for cfg in variants(m):
+            first = None
+            for _ in range(2):
+                out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
+                out.copy_(K.int4_matmul_triton(x, qw, z, s, gs, bias, cfg))
+                if first is None:
+                    first = out
+                elif not torch.equal(first, out):
+                    print(f"    NONDETERMINISTIC m={m} n={n} k={k} g={g} {dt} {cfg}")
+                    worst = max(worst, 1.0)
+            assert torch.isfinite(out).all(), (m, n, k, g, cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            if err > 1e-2:
+                print(f"    FAIL m={m} n={n} k={k} g={g} {dt} {cfg}: {err:.2e}")
+            worst = max(worst, err)
+    row(
+        "int4 Triton kernels vs reference dequant (worst rel. L2; bf16/fp16 out; repeat-identical)",
+        f"{worst:.2e}",
+        "(< 1e-2)",
+    )
+    assert worst < 1e-2
+
+
+def time_shapes(dev: torch.device, sweep: bool) -> None:
+    torch.manual_seed(1)
+    bw = copy_bandwidth(dev)
+    row("device-to-device copy bandwidth (read + write)", f"{bw:.0f} GB/s")
+    for name, (n, k) in LAYER_SHAPES.items():
+        qw, z, s, gs = random_packed(n, k, 128, dev)
+        w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        for m in (1, 4, 16, 64, 2048):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            t4 = graph_time_ms(lambda x=x, qw=qw, z=z, s=s, gs=gs: K.int4_matmul_triton(x, qw, z, s, gs))
+            t16 = graph_time_ms(lambda x=x, w16=w16: F.linear(x, w16))
+            b4 = qw.numel() * 4 + z.numel() + s.numel() * 2
+            row(
+                f"{name} {n}x{k}, {m} rows: int4 / bf16",
+                f"{t4 * 1e3:.1f} / {t16 * 1e3:.1f} us = {t4 / t16:.2f}x",
+                f"(int4 {b4 / t4 / 1e6:.0f} GB/s; {K.choose_config(m, n, k, K._sm_count(dev))})",
+            )
+            if sweep and name in ("qkv_proj", "gate_up_proj", "down_proj") and m in (1, 4, 16, 64):
+                sweep_shape(x, qw, z, s, gs, name)
+
+
+def _sweep_configs(m: int, n: int, k: int) -> list[K.LaunchConfig]:
+    chunks = triton_cdiv(k, 128)
+    out: list[K.LaunchConfig] = []
+    if m <= 4:
+        for bn, warps in itertools.product((128, 256, 512), (2, 4)):
+            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, 132)
+            for split in sorted({sp, min(chunks, 2 * sp)}):
+                out.append(K.LaunchConfig("gemv", 1, bn, split, warps, 2))
+        sp = K._split_for(triton_cdiv(n, 256) * m, chunks, 132)
+        if sp > 1:
+            out.append(K.LaunchConfig("gemv", 1, 256, sp, 2, 2, 0, True))
+    if m >= 4:
+        bm = 16 if m <= 16 else 64
+        for bn, expand in itertools.product((64, 128), (0, 1)):
+            sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, 132)
+            for split in sorted({sp, max(1, sp // 2)}):
+                out.append(K.LaunchConfig("gemm", bm, bn, split, 4, 2, expand))
+    return out
+
+
+def sweep_shape(
+    x: torch.Tensor, qw: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, name: str
+) -> None:
+    m, k = x.shape
+    n = qw.shape[1]
+    results = []
+    for cfg in _sweep_configs(m, n, k):
+        try:
+            t = graph_time_ms(lambda cfg=cfg: K.int4_matmul_triton(x, qw, z, s, gs, None, cfg), iters=10)
+        except Exception as exc:  # a config that does not compile is skipped
+            print(f"    config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        results.append((t, cfg))
+    results.sort(key=lambda r: r[0])
+    print(f"    sweep {name} m={m}: best of {len(results)}", flush=True)
+    for t, cfg in results[:3]:
+        print(f"      {t * 1e3:.1f} us  {cfg}")
+    by_kind: dict[str, tuple[float, K.LaunchConfig]] = {}
+    for t, cfg in results:
+        key = f"{cfg.kind}{'-fused' if cfg.fused_reduce else ''}{'-x1' if cfg.expand else ''}"
+        by_kind.setdefault(key, (t, cfg))
+    print("      best per kind: " + ", ".join(f"{key} {t * 1e3:.1f}" for key, (t, _) in by_kind.items()))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    a = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    t = graph_time_ms(lambda: b.copy_(a), iters=10)
+    return 2 * a.numel() * 2 / t / 1e6
+
+
+def full_config() -> ModelConfig:
+    return ModelConfig(text=TextConfig(), vision=VisionConfig(), eos_token_ids=(151329,))
+
+
+@torch.no_grad()
+def quantize_into(float_model: torch.nn.Module, qmodel: torch.nn.Module) -> None:
+    """Copy the float model's weights into the int4 model, RTN-quantizing its Int4Linear layers."""
+    fparams = dict(float_model.named_parameters())
+    qmods = {n: m for n, m in qmodel.named_modules() if isinstance(m, Int4Linear)}
+    for name, p in qmodel.named_parameters():
+        p.copy_(fparams[name])
+    for name, mod in qmods.items():
+        w = fparams[f"{name}.weight"]
+        packed = to_packed(quantize_rtn(w, mod.group_size))
+        mod.qweight.copy_(packed.qweight)
+        mod.zeros.copy_(packed.zeros)
+        mod.scales.copy_(packed.scales)
+
+
+def decode_inputs(model: torch.nn.Module, batch: int, ctx: int, dev: torch.device):
+    t = model.config.text
+    bs = 16
+    per_seq = (ctx + 1 + bs - 1) // bs
+    num_blocks = batch * per_seq + 1
+    shape = (num_blocks, bs, t.num_key_value_heads, t.head_dim)
+    caches = [
+        (
+            torch.randn(shape, device=dev, dtype=torch.bfloat16),
+            torch.randn(shape, device=dev, dtype=torch.bfloat16),
+        )
+        for _ in range(t.num_hidden_layers)
+    ]
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    from glmv.kernels.triton_decode import num_splits_for
+
+    meta = AttentionMetadata.build(
+        query_lens=[1] * batch, seq_lens=[ctx + 1] * batch, block_tables=tables, block_size=bs, device=dev
+    )
+    meta.num_splits = num_splits_for(batch, t.num_key_value_heads, K._sm_count(dev))
+    ids = torch.randint(0, 150000, (batch,), device=dev)
+    pos = torch.full((3, batch), ctx, device=dev, dtype=torch.int64)
+    return ids, pos, caches, meta
+
+
+def prefill_inputs(model: torch.nn.Module, n: int, dev: torch.device):
+    t = model.config.text
+    bs = 16
+    nb = (n + bs - 1) // bs
+    shape = (nb, bs, t.num_key_value_heads, t.head_dim)
+    caches = [
+        (
+            torch.zeros(shape, device=dev, dtype=torch.bfloat16),
+            torch.zeros(shape, device=dev, dtype=torch.bfloat16),
+        )
+        for _ in range(t.num_hidden_layers)
+    ]
+    meta = AttentionMetadata.build(
+        query_lens=[n], seq_lens=[n], block_tables=[list(range(nb))], block_size=bs, device=dev
+    )
+    ids = torch.randint(0, 150000, (n,), device=dev)
+    pos = torch.arange(n, device=dev).expand(3, n).contiguous()
+    return ids, pos, caches, meta
+
+
+def lm_step_ms(model: torch.nn.Module, inputs, *, graph: bool) -> float:
+    ids, pos, caches, meta = inputs
+
+    def step() -> torch.Tensor:
+        return model.compute_logits(model(ids, pos, caches, meta))
+
+    if graph:
+        try:
+            return graph_time_ms(step, iters=5)
+        except RuntimeError as exc:
+            print(f"    CUDA graph capture failed ({exc}); timing eagerly")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def full_lm(dev: torch.device) -> None:
+    cfg = full_config()
+    t0 = time.perf_counter()
+    ref = build_model(cfg, torch.bfloat16, dev)
+    random_init(ref, seed=0, branch_scale=0.2)
+    torch.cuda.synchronize()
+    row("full-size bf16 model built + random init", f"{time.perf_counter() - t0:.1f} s")
+    mem_bf16 = weight_memory(ref)
+    row("bf16 weights", f"{mem_bf16.total_bytes / 1e9:.2f} GB")
+
+    with torch.device("meta"):
+        shapes = type(ref)(cfg)
+    for label, skip in (
+        ("LM int4 (vision, lm_head bf16)", ("visual", "lm_head")),
+        ("LM + vision int4 (lm_head bf16)", ("lm_head", "visual.patch_embed")),
+        ("LM + vision + lm_head int4", ("visual.patch_embed",)),
+    ):
+        names = quantizable_linears(shapes, 128, skip=skip)
+        with torch.device("meta"):
+            qm = build_quantized_model(cfg, torch.bfloat16, torch.device("meta"), names, 128)
+        row(f"weights, {label}", f"{weight_memory(qm).total_bytes / 1e9:.2f} GB", "(target <= 7.5 GB)")
+
+    names = quantizable_linears(shapes, 128, skip=("visual", "lm_head"))
+    t0 = time.perf_counter()
+    q = build_quantized_model(cfg, torch.bfloat16, dev, names, 128)
+    quantize_into(ref, q)
+    torch.cuda.synchronize()
+    row("int4 model (LM linears, RTN g128) quantized in memory", f"{time.perf_counter() - t0:.1f} s")
+    mem = weight_memory(q)
+    row(
+        "int4 model weights on the GPU",
+        f"{mem.total_bytes / 1e9:.2f} GB (int4 part {mem.int4_bytes / 1e9:.2f} GB)",
+    )
+
+    # Logits agreement on a short random prompt.
+    with torch.inference_mode():
+        inputs = prefill_inputs(ref, 64, dev)
+        a = ref.compute_logits(ref(*inputs))
+        inputs = prefill_inputs(q, 64, dev)
+        b = q.compute_logits(q(*inputs))
+        cos = F.cosine_similarity(a, b, dim=-1)
+        top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    row(
+        "int4 vs bf16 logits, 64 random tokens: mean cosine / top-1 agreement",
+        f"{cos.mean().item():.4f} / {top1:.2f}",
+    )
+
+    with torch.inference_mode():
+        results = {}
+        for batch in (1, 64):
+            for label, model in (("bf16", ref), ("int4", q)):
+                inputs = decode_inputs(model, batch, 512, dev)
+                results[(label, batch)] = lm_step_ms(model, inputs, graph=True)
+                del inputs
+            r = results[("int4", batch)] / results[("bf16", batch)]
+            target = "(target <= 0.55)" if batch == 1 else "(int4 throughput >= bf16: ratio <= 1)"
+            row(
+                f"LM decode step, batch {batch}, 512-token context (CUDA graph): int4 / bf16 ms",
+                f"{results[('int4', batch)]:.2f} / {results[('bf16', batch)]:.2f} = {r:.2f}x",
+                target,
+            )
+        for label, model in (("bf16", ref), ("int4", q)):
+            inputs = prefill_inputs(model, 2048, dev)
+            results[(label, "prefill")] = lm_step_ms(model, inputs, graph=False)
+            del inputs
+        r = results[("int4", "prefill")] / results[("bf16", "prefill")]
+        row(
+            "LM prefill 2048 tokens (eager): int4 / bf16 ms",
+            f"{results[('int4', 'prefill')]:.1f} / {results[('bf16', 'prefill')]:.1f} = {r:.2f}x",
+        )
+        eager1 = {
+            label: lm_step_ms(m, decode_inputs(m, 1, 512, dev), graph=False)
+            for label, m in (("bf16", ref), ("int4", q))
+        }
+        row(
+            "LM decode step, batch 1 (eager, no graph): int4 / bf16 ms",
+            f"{eager1['int4']:.2f} / {eager1['bf16']:.2f} = {eager1['int4'] / eager1['bf16']:.2f}x",
+        )
+    del q
+    torch.cuda.empty_cache()
+    # The same with lm_head in int4 as well (what `--keep-lm-head` off gives).
+    names = quantizable_linears(shapes, 128, skip=("visual",))
+    q2 = build_quantized_model(cfg, torch.bfloat16, dev, names, 128)
+    quantize_into(ref, q2)
+    with torch.inference_mode():
+        t_q2 = lm_step_ms(q2, decode_inputs(q2, 1, 512, dev), graph=True)
+    row(
+        "LM decode step, batch 1, lm_head int4 too (CUDA graph): int4 / bf16 ms",
+        f"{t_q2:.2f} / {results[('bf16', 1)]:.2f} = {t_q2 / results[('bf16', 1)]:.2f}x",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also try tile configurations per shape")
+    ap.add_argument("--skip-lm", action="store_true", help="kernels only")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    import triton
+
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    t0 = time.perf_counter()
+    sections = [check_kernels]
+    if not args.skip_lm:
+        sections.append(full_lm)
+    sections.append(lambda d: time_shapes(d, args.sweep))
+    for section in sections:
+        try:
+            section(dev)
+        except Exception:  # report and go on with the next section
+            traceback.print_exc()
+            row("section failed", getattr(section, "__name__", "time_shapes"))
+        torch.cuda.empty_cache()
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s\n")
+    print("| measurement | value | target |\n|---|---|---|")
+    for name, value, target in ROWS:
+        print(f"| {name} | {value} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
