@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_K = 128  # input channels per step of the GEMM and per scale application of the GEMV
 GEMV_MAX_M = 2  # at most this many rows take the GEMV kernel (one program row per row of x)
-DEQUANT_MIN_M = 512  # at least this many rows take dequantize + cuBLAS
+DEQUANT_MIN_M = 128  # at least this many rows take dequantize + cuBLAS
 
 
 @triton.jit
@@ -351,9 +351,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _split_for(tiles: int, chunks: int, sm_count: int) -> int:
-    """Enough K splits that the grid covers the SMs about twice, each split a few chunks long."""
-    target = 2 * sm_count
+def _split_for(tiles: int, chunks: int, sm_count: int, waves: int = 2) -> int:
+    """Enough K splits that the grid covers the SMs about `waves` times, each split at least one
+    128-chunk long."""
+    target = waves * sm_count
     if tiles >= target:
         return 1
     split = min(chunks, triton.cdiv(target, tiles), 32)
@@ -361,18 +362,21 @@ def _split_for(tiles: int, chunks: int, sm_count: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
-    """The default launch for an `[m, k] @ [k, n]` product."""
+    """The default launch for an `[m, k] @ [k, n]` product. Tiles and splits are the best of a
+    sweep on an H100 (benchmarks/device_int4.py --sweep): for one row, 256-column strips with 4
+    warps and about four programs per SM; for more rows, 128-column tiles expanded from the
+    packed rows in registers."""
     chunks = triton.cdiv(k, CHUNK_K)
     if m <= GEMV_MAX_M:
         block_n = 256
-        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count)
-        return LaunchConfig("gemv", 1, block_n, split, 2, 2)
+        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count, waves=4)
+        return LaunchConfig("gemv", 1, block_n, split, 4, 2)
     if m >= DEQUANT_MIN_M:
         return LaunchConfig("dequant")
     block_m = 16 if m <= 16 else 64
-    block_n = 64
+    block_n = 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 2)
+    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
 
 
 def dequantize_triton(
