@@ -1,0 +1,1 @@
+"""Document extraction and moderation: built-in schemas, prompt presets and moderation policy."""
