@@ -149,10 +149,11 @@ def bench_http(ckpt: Path, imgs: list[Image.Image], tokens: int) -> float:
             return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
         urls = [data_url(im) for im in imgs]
+        model_name = [""]
 
         async def one(client: httpx.AsyncClient, i: int, url: str) -> int:
             body = {
-                "model": "default",
+                "model": model_name[0],
                 "stream": True,
                 "max_tokens": tokens,
                 "temperature": 0,
@@ -182,12 +183,12 @@ def bench_http(ckpt: Path, imgs: list[Image.Image], tokens: int) -> float:
             async with httpx.AsyncClient(timeout=600) as client:
                 models = (await client.get(f"{base}/v1/models")).json()
                 name = models["data"][0]["id"]
-                nonlocal_name[0] = name
+                model_name[0] = name
                 t0 = time.perf_counter()
                 done = await asyncio.gather(*(one(client, i + offset, u) for i, u in enumerate(urls[:count])))
                 return sum(done), time.perf_counter() - t0
 
-        nonlocal_name = ["default"]
+        model_name[0] = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
         asyncio.run(run(1000, 2))
         total, elapsed = asyncio.run(run(0, len(urls)))
         return total / elapsed

@@ -103,18 +103,18 @@ def _decode_reference(
 ) -> torch.Tensor:
     max_len = meta.max_seq_len
     pos = torch.arange(max_len, device=q.device)
+    valid = pos[None, :] < meta.seq_lens[:, None].long()  # [B, max_len]
     slots = meta.decode_slots
     if slots is None:  # computed once per step, reused by every layer
         bs = meta.block_size
         tables = meta.block_tables.long()
         blocks = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1).expand(tables.shape[0], -1))
-        slots = meta.decode_slots = blocks * bs + pos % bs  # [B, max_len]
-    valid = pos[None, :] < meta.seq_lens[:, None].long()  # [B, max_len]
-    # Padding positions read whatever a reused block holds (even NaN from a failed request):
-    # zero them so that masked positions cannot poison the softmax.
-    keep = valid[:, :, None, None]
-    k = k_flat[slots].where(keep, 0.0).permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
-    v = v_flat[slots].where(keep, 0.0).permute(0, 2, 1, 3)
+        slots = blocks * bs + pos % bs  # [B, max_len]
+        # Padding positions would read whatever a reused block holds (even NaN left by a failed
+        # request): point them at the sequence's own first token, so masked scores stay finite.
+        slots = meta.decode_slots = slots.where(valid, slots[:, :1])
+    k = k_flat[slots].permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
+    v = v_flat[slots].permute(0, 2, 1, 3)
     mask = valid[:, None, None, :]  # [B, 1, 1, max_len]
     qb = q.unsqueeze(2)  # [B, heads, 1, D]
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
