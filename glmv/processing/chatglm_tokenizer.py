@@ -31,6 +31,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _RawTokenizer
 
 from glmv.errors import CheckpointError
+from glmv.processing.bytelevel import bytes_to_unicode
 from glmv.processing.tiny_tokenizer import GLM_PRETOKENIZE_REGEX
 from glmv.processing.tokenizer import Tokenizer
 
@@ -64,24 +65,7 @@ CHATGLM_SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character map used by byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
-_BYTE_CHARS = _bytes_to_unicode()
+_BYTE_CHARS = bytes_to_unicode()
 
 
 def byte_level_string(token: bytes) -> str:

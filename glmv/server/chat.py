@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from glmv.engine.request import EngineRequest, RequestOutput, TokenLogprob
 from glmv.engine.sampling import SamplingParams
+from glmv.engine.structured import StructuredOutput, parse_response_format
 from glmv.errors import (
     EngineError,
     GlmvError,
@@ -43,6 +44,7 @@ from glmv.errors import (
     OverloadedError,
     RequestTimeoutError,
 )
+from glmv.processing.bytelevel import unicode_to_bytes
 from glmv.processing.media import ImageBudget, resolve_image
 from glmv.processing.reasoning import ReasoningParser, prompt_opens_thinking
 from glmv.server.protocol import ChatCompletionRequest, TextContentPart
@@ -70,29 +72,12 @@ _HAS_ASYNCIO_TIMEOUT = sys.version_info >= (3, 11)
 # --- token bytes for logprobs -------------------------------------------------------------------
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of the byte-level BPE alphabet (every byte has one printable character)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 class TokenBytes:
     """The raw bytes of a token id, exact even when the token is part of a UTF-8 character."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._decoder = _byte_decoder()
+        self._decoder = unicode_to_bytes()
         self._added: set[int] = set(getattr(tokenizer, "added_token_ids", set()))
         self._cache: dict[int, list[int]] = {}
 
@@ -429,12 +414,6 @@ class ChatHandler:
                 param="logit_bias",
                 code="unsupported_parameter",
             )
-        if body.response_format is not None and body.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format type '{body.response_format.type}' is not supported yet; only 'text' is.",
-                param="response_format.type",
-                code="unsupported_parameter",
-            )
         if body.stream_options is not None and not body.stream:
             raise InvalidRequestError(
                 "stream_options is only allowed when stream is true.",
@@ -465,6 +444,7 @@ class ChatHandler:
             ignore_eos=bool(body.ignore_eos),
             logprobs=top if body.logprobs else None,
             skip_special_tokens=bool(body.skip_special_tokens),
+            structured=_structured_output(body),
         )
         try:
             params.validate(max_model_len=self.state.engine.engine.max_model_len)
@@ -545,6 +525,19 @@ class ChatHandler:
         request = builder.build(request_id, messages, processed, params, chat_template_kwargs=template_kwargs)
         text = builder.chat.render(messages, add_generation_prompt=True, **template_kwargs)
         return _Prepared(request, prompt_opens_thinking(text), len(processed))
+
+
+def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
+    """`response_format` json_object / json_schema as an engine constraint (400 for a bad schema).
+    A thinking model may reason before the JSON unless the request turns thinking off."""
+    structured = parse_response_format(body.response_format)
+    if structured is None:
+        return None
+    kwargs = body.chat_template_kwargs or {}
+    thinking_off = (body.thinking is not None and body.thinking.type == "disabled") or (
+        kwargs.get("enable_thinking") is False
+    )
+    return structured.with_thinking(not thinking_off)
 
 
 def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
