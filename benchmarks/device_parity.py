@@ -14,10 +14,13 @@ Run on the device machine:  PYTHONPATH=. python3 benchmarks/device_parity.py
 from __future__ import annotations
 
 import json
-import math
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glmv.models.config import ModelConfig
 from glmv.models.generate import ImageInput, generate
@@ -28,46 +31,14 @@ def main(branch_scale: float = 1.0) -> None:
     """`branch_scale` < 1 shrinks what each residual branch adds (the post-branch norms of the LM,
     the output projections of the vision blocks): a less chaotic random network, closer to how
     trained weights behave."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     print(f"=== branch scale {branch_scale} ===")
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    text = {
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [8, 12, 12],
-            "partial_rotary_factor": 0.5,
-        }
-    }
-    hf_cfg = Glm4vConfig(text_config=text)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(dev):
-        ref = Glm4vForConditionalGeneration(hf_cfg).eval()
-    torch.set_default_dtype(torch.float32)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "post_self_attn_layernorm" in name or "post_mlp_layernorm" in name:
-                p.fill_(branch_scale)
-            elif name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.normal_(0.0, 0.02, generator=gen)
-            elif "embed_tokens" in name or "position_embedding" in name:
-                p.normal_(0.0, 1.0, generator=gen)
-            elif name == "lm_head.weight":
-                p.normal_(0.0, 2.0 / math.sqrt(p.shape[1]), generator=gen)
-            else:
-                fan_in = p[0].numel()
-                scale = (
-                    branch_scale
-                    if ("visual.blocks" in name and ("attn.proj" in name or "down_proj" in name))
-                    else 1.0
-                )
-                p.normal_(0.0, scale / math.sqrt(fan_in), generator=gen)
+    from hf_full import full_size_transformers
+
+    ref, hf_cfg = full_size_transformers(branch_scale, "cuda")
     n_params = sum(p.numel() for p in ref.parameters())
     cfg_dict = json.loads(hf_cfg.to_json_string())
     config = ModelConfig.from_dict(cfg_dict)

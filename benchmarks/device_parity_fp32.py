@@ -11,9 +11,12 @@ Run on the device machine:  PYTHONPATH=. python3 benchmarks/device_parity_fp32.p
 from __future__ import annotations
 
 import json
-import math
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glmv.kernels.metadata import AttentionMetadata
 from glmv.models.config import ModelConfig
@@ -43,35 +46,11 @@ def glmv_logits(model, ids, pixels, grid, offset, dev):
 
 
 def main() -> None:
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     dev = torch.device("cuda")
-    text = {
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [8, 12, 12],
-            "partial_rotary_factor": 0.5,
-        }
-    }
-    hf_cfg = Glm4vConfig(text_config=text)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(dev):
-        ref = Glm4vForConditionalGeneration(hf_cfg).eval()
-    torch.set_default_dtype(torch.float32)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.normal_(0.0, 0.02, generator=gen)
-            elif "embed_tokens" in name or "position_embedding" in name:
-                p.normal_(0.0, 1.0, generator=gen)
-            elif name == "lm_head.weight":
-                p.normal_(0.0, 2.0 / math.sqrt(p.shape[1]), generator=gen)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+    from hf_full import full_size_transformers
+
+    ref, hf_cfg = full_size_transformers(1.0, "cuda")
     config = ModelConfig.from_dict(json.loads(hf_cfg.to_json_string()))
     grid = (1, 80, 80)
     pixels = torch.randn(6400, 1176, generator=torch.Generator().manual_seed(1)).to(dev)
