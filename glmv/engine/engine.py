@@ -22,6 +22,7 @@ from glmv.engine.runner import ModelRunner, SeqInputs, kv_bytes_per_block
 from glmv.engine.sampler import SampledToken
 from glmv.engine.scheduler import Scheduler, SchedulerConfig
 from glmv.engine.sequence import ImageSpan, Sequence
+from glmv.engine.structured import GrammarBackend, GrammarState
 from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, GlmvError, InvalidRequestError
 from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
@@ -152,6 +153,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._seqs: dict[int, _SeqState] = {}
         self.images_encoded = 0
+        self._grammar: GrammarBackend | None = None  # structured output, built on first use
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -302,6 +304,7 @@ class LLMEngine:
             raise InvalidRequestError(f"Duplicate request id {request.request_id!r}.")
         self.validate(request)
         params = request.params
+        grammars = self._grammar_states(request)  # structured output; may raise, before anything is queued
         spans = [ImageSpan(im.offset, im.length, im.content_hash) for im in request.images]
         seqs = [
             Sequence(
@@ -323,7 +326,7 @@ class LLMEngine:
                 gen.manual_seed(params.seed + seq.index)
             state = _SeqState(
                 seq=seq,
-                inputs=SeqInputs(images=list(request.images), generator=gen),
+                inputs=SeqInputs(images=list(request.images), generator=gen, grammar=grammars[seq.index]),
                 detok=IncrementalDetokenizer(
                     self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
                 ),
@@ -332,6 +335,20 @@ class LLMEngine:
             self._seqs[seq.seq_id] = state
             states.append(state)
         self._requests[request.request_id] = _RequestState(request, states)
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The structured-output machinery for this model's tokenizer (built once, on first use)."""
+        if self._grammar is None:
+            self._grammar = GrammarBackend(self.tokenizer, self.model.vocab_size, sorted(self.eos_token_ids))
+        return self._grammar
+
+    def _grammar_states(self, request: EngineRequest) -> list[GrammarState | None]:
+        """One grammar state per choice of a structured-output request (None for free text)."""
+        structured = request.params.structured
+        if structured is None:
+            return [None] * request.params.n
+        backend = self.grammar_backend()
+        return [backend.new_state(structured, request.prompt_token_ids) for _ in range(request.params.n)]
 
     def abort(self, request_id: str) -> bool:
         state = self._requests.pop(request_id, None)
@@ -438,6 +455,14 @@ class LLMEngine:
         delta = self._delta(state, req)
         token = sampled.token_id
         delta.token_ids.append(token)
+        grammar = state.inputs.grammar
+        if grammar is not None:  # structured output: the constraint follows the sampled token
+            grammar.advance(token)
+            if grammar.error is not None and not seq.is_finished:
+                req.error = EngineError(
+                    f"structured output failed: {grammar.error}", code="structured_output_failed"
+                )
+                self.scheduler.finish(seq, "error")
         if delta.logprobs is not None and sampled.logprob is not None:
             tok = self.tokenizer
             top = [(t, tok.decode([t]), lp) for t, lp in (sampled.top_logprobs or [])]

@@ -18,6 +18,7 @@ from glmv.engine.encoder_cache import EncoderCache
 from glmv.engine.request import ImageInput
 from glmv.engine.sampler import SampledToken, SampleRequest, sample
 from glmv.engine.scheduler import ScheduledChunk
+from glmv.engine.structured import GrammarState, apply_masks, fill_masks
 from glmv.kernels.metadata import AttentionMetadata
 from glmv.models.base import ServedModel
 
@@ -31,6 +32,7 @@ class SeqInputs:
     positions: torch.Tensor | None = None  # [3, num_prompt_tokens], computed on first use
     delta: int = 0
     failed: str | None = None  # set when this sequence's inputs could not be processed
+    grammar: GrammarState | None = None  # structured output: the constraint on the next token
 
 
 @dataclass(slots=True)
@@ -277,6 +279,9 @@ class ModelRunner:
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return result
+        # Structured output: allowed-token masks of the constrained rows, filled on the host while
+        # the forward pass may still run on the device.
+        grammar_masks = fill_masks([inputs[c.seq.seq_id].grammar for _, c in sampling])
         last_rows = []
         cursor = 0
         for c in chunks:
@@ -303,6 +308,8 @@ class ModelRunner:
         if keep:
             if len(keep) != len(sampling):
                 logits = logits[torch.tensor(keep, device=self.device)]
+                grammar_masks = grammar_masks.select(keep) if grammar_masks is not None else None
+            apply_masks(logits, grammar_masks)  # unconstrained rows stay untouched
             tokens = sample(logits, rows, self.default_generator)
             for j, tok in zip(keep, tokens, strict=True):
                 result.sampled[sampling[j][1].seq.seq_id] = tok

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from glmv.errors import ContextLengthExceededError, InvalidRequestError
 
@@ -51,6 +52,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob + k top alternatives
     skip_special_tokens: bool = False
+    # Structured output (glmv.engine.structured.StructuredOutput): the output is constrained to JSON.
+    structured: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +136,10 @@ class SamplingParams:
             raise _invalid(
                 "logprobs",
                 f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}.",
+            )
+        if self.structured is not None and not hasattr(self.structured, "grammar"):
+            raise _invalid(
+                "response_format", "structured must be a StructuredOutput (see glmv.engine.structured)."
             )
         if not isinstance(self.skip_special_tokens, bool):
             raise _invalid(

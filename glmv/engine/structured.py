@@ -28,6 +28,7 @@ the schema as written, and a model cannot wander into invented keys.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import threading
@@ -94,6 +95,12 @@ class StructuredOutput:
     strict: bool | None = None
     grammar: str = field(default="", repr=False)  # llguidance grammar (JSON text)
     key: str = ""  # sha256 of the grammar: the compile cache's key
+    # Whether a thinking model may reason (`<think>…</think>`) before the constrained answer. When
+    # False and the prompt already opened `<think>`, `</think>` is forced first.
+    allow_thinking: bool = True
+
+    def with_thinking(self, allow: bool) -> StructuredOutput:
+        return dataclasses.replace(self, allow_thinking=allow)
 
     def validate_output(self, value: Any) -> list[str]:
         """Messages of what `value` gets wrong against the schema (empty: valid)."""
@@ -428,19 +435,19 @@ class GrammarBackend:
         return base.deep_copy()
 
     def new_state(self, output: StructuredOutput, prompt_token_ids: Sequence[int]) -> GrammarState:
-        """The state of one sequence; the constraint waits for `</think>` if the prompt opened it."""
-        opens = self.prompt_opens_thinking(prompt_token_ids)
-        may_think = (
-            not opens
-            and self.think_start_id is not None
-            and self.think_end_id is not None
-            and not self._prompt_closed_thinking(prompt_token_ids)
-        )
+        """The state of one sequence. If the prompt opened `<think>`, the constraint waits for
+        `</think>` (or forces it first when thinking is not allowed); otherwise a thinking model
+        may open `<think>` with its first token when thinking is allowed."""
+        thinks = self.think_start_id is not None and self.think_end_id is not None
+        opens = thinks and self.prompt_opens_thinking(prompt_token_ids)
+        allow = output.allow_thinking
+        may_open = thinks and allow and not opens and not self._prompt_closed_thinking(prompt_token_ids)
         return GrammarState(
             self,
             self.matcher(output),
             active=not opens,
-            may_open_thinking=may_think,
+            may_open_thinking=may_open,
+            force_think_end=opens and not allow,
         )
 
     def _assistant_tail(self, prompt: Sequence[int]) -> Sequence[int]:
@@ -475,22 +482,37 @@ def _token_id(tokenizer: Any, text: str) -> int | None:
 class GrammarState:
     """The constraint on one sequence's output."""
 
-    __slots__ = ("active", "backend", "error", "matcher", "may_open_thinking", "num_consumed")
+    __slots__ = (
+        "active",
+        "backend",
+        "error",
+        "force_think_end",
+        "matcher",
+        "may_open_thinking",
+        "num_consumed",
+    )
 
     def __init__(
-        self, backend: GrammarBackend, matcher: Any, *, active: bool, may_open_thinking: bool
+        self,
+        backend: GrammarBackend,
+        matcher: Any,
+        *,
+        active: bool,
+        may_open_thinking: bool = False,
+        force_think_end: bool = False,
     ) -> None:
         self.backend = backend
         self.matcher = matcher
         self.active = active  # False while the model thinks (before `</think>`)
         self.may_open_thinking = may_open_thinking  # the first token may be `<think>`
+        self.force_think_end = force_think_end  # the next token must be `</think>`
         self.error: str | None = None
         self.num_consumed = 0
 
     @property
     def constrains(self) -> bool:
         """Whether the next token is masked."""
-        return self.active
+        return self.active or self.force_think_end
 
     @property
     def is_complete(self) -> bool:
@@ -506,6 +528,7 @@ class GrammarState:
         if not self.active:
             if token_id == self.backend.think_end_id:
                 self.active = True
+                self.force_think_end = False
             return
         if first and token_id == self.backend.think_start_id:
             self.active = False
@@ -530,6 +553,15 @@ class BatchMasks:
     rows: list[int]  # row indices of the logits they apply to
     bitmask: torch.Tensor  # int32 [len(rows), ceil(vocab / 32)], bit j of word w: token 32*w + j
 
+    def select(self, keep: Sequence[int]) -> BatchMasks | None:
+        """The masks after the batch is cut down to rows `keep` (renumbered 0..len(keep)-1)."""
+        position = {row: k for k, row in enumerate(keep)}
+        picked = [(position[row], m) for m, row in enumerate(self.rows) if row in position]
+        if not picked:
+            return None
+        index = torch.tensor([m for _, m in picked])
+        return BatchMasks([k for k, _ in picked], self.bitmask.index_select(0, index))
+
 
 def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
     """Bitmasks of the rows whose state constrains the next token (None when no row does)."""
@@ -542,7 +574,7 @@ def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
     for k, i in enumerate(rows):
         state = states[i]
         assert state is not None
-        if state.error is None and not state.matcher.is_error():
+        if state.active and state.error is None and not state.matcher.is_error():
             pairs.append((state.matcher, k))
     if pairs:
         backend.executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), backend.words * 4, len(rows))
@@ -550,7 +582,10 @@ def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
     for k, i in enumerate(rows):
         state = states[i]
         assert state is not None
-        if state.error is not None or state.matcher.is_error() or not view[k].any():
+        if state.force_think_end and not state.active:
+            view[k] = 0
+            _set_bits(view[k], [backend.think_end_id])  # type: ignore[list-item]
+        elif state.error is not None or state.matcher.is_error() or not view[k].any():
             # A broken or finished grammar: end the sequence.
             view[k] = 0
             _set_bits(view[k], backend.stop_token_ids)
