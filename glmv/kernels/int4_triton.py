@@ -146,15 +146,18 @@ def _int4_gemv_kernel(
         for r in tl.static_range(16):
             row = c * 16 + r
             ok = row < k_rows  # the last split may run past K: masked, no memory traffic
-            w = tl.load(qw_ptr + row * N + offs_n, mask=n_mask & ok, other=0)
+            row_mask = n_mask & ((offs_n * 0 + row) < k_rows)
+            w = tl.load(qw_ptr + row * N + offs_n, mask=row_mask, other=0)
             for i in tl.static_range(8):
-                xk = tl.load(x_row + row * 8 + i, mask=ok, other=0.0).to(tl.float32)
+                # Unmasked scalar load from a clamped address; rows past K contribute zero.
+                xk = tl.load(x_row + tl.minimum(row * 8 + i, K - 1)).to(tl.float32)
+                xk = tl.where(ok, xk, 0.0)
                 t += xk * _nibble(w, i)
                 xs += xk
             if (r + 1) % RG == 0:
                 g = (row * 8) // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask & ok, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask & ok, other=0).to(tl.float32)
+                s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * N + offs_n, mask=row_mask, other=0).to(tl.float32)
                 acc += s * (16.0 * (t - xs) - z * xs)
                 t = tl.zeros([BLOCK_N], dtype=tl.float32)
                 xs = tl.full([], 0.0, tl.float32)
@@ -236,9 +239,9 @@ def _int4_gemm_kernel(
                 part = tl.dot(x, v.to(x.dtype))
             xs = tl.sum(x.to(tl.float32), axis=1)
             g = (c * 128) // GROUP
-            ok = c * 128 < K
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask & ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask & ok, other=0).to(tl.float32)
+            ok = n_mask & ((offs_n * 0 + c * 128) < K)
+            s = tl.load(s_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=ok, other=0).to(tl.float32)
             acc += s[None, :] * (16.0 * (part - xs[:, None]) - z[None, :] * xs[:, None])
         else:
             grp = offs_k // GROUP
