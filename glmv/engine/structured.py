@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from glmv.errors import EngineError, InvalidRequestError
+from glmv.processing.bytelevel import unicode_to_bytes
 
 __all__ = [
     "GRAMMAR_OPTIONS",
@@ -131,8 +132,11 @@ def _tighten(schema: Any) -> Any:
             out[key] = {k: _tighten(v) for k, v in out[key].items()}
     if isinstance(out.get("additionalProperties"), dict):
         out["additionalProperties"] = _tighten(out["additionalProperties"])
+    listed = out.get("properties")
+    required = out.get("required")
     if (
-        "properties" in out
+        isinstance(listed, dict)
+        and (not isinstance(required, list) or all(r in listed for r in required))
         and "additionalProperties" not in out
         and "patternProperties" not in out
         and "unevaluatedProperties" not in out
@@ -145,9 +149,9 @@ def _grammar(schema: Mapping[str, Any], param: str) -> str:
     llg = _llg()
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), defaults=GRAMMAR_OPTIONS)
-    except (ValueError, TypeError) as exc:
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    except Exception as exc:  # the library's own error types for schemas it cannot take
         raise _invalid(f"{param} is not a usable JSON Schema: {exc}", param) from None
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise InvalidRequestError(
             _explain(messages[0] if messages else "invalid schema", param),
@@ -270,8 +274,11 @@ def meta_schema_error(schema: Mapping[str, Any]) -> str | None:
         from jsonschema import validators
     except ImportError:  # pragma: no cover - grammar compilation still rejects nonsense
         return None
-    cls = validators.validator_for(schema, default=validators.Draft202012Validator)
-    error = next(iter(cls(cls.META_SCHEMA).iter_errors(schema)), None)
+    try:
+        cls = validators.validator_for(schema, default=validators.Draft202012Validator)
+        error = next(iter(cls(cls.META_SCHEMA).iter_errors(schema)), None)
+    except Exception as exc:  # e.g. an unknown "$schema" dialect
+        return str(exc).split("\n", 1)[0]
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
@@ -309,36 +316,22 @@ def schema_errors(schema: Mapping[str, Any], value: Any) -> list[str]:
     except ImportError:  # pragma: no cover - the grammar already enforced the schema
         return []
     messages = []
-    for error in cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(value):
-        where = "/".join(str(p) for p in error.absolute_path)
-        messages.append(f"{error.message}" + (f" (at /{where})" if where else ""))
+    try:
+        for error in cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(value):
+            where = "/".join(str(p) for p in error.absolute_path)
+            messages.append(f"{error.message}" + (f" (at /{where})" if where else ""))
+    except Exception as exc:  # a schema the validator cannot evaluate: report, never crash
+        messages.append(f"the schema could not be evaluated: {str(exc).splitlines()[0]}")
     return messages
 
 
 # --- the engine's side: token bytes, compiled matchers, per-sequence state ----------------------------
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of byte-level BPE's byte -> printable character map."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def token_bytes_table(tokenizer: Any, vocab_size: int) -> tuple[list[bytes], set[int]]:
     """Every id's raw bytes (byte-level BPE pieces decoded) and the ids that are not text:
     added/special tokens and the padding ids past the tokenizer's vocabulary."""
-    decoder = _byte_decoder()
+    decoder = unicode_to_bytes()
     added = set(getattr(tokenizer, "added_token_ids", set())) | set(
         getattr(tokenizer, "special_token_ids", set())
     )

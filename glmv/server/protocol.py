@@ -129,11 +129,16 @@ class StreamOptions(_Lenient):
 
 
 class ResponseFormat(BaseModel):
-    """Only `{"type": "text"}` is served for now; other types are answered with a 400."""
+    """`text`, `json_object` (any JSON object) or `json_schema` (the output follows the schema,
+    enforced token by token; features that cannot be enforced get a 400 naming them)."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: str
+    type: str = Field(description="`text`, `json_object` or `json_schema`.")
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description='For `json_schema`: `{"name": ..., "schema": {JSON Schema}, "strict": true}`.',
+    )
 
 
 class ThinkingOptions(_Lenient):

@@ -140,6 +140,8 @@ class Settings:
     )
     # guardrails: filled from the guard module's own flags
     guard: Any = field(default=None, metadata={"kind": "guard"})
+    # moderation policy: the TOML file's [moderation] table (glmv.tasks.moderation.ModerationPolicy)
+    moderation: Any = field(default=None, metadata={"kind": "table"})
 
     def __post_init__(self) -> None:
         if self.guard is None and _guard_module is not None:
@@ -213,7 +215,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             kind = f.metadata.get("kind")
-            if kind in ("guard", "derived"):
+            if kind in ("guard", "derived", "table"):
                 continue
             if f.name in given:
                 values[f.name] = _convert(f.name, kind, given[f.name], "flag")
@@ -226,6 +228,10 @@ class Settings:
         settings = cls(**values)
         settings.guard = _guard_settings(args, env, table)
         settings.log_content = bool(getattr(settings.guard, "log_content", False))
+        if "moderation" in table:
+            from glmv.tasks.moderation import ModerationPolicy
+
+            settings.moderation = ModerationPolicy.from_table(table["moderation"], str(path))
         _check_unknown_keys(table, path)
         settings.validate()
         return settings
@@ -243,7 +249,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("serve")
     for f in dataclasses.fields(Settings):
         kind = f.metadata.get("kind")
-        if kind in ("guard", "derived"):
+        if kind in ("guard", "derived", "table"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         env = f"{ENV_PREFIX}{f.name.upper()}"

@@ -170,7 +170,11 @@ BUSINESS_LICENSE_SCHEMA = _obj(
 TABLE_SCHEMA = _obj(
     {
         "title": _s(80, "the table's caption or title"),
-        "columns": {"type": "array", "maxItems": 20, "items": _s(40, "column header", nullable=False)},
+        "columns": {
+            "type": "array",
+            "maxItems": 20,
+            "items": _s(40, "column header; null for an empty header cell"),
+        },
         "rows": {
             "type": "array",
             "maxItems": 100,
@@ -192,9 +196,11 @@ CHAT_SCREENSHOT_SCHEMA = _obj(
                     "sender": _s(40, "display name; null for your own messages when no name is shown"),
                     "is_self": {"type": "boolean", "description": "true for messages on the right-hand side"},
                     "time": _s(30, "time shown next to or above the message"),
-                    "text": _s(
-                        500, 'message text; [image], [voice 5"], [sticker] for non-text', nullable=False
-                    ),
+                    "text": _s(500, "message text; null for an image, sticker or voice message"),
+                    "kind": {
+                        "type": "string",
+                        "enum": ["text", "image", "sticker", "voice", "file", "link", "other"],
+                    },
                 }
             ),
         },
@@ -215,16 +221,17 @@ class ExtractionPreset:
     constraints: tuple[str, ...]
 
     def prompt(self, instructions: str | None = None) -> str:
-        return _render(self.role, self.task, self.constraints, self.schema, instructions)
+        label = "输出格式：" if any("\u4e00" <= ch <= "\u9fff" for ch in self.role) else "Output format:"
+        return _render(self.role, self.task, self.constraints, self.schema, instructions, label)
 
 
 _COMMON_ZH = (
-    "只输出一个 JSON 对象，符合下面的 JSON Schema，不要输出解释或 Markdown。",
+    "只输出一个 JSON 对象，格式如下，不要输出解释或 Markdown。",
     "图片上看不到或无法辨认的字段填 null，不要猜测或编造。",
     "照原样抄写文字和数字，不要翻译或改写。",
 )
 _COMMON_EN = (
-    "Output one JSON object that follows the JSON Schema below, and nothing else (no prose, no Markdown).",
+    "Output one JSON object in the format below, and nothing else (no prose, no Markdown).",
     "Use null for a field the image does not show or that cannot be read; never guess.",
     "Copy text and numbers exactly as printed; do not translate or rephrase.",
 )
@@ -306,17 +313,104 @@ BUILTIN_SCHEMAS: dict[str, ExtractionPreset] = {
 
 
 def schema_outline(schema: Mapping[str, Any]) -> str:
-    """The schema as compact JSON for the prompt."""
-    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    """The schema as a short, readable outline for the prompt (keys, types, notes), e.g.
+
+        {
+          "发票号码": string or null, pattern ^[0-9]{8,20}$  // 8 位（或数电发票 20 位）数字
+          "项目": [  // at most 30
+            { ... }
+          ]
+        }
+
+    Parts it does not know how to outline (anyOf, $ref, ...) appear as compact JSON."""
+    return "\n".join(_outline(schema, 0, None))
+
+
+_OUTLINED = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "description",
+        "pattern",
+        "format",
+        "maxLength",
+        "minLength",
+        "maxItems",
+        "minItems",
+        "minimum",
+        "maximum",
+        "multipleOf",
+        "title",
+    }
+)
+
+
+def _note(schema: Mapping[str, Any], extra: list[str]) -> str:
+    notes = list(extra)
+    if isinstance(schema.get("description"), str):
+        notes.append(schema["description"])
+    return ("  // " + "; ".join(notes)) if notes else ""
+
+
+def _scalar(schema: Mapping[str, Any]) -> tuple[str, list[str]]:
+    if "enum" in schema:
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"]), []
+    if "const" in schema:
+        return json.dumps(schema["const"], ensure_ascii=False), []
+    kinds = schema.get("type", "any")
+    text = " or ".join(kinds) if isinstance(kinds, list) else str(kinds)
+    bits = []
+    if "pattern" in schema:
+        bits.append(f"pattern {schema['pattern']}")
+    if "format" in schema:
+        bits.append(f"format {schema['format']}")
+    if "maxLength" in schema:
+        bits.append(f"at most {schema['maxLength']} characters")
+    if schema.get("multipleOf") == 0.01:
+        bits.append("two decimals")
+    if bits:
+        text += ", " + ", ".join(bits)
+    return text, []
+
+
+def _outline(schema: Any, depth: int, key: str | None) -> list[str]:
+    pad = "  " * depth
+    head = f"{pad}{json.dumps(key, ensure_ascii=False)}: " if key is not None else pad
+    if not isinstance(schema, Mapping) or set(schema) - _OUTLINED:
+        return [head + json.dumps(schema, ensure_ascii=False, separators=(",", ":"))]
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "object" in kinds and isinstance(schema.get("properties"), Mapping):
+        lines = [head + "{" + _note(schema, [])]
+        for name, sub in schema["properties"].items():
+            lines += _outline(sub, depth + 1, name)
+        return [*lines, pad + "}"]
+    if "array" in kinds and isinstance(schema.get("items"), Mapping):
+        extra = [f"at most {schema['maxItems']}"] if "maxItems" in schema else []
+        lines = [head + "[" + _note(schema, extra)]
+        lines += _outline(schema["items"], depth + 1, None)
+        return [*lines, pad + "]"]
+    text, extra = _scalar(schema)
+    return [head + text + _note(schema, extra)]
 
 
 def _render(
-    role: str, task: str, constraints: tuple[str, ...], schema: Mapping[str, Any], instructions: str | None
+    role: str,
+    task: str,
+    constraints: tuple[str, ...],
+    schema: Mapping[str, Any],
+    instructions: str | None,
+    label: str = "Output format:",
 ) -> str:
     lines = [role, "", task]
     if instructions:
         lines += ["", instructions.strip()]
-    lines += ["", *(f"- {c}" for c in constraints), "", "JSON Schema:", schema_outline(schema)]
+    lines += ["", *(f"- {c}" for c in constraints), "", label, schema_outline(schema)]
     return "\n".join(lines)
 
 
@@ -324,7 +418,7 @@ def extraction_prompt(schema: Mapping[str, Any], instructions: str | None = None
     """The prompt for an inline schema: a generic role and task, the same constraints."""
     return _render(
         "You are a meticulous data-extraction assistant.",
-        "Read the image(s) and extract the information the JSON Schema below describes.",
+        "Read the image(s) and extract the information the format below describes.",
         _COMMON_EN,
         schema,
         instructions,
@@ -412,8 +506,15 @@ _EXAMPLES: dict[str, dict[str, Any]] = {
         "app": "WeChat",
         "title": "项目组",
         "messages": [
-            {"sender": "王经理", "is_self": False, "time": "10:02", "text": "下午三点开会，大家准时参加"},
-            {"sender": None, "is_self": True, "time": None, "text": "收到"},
+            {
+                "sender": "王经理",
+                "is_self": False,
+                "time": "10:02",
+                "text": "下午三点开会，大家准时参加",
+                "kind": "text",
+            },
+            {"sender": None, "is_self": True, "time": None, "text": "收到", "kind": "text"},
+            {"sender": "王经理", "is_self": False, "time": None, "text": None, "kind": "sticker"},
         ],
     },
 }

@@ -272,10 +272,19 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     ({"messages": user("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     ({"messages": user("x"), "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens", None),
     (
-        {"messages": user("x"), "response_format": {"type": "json_object"}},
+        {"messages": user("x"), "response_format": {"type": "xml"}},
         400,
         "response_format.type",
-        "unsupported_parameter",
+        "invalid_value",
+    ),
+    (
+        {
+            "messages": user("x"),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+        },
+        400,
+        "response_format.json_schema.schema",
+        "unsupported_schema",
     ),
     (
         {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]},
