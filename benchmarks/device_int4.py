@@ -12,7 +12,7 @@
    its linear layers RTN-quantized in memory (group 128): weight bytes (LM only int4; + vision;
    + lm_head), logits agreement, and the time of one whole 40-layer LM forward (decode step over
    a 512-token context, CUDA graph) at batch 1 and 64, plus a 2048-token prefill, int4 vs bf16.
-Prints a table last. Runs in about two minutes on an H100.
+Prints a table last. Runs in about two minutes on an H100 (about three with --sweep).
 """
 
 from __future__ import annotations
@@ -101,7 +101,11 @@ def check_kernels(dev: torch.device) -> None:
 
     def variants(m: int) -> list[K.LaunchConfig | None]:
         if m == 1:
-            return [None, K.LaunchConfig("gemv", 1, 256, 8, 2, 2, 0, True)]
+            return [
+                None,
+                K.LaunchConfig("gemv", 1, 256, 8, 2, 2, 0, True),
+                K.LaunchConfig("gemv", 1, 256, 8, 4, 2, fast_unpack=True),
+            ]
         if m == 17:
             return [None, K.LaunchConfig("gemm", 16, 64, 8, 4, 2, 1, False)]
         return [None]
@@ -163,9 +167,12 @@ def _sweep_configs(m: int, n: int, k: int) -> list[K.LaunchConfig]:
             sp = K._split_for(triton_cdiv(n, bn) * m, chunks, 132)
             for split in sorted({sp, min(chunks, 2 * sp)}):
                 out.append(K.LaunchConfig("gemv", 1, bn, split, warps, 2))
-        sp = K._split_for(triton_cdiv(n, 256) * m, chunks, 132)
+        sp = K._split_for(triton_cdiv(n, 256) * m, chunks, 132, waves=4)
         if sp > 1:
-            out.append(K.LaunchConfig("gemv", 1, 256, sp, 2, 2, 0, True))
+            out.append(K.LaunchConfig("gemv", 1, 256, sp, 4, 2, 0, True))
+        for bn, warps in itertools.product((256, 512), (4, 8)):
+            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, 132, waves=4)
+            out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, fast_unpack=True))
     if m >= 4:
         bm = 16 if m <= 16 else 64
         for bn, expand in itertools.product((64, 128), (0, 1)):
@@ -194,7 +201,7 @@ def sweep_shape(
         print(f"      {t * 1e3:.1f} us  {cfg}")
     by_kind: dict[str, tuple[float, K.LaunchConfig]] = {}
     for t, cfg in results:
-        key = f"{cfg.kind}{'-fused' if cfg.fused_reduce else ''}{'-x1' if cfg.expand else ''}"
+        key = f"{cfg.kind}{'-fused' if cfg.fused_reduce else ''}{'-x1' if cfg.expand else ''}{'-fast' if cfg.fast_unpack else ''}"
         by_kind.setdefault(key, (t, cfg))
     print("      best per kind: " + ", ".join(f"{key} {t * 1e3:.1f}" for key, (t, _) in by_kind.items()))
 

@@ -59,6 +59,21 @@ def _nibble(w, NIB: tl.constexpr):
 
 
 @triton.jit
+def _nibble_fast(w, NIB: tl.constexpr):
+    """Nibble `NIB` as `1 + q/128` (even nibbles, moved to bits 16–19) or `1 + q/2048` (odd
+    nibbles, moved to bits 12–15), exactly: four shifted copies of the word serve all eight
+    nibbles, so each costs one AND-OR (LOP3) and a quarter of a shift."""
+    u = w.to(tl.uint32, bitcast=True)
+    SHIFT: tl.constexpr = 16 - 8 * ((NIB + 1) // 2)  # left shift: 16, 8, 8, 0, 0, -8, -8, -16
+    if SHIFT > 0:
+        u = u << SHIFT
+    elif SHIFT < 0:
+        u = u >> (-SHIFT)
+    MASK: tl.constexpr = 0x0000F000 if NIB % 2 == 1 else 0x000F0000
+    return ((u & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _finish_tile(
     acc,
     offs_m,
@@ -126,9 +141,11 @@ def _int4_gemv_kernel(
     PARTIAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
+    FAST_UNPACK: tl.constexpr,
 ):
     """One row of x (grid axis 2 when there are several). Its entries are loaded as scalars, so
-    multiplying them into the strip of columns costs nothing but the FMA."""
+    multiplying them into the strip of columns costs nothing but the FMA. FAST_UNPACK takes the
+    nibbles with `_nibble_fast` (odd ones weighted by 16 through x) instead of `_nibble`."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -140,7 +157,8 @@ def _int4_gemv_kernel(
     RG: tl.constexpr = (GROUP if GROUP < 128 else 128) // 8
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    xs = tl.full([], 0.0, tl.float32)
+    xs = tl.full([], 0.0, tl.float32)  # Σ x
+    xw = tl.full([], 0.0, tl.float32)  # Σ x · (its weight in t: 1, or 16 for odd nibbles with FAST_UNPACK)
     for it in range(0, chunks_per_split):
         c = pid_s * chunks_per_split + it
         for r in tl.static_range(16):
@@ -152,15 +170,23 @@ def _int4_gemv_kernel(
                 # Unmasked scalar load from a clamped address; rows past K contribute zero.
                 xk = tl.load(x_row + tl.minimum(row * 8 + i, K - 1)).to(tl.float32)
                 xk = tl.where(ok, xk, 0.0)
-                t += xk * _nibble(w, i)
                 xs += xk
+                if FAST_UNPACK and i % 2 == 1:
+                    xk = xk * 16.0
+                xw += xk
+                if FAST_UNPACK:
+                    t += xk * _nibble_fast(w, i)
+                else:
+                    t += xk * _nibble(w, i)
             if (r + 1) % RG == 0:
                 g = (row * 8) // GROUP
                 s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g * N + offs_n, mask=row_mask, other=0).to(tl.float32)
-                acc += s * (16.0 * (t - xs) - z * xs)
+                FACTOR: tl.constexpr = 128.0 if FAST_UNPACK else 16.0
+                acc += s * (FACTOR * (t - xw) - z * xs)
                 t = tl.zeros([BLOCK_N], dtype=tl.float32)
                 xs = tl.full([], 0.0, tl.float32)
+                xw = tl.full([], 0.0, tl.float32)
     offs_m = pid_m + tl.arange(0, 1)
     _finish_tile(
         acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
@@ -319,6 +345,7 @@ class LaunchConfig:
     num_stages: int = 2
     expand: int = 0
     fused_reduce: bool = False
+    fast_unpack: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -461,7 +488,7 @@ def int4_matmul_triton(
         num_stages=cfg.num_stages,
     )
     if cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*args, **common)
+        _int4_gemv_kernel[grid](*args, FAST_UNPACK=cfg.fast_unpack, **common)
     else:
         _int4_gemm_kernel[grid](*args, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common)
     if split > 1 and not cfg.fused_reduce:

@@ -45,7 +45,7 @@ class AwqSettings:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    max_tokens: int = 4096  # calibration tokens used for the searches (a deterministic subset)
+    max_tokens: int = 2048  # calibration tokens used for the searches (a deterministic subset)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -88,7 +88,9 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, settings: AwqSettings) -> tor
 
 
 @torch.no_grad()
-def search_clip(x: torch.Tensor, w: torch.Tensor, settings: AwqSettings, *, skip_rows: int = 0) -> torch.Tensor:
+def search_clip(
+    x: torch.Tensor, w: torch.Tensor, settings: AwqSettings, *, skip_rows: int = 0
+) -> torch.Tensor:
     """`w` with each group clipped to the range that best reproduces `x @ w.T` after quantization;
     the first `skip_rows` output rows are left unclipped."""
     g = check_group_size(w.shape[1], settings.group_size)
