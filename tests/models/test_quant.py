@@ -467,9 +467,11 @@ for m, n, k, g in [(1, 40, 264, 8), (2, 40, 384, 128), (17, 24, 256, 256)]:
     cfgs = [T.LaunchConfig("gemm", 16, 32, 1, 4, 2, 0), T.LaunchConfig("gemm", 16, 32, 3, 4, 2, 1), T.LaunchConfig("dequant")]
     if m <= 2:
         cfgs += [T.LaunchConfig("gemv", 1, 32, 1, 4, 2), T.LaunchConfig("gemv", 1, 32, 3, 4, 2), T.LaunchConfig("gemv", 1, 32, 3, 4, 2, 0, True)]
+        cfgs += [T.LaunchConfig("gemv", 1, 32, 3, 4, 2, fast_unpack=True)]
     for cfg in cfgs:
         out = T.int4_matmul_triton(x, p.qweight, p.zeros, p.scales, p.group_size, b, cfg)
-        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), (m, n, k, g, cfg)
+        tol = 1e-3 if cfg.fast_unpack else 1e-4  # fast: the 1/2048 steps cost bits of fp32 x
+        assert (out - ref).abs().max() <= tol * ref.abs().max(), (m, n, k, g, cfg)
     assert torch.equal(T.dequantize_triton(p.qweight, p.zeros, p.scales, p.group_size, torch.float32),
                        dequantize_packed(p.qweight, p.zeros, p.scales, p.group_size))
 """
