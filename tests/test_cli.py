@@ -46,3 +46,15 @@ def test_python_dash_m_lists_the_commands() -> None:
     ).stdout
     for command in ("serve", "chat", "create-tiny-model", "bench"):
         assert command in out
+
+
+def test_offline_api_from_the_package(tiny41_dir: Path) -> None:
+    import glmv
+
+    llm = glmv.LLM(tiny41_dir, dtype="float32")
+    params = glmv.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    results = llm.chat(
+        [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "你好"}]], params, use_tqdm=False
+    )
+    assert [len(r.outputs[0].token_ids) for r in results] == [6, 6]
+    assert all(r.outputs[0].finish_reason == "length" for r in results)
