@@ -348,7 +348,12 @@ class LLMEngine:
         if structured is None:
             return [None] * request.params.n
         backend = self.grammar_backend()
-        return [backend.new_state(structured, request.prompt_token_ids) for _ in range(request.params.n)]
+        budget = self.max_model_len - len(request.prompt_token_ids)
+        if request.params.max_tokens is not None:
+            budget = min(budget, request.params.max_tokens)
+        return [
+            backend.new_state(structured, request.prompt_token_ids, budget) for _ in range(request.params.n)
+        ]
 
     def abort(self, request_id: str) -> bool:
         state = self._requests.pop(request_id, None)

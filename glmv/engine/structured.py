@@ -99,9 +99,15 @@ class StructuredOutput:
     # Whether a thinking model may reason (`<think>…</think>`) before the constrained answer. When
     # False and the prompt already opened `<think>`, `</think>` is forced first.
     allow_thinking: bool = True
+    # When the token budget (max_tokens, or what is left of the context) is about to run out,
+    # steer the output to close the JSON so that it stays complete and valid (glmv extension).
+    close_on_budget: bool = False
 
     def with_thinking(self, allow: bool) -> StructuredOutput:
         return dataclasses.replace(self, allow_thinking=allow)
+
+    def with_close_on_budget(self, close: bool = True) -> StructuredOutput:
+        return dataclasses.replace(self, close_on_budget=close)
 
     def validate_output(self, value: Any) -> list[str]:
         """Messages of what `value` gets wrong against the schema (empty: valid)."""
@@ -222,13 +228,22 @@ def json_object_output() -> StructuredOutput:
 
 
 def parse_response_format(value: Any, param: str = "response_format") -> StructuredOutput | None:
-    """An OpenAI `response_format` (dict) as a constraint; None for `{"type": "text"}` or None."""
+    """An OpenAI `response_format` (dict) as a constraint; None for `{"type": "text"}` or None.
+    glmv's extension `close_on_budget: true` keeps the JSON complete when the budget runs out."""
     if value is None:
         return None
     if hasattr(value, "model_dump"):
         value = value.model_dump()
     if not isinstance(value, dict):
         raise _invalid(f"{param} must be an object with a 'type'.", param)
+    close = value.get("close_on_budget")
+    if close is not None and not isinstance(close, bool):
+        raise _invalid("response_format.close_on_budget must be a boolean.", f"{param}.close_on_budget")
+    out = _parse_format(value, param)
+    return out.with_close_on_budget(True) if out is not None and close else out
+
+
+def _parse_format(value: dict[str, Any], param: str) -> StructuredOutput | None:
     kind = value.get("type")
     if kind == "text":
         return None
@@ -263,6 +278,11 @@ def parse_response_format(value: Any, param: str = "response_format") -> Structu
         # OpenAI allows a missing schema: any JSON object.
         schema = {"type": "object"}
     return json_schema_output(schema, name=name, strict=strict, param=f"{param}.json_schema.schema")
+
+
+def closing_reserve(budget: int) -> int:
+    """How many tokens before the end of a budget `close_on_budget` starts closing the JSON."""
+    return min(256, max(32, budget // 8))
 
 
 # --- JSON Schema validation of results (jsonschema, when installed) ---------------------------------
@@ -396,6 +416,7 @@ class GrammarBackend:
         )
         self.executor = llg.LLExecutor(num_threads=threads)
         self.words = (vocab_size + 31) // 32
+        self.closing_classes = _closing_classes(tokens, special, self.words)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.think_start_id = _token_id(tokenizer, "<think>")
@@ -427,7 +448,9 @@ class GrammarBackend:
                     self._cache.popitem(last=False)
         return base.deep_copy()
 
-    def new_state(self, output: StructuredOutput, prompt_token_ids: Sequence[int]) -> GrammarState:
+    def new_state(
+        self, output: StructuredOutput, prompt_token_ids: Sequence[int], budget: int | None = None
+    ) -> GrammarState:
         """The state of one sequence. If the prompt opened `<think>`, the constraint waits for
         `</think>` (or forces it first when thinking is not allowed); otherwise a thinking model
         may open `<think>` with its first token when thinking is allowed."""
@@ -441,6 +464,7 @@ class GrammarBackend:
             active=not opens,
             may_open_thinking=may_open,
             force_think_end=opens and not allow,
+            budget=budget if output.close_on_budget else None,
         )
 
     def _assistant_tail(self, prompt: Sequence[int]) -> Sequence[int]:
@@ -464,6 +488,28 @@ class GrammarBackend:
         return self.think_end_id is not None and self.think_end_id in self._assistant_tail(prompt)
 
 
+# Token classes preferred, in this order, once a budget is about to run out: the shortest value
+# (null), then closers (`"`, `]`, `}` and their runs), then other short values.
+_NULL_PIECES = (b"null", b"n")
+_CLOSER_BYTES = frozenset(b'"]}')
+_SHORT_VALUES = frozenset({b"false", b"f", b"0", b"[]", b"{}", b'""', b"[", b"{"})
+
+
+def _closing_classes(tokens: Sequence[bytes], special: set[int], words: int) -> list[np.ndarray]:
+    classes = []
+    for test in (
+        lambda t: t in _NULL_PIECES,
+        lambda t: bool(t) and set(t) <= _CLOSER_BYTES,
+        lambda t: t in _SHORT_VALUES,
+    ):
+        bits = np.zeros(words * 32, dtype=np.uint8)
+        for i, t in enumerate(tokens):
+            if i not in special and test(t):
+                bits[i] = 1
+        classes.append(np.packbits(bits, bitorder="little").view(np.int32))
+    return classes
+
+
 def _token_id(tokenizer: Any, text: str) -> int | None:
     try:
         tid = tokenizer.token_to_id(text)
@@ -478,8 +524,10 @@ class GrammarState:
     __slots__ = (
         "active",
         "backend",
+        "budget",
         "error",
         "force_think_end",
+        "generated",
         "matcher",
         "may_open_thinking",
         "num_consumed",
@@ -493,6 +541,7 @@ class GrammarState:
         active: bool,
         may_open_thinking: bool = False,
         force_think_end: bool = False,
+        budget: int | None = None,
     ) -> None:
         self.backend = backend
         self.matcher = matcher
@@ -501,11 +550,22 @@ class GrammarState:
         self.force_think_end = force_think_end  # the next token must be `</think>`
         self.error: str | None = None
         self.num_consumed = 0
+        self.budget = budget  # tokens this sequence may still generate in all (close_on_budget)
+        self.generated = 0
 
     @property
     def constrains(self) -> bool:
         """Whether the next token is masked."""
         return self.active or self.force_think_end
+
+    @property
+    def closing(self) -> bool:
+        """The budget is about to run out: prefer tokens that finish the document."""
+        return (
+            self.budget is not None
+            and self.active
+            and self.budget - self.generated <= closing_reserve(self.budget)
+        )
 
     @property
     def is_complete(self) -> bool:
@@ -518,6 +578,7 @@ class GrammarState:
         """Consume the sampled token (stop tokens end the document and are not consumed)."""
         first = self.may_open_thinking
         self.may_open_thinking = False
+        self.generated += 1
         if not self.active:
             if token_id == self.backend.think_end_id:
                 self.active = True
@@ -584,6 +645,12 @@ def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
             _set_bits(view[k], backend.stop_token_ids)
         elif state.may_open_thinking and backend.think_start_id is not None:
             _set_bits(view[k], [backend.think_start_id])
+        elif state.closing:
+            for preferred in backend.closing_classes:
+                both = view[k] & preferred
+                if both.any():
+                    view[k] = both
+                    break
     return BatchMasks(rows, bitmask)
 
 

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from glmv.engine.structured import json_schema_output, schema_errors
+from glmv.engine.structured import closing_reserve, json_schema_output, schema_errors
 from glmv.errors import (
     EngineError,
     GlmvError,
@@ -89,6 +89,9 @@ class ExtractResponse(BaseModel):
     schema_name: str | None = Field(description="The built-in schema used, or null for an inline schema.")
     data: dict[str, Any] = Field(description="The extracted object; it validates against the schema.")
     reasoning: str | None = Field(None, description="The model's reasoning when `thinking` was on.")
+    truncated: bool = Field(
+        description="The token budget ran low and the object was closed early: later fields may be null or short."
+    )
     finish_reason: str
     usage: Usage
 
@@ -201,6 +204,7 @@ class ExtractHandler:
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": name or "extraction", "schema": schema, "strict": True},
+                "close_on_budget": True,
             },
             "temperature": body.temperature,
             "max_tokens": body.max_tokens,
@@ -238,10 +242,17 @@ class ExtractHandler:
             schema_name=name,
             data=data,
             reasoning=choice["message"].get("reasoning_content"),
+            truncated=self._closed_early(result["usage"], body.max_tokens),
             finish_reason=choice["finish_reason"],
             usage=Usage.model_validate(result["usage"]),
         )
         return JSONResponse(out.model_dump())
+
+    def _closed_early(self, usage: Mapping[str, Any], max_tokens: int | None) -> bool:
+        budget = self.state.engine.engine.max_model_len - int(usage["prompt_tokens"])
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        return int(usage["completion_tokens"]) > budget - closing_reserve(budget)
 
 
 def install_extract_routes(

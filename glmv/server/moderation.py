@@ -199,6 +199,7 @@ class ModerationHandler:
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "moderation", "schema": policy.schema(), "strict": True},
+                "close_on_budget": True,
             },
             "temperature": 0,
             "max_tokens": 24 * len(policy.categories) + 32,

@@ -139,6 +139,11 @@ class ResponseFormat(BaseModel):
         None,
         description='For `json_schema`: `{"name": ..., "schema": {JSON Schema}, "strict": true}`.',
     )
+    close_on_budget: bool | None = Field(
+        None,
+        description="glmv extension: when max_tokens (or the context) is about to run out, steer the "
+        "answer to close the JSON so that it stays complete and valid.",
+    )
 
 
 class ThinkingOptions(_Lenient):
