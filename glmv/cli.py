@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
 
+    from glmv.extract_cli import add_extract_arguments, run_extract
+
+    p = sub.add_parser("extract", help="extract JSON from document images and PDFs into a JSONL file")
+    add_extract_arguments(p)
+    p.set_defaults(func=run_extract)
+
     p = sub.add_parser("create-tiny-model", help="write a tiny random-weight checkpoint (for tests)")
     p.add_argument("directory", type=Path)
     p.add_argument(
