@@ -660,19 +660,28 @@ def _set_bits(words: np.ndarray, ids: Sequence[int]) -> None:
         flat[t >> 5] |= np.uint32(1 << (t & 31))
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits[i, t] = -inf wherever bit t of bitmask row i is 0 (in place)."""
-    vocab = logits.shape[-1]
-    if logits.device.type == "cpu":
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """Bool `[rows, vocab]` on `device`: True where the token is allowed (ids past the mask: False)."""
+    if device.type == "cpu":
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         allowed = torch.from_numpy(bits).bool()
     else:
-        words = bitmask.to(logits.device, non_blocking=True)
-        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().reshape(words.shape[0], -1)[:, :vocab]
-    if allowed.shape[1] < vocab:  # ids past the mask are never allowed
+        allowed = _unpack_with_shifts(bitmask.to(device, non_blocking=True), vocab)
+    if allowed.shape[1] < vocab:
         pad = torch.zeros(allowed.shape[0], vocab - allowed.shape[1], dtype=torch.bool, device=allowed.device)
         allowed = torch.cat([allowed, pad], dim=1)
+    return allowed
+
+
+def _unpack_with_shifts(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The unpacking on the words' own device (the accelerator path; tested on the CPU)."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool().reshape(words.shape[0], -1)[:, :vocab]
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set logits[i, t] = -inf wherever bit t of bitmask row i is 0 (in place)."""
+    allowed = unpack_bitmask(bitmask, logits.shape[-1], logits.device)
     logits.masked_fill_(~allowed, float("-inf"))
 
 

@@ -403,3 +403,18 @@ def test_backend_needs_a_stop_token(engine41: tuple[LLMEngine, InputBuilder]) ->
     engine, _ = engine41
     with pytest.raises(Exception, match="end-of-sequence"):
         GrammarBackend(engine.tokenizer, engine.model.vocab_size, [])
+
+
+def test_bitmask_unpacking_on_host_and_with_shifts() -> None:
+    from glmv.engine.structured import _unpack_with_shifts, unpack_bitmask
+
+    vocab = 100  # not a multiple of 32: the last word is partly padding
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.rand(3, vocab, generator=gen) < 0.3
+    packed = np.packbits(np.pad(allowed.numpy(), ((0, 0), (0, 28))), axis=1, bitorder="little")
+    bitmask = torch.from_numpy(packed.view(np.int32).copy())
+    host = unpack_bitmask(bitmask, vocab, torch.device("cpu"))
+    assert torch.equal(host, allowed)
+    assert torch.equal(_unpack_with_shifts(bitmask, vocab), allowed)  # the accelerator path
+    wider = unpack_bitmask(bitmask, vocab + 40, torch.device("cpu"))  # ids past the mask are never allowed
+    assert torch.equal(wider[:, :vocab], allowed) and not wider[:, vocab:].any()
