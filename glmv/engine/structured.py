@@ -1,7 +1,8 @@
 """Structured output: JSON (any object, or one JSON Schema) enforced token by token.
 
 The grammar library is llguidance (measured against xgrammar in `benchmarks/grammar_mask.py`:
-faster per-step masks on the 151k GLM vocabulary and no dependency on transformers).
+faster per-step masks on the 151k GLM vocabulary, millisecond compiles, `multipleOf` on numbers,
+no dependency on transformers). Output is compact JSON with `json.dumps`' separators.
 
 * `StructuredOutput` is what a request asks for (`SamplingParams.structured`): built from an
   OpenAI `response_format` by `parse_response_format`, or from a schema by `json_schema_output`.
@@ -12,8 +13,14 @@ faster per-step masks on the 151k GLM vocabulary and no dependency on transforme
   hash; `new_state` hands each sequence its own copy.
 * `GrammarState` follows one sequence. With a thinking model the constraint starts after
   `</think>`: when the prompt already opened `<think>`, or when the model's first token is
-  `<think>` (allowed next to the grammar's tokens at the first step). When the grammar is
-  complete only stop tokens remain allowed, so the sequence ends.
+  `<think>` (allowed next to the grammar's tokens at the first step). A request that turns
+  thinking off (`StructuredOutput.allow_thinking=False`) gets no `<think>`, and `</think>` is
+  forced first if the prompt opened it. When the grammar is complete only stop tokens remain
+  allowed, so the sequence ends.
+* `close_on_budget` (glmv extension, used by /v1/extract, moderation and `glmv extract`): in the
+  last `closing_reserve(budget)` tokens of the sequence's budget (max_tokens, or what is left of
+  the context) the allowed tokens are narrowed to those that finish the document soonest (`null`,
+  then closing quotes and brackets, then short values), so the answer stays complete and valid.
 * `fill_masks` computes the packed allowed-token bitmasks of the constrained rows of a batch
   (in parallel, on the host, before the logits exist so it can overlap the forward pass);
   `apply_masks` sets the disallowed logits of those rows to -inf. Unconstrained rows are not
