@@ -8,6 +8,7 @@ returns one `RequestOutput` per request that has news. `AsyncEngine` drives it f
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class LLMEngine:
         self._seqs: dict[int, _SeqState] = {}
         self.images_encoded = 0
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
+        self._grammar_lock = threading.Lock()
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -337,10 +339,14 @@ class LLMEngine:
         self._requests[request.request_id] = _RequestState(request, states)
 
     def grammar_backend(self) -> GrammarBackend:
-        """The structured-output machinery for this model's tokenizer (built once, on first use)."""
-        if self._grammar is None:
-            self._grammar = GrammarBackend(self.tokenizer, self.model.vocab_size, sorted(self.eos_token_ids))
-        return self._grammar
+        """The structured-output machinery for this model's tokenizer (built once, on first use;
+        the server builds it in the background at start-up). Thread-safe."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarBackend(
+                    self.tokenizer, self.model.vocab_size, sorted(self.eos_token_ids)
+                )
+            return self._grammar
 
     def _grammar_states(self, request: EngineRequest) -> list[GrammarState | None]:
         """One grammar state per choice of a structured-output request (None for free text)."""

@@ -32,7 +32,7 @@ from glmv.processing.chat import ChatProcessor
 from glmv.processing.media import ImageLimits, RemoteImagePolicy
 from glmv.server.chat import ChatHandler, TokenBytes
 from glmv.server.errors import install_error_handlers, internal_error_response
-from glmv.server.extract import install_extract_routes
+from glmv.server.extract import install_extract_routes, warm_up_structured_output
 from glmv.server.metrics import CONTENT_TYPE, ServerMetrics
 from glmv.server.moderation import install_moderation_routes
 from glmv.server.protocol import (
@@ -244,6 +244,7 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
     # Document extraction and moderation: served as constrained chat completions.
     install_extract_routes(app, chat, _ERRORS)
     install_moderation_routes(app, chat, _ERRORS)
+    warm_up_structured_output(core)
 
     def model_card(name: str) -> ModelCard:
         cfg = core.model.config

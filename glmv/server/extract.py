@@ -18,6 +18,8 @@ JSON body.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -49,9 +51,11 @@ __all__ = [
     "chat_json",
     "check_model",
     "install_extract_routes",
+    "warm_up_structured_output",
 ]
 
 ParamMap = Callable[[str], str]
+log = logging.getLogger("glmv.server.extract")
 
 
 # --- protocol ------------------------------------------------------------------------------------
@@ -108,6 +112,19 @@ class ExtractionSchemaList(BaseModel):
 
 
 # --- shared with the moderation route --------------------------------------------------------------
+
+
+def warm_up_structured_output(engine: Any) -> None:
+    """Build the engine's grammar machinery (token table, grammar tokenizer: about a second for a
+    151k vocabulary) in a background thread, so the first JSON request does not stall the engine."""
+
+    def build() -> None:
+        try:
+            engine.grammar_backend()
+        except Exception as exc:  # structured output then fails per request, with this message
+            log.warning("structured output is unavailable: %s", exc)
+
+    threading.Thread(target=build, name="glmv-grammar-warm-up", daemon=True).start()
 
 
 def check_model(state: ServerState, model: str | None) -> str:
