@@ -10,8 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from glmv.errors import InvalidRequestError
+from glmv.processing.bytelevel import unicode_to_bytes
 from glmv.processing.tokenizer import Tokenizer
-from glmv.server.chat import TokenBytes, _byte_decoder
+from glmv.server.chat import TokenBytes
 from glmv.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -224,7 +225,7 @@ def test_response_models_match_what_the_handler_sends() -> None:
 
 
 def test_byte_decoder_covers_every_byte() -> None:
-    decoder = _byte_decoder()
+    decoder = unicode_to_bytes()
     assert len(decoder) == 256
     assert sorted(decoder.values()) == list(range(256))
     assert decoder["!"] == ord("!") and decoder["Ġ"] == ord(" ")
