@@ -17,10 +17,41 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from glmv.engine.engine import EngineStats, LLMEngine
-from glmv.engine.request import EngineRequest, RequestOutput
+from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput
 from glmv.errors import EngineError, GlmvError, OverloadedError
 
 log = logging.getLogger("glmv.engine")
+
+
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One output carrying both steps' news: deltas joined per choice, the later counts and state."""
+    by_index: dict[int, CompletionDelta] = {}
+    for d in [*first.deltas, *second.deltas]:
+        cur = by_index.get(d.index)
+        if cur is None:
+            by_index[d.index] = CompletionDelta(
+                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
+                d.finish_reason, d.stop_reason,
+            )  # fmt: skip
+            continue
+        cur.text += d.text
+        cur.token_ids += d.token_ids
+        if d.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + d.logprobs
+        if d.finish_reason is not None:
+            cur.finish_reason, cur.stop_reason = d.finish_reason, d.stop_reason
+    return RequestOutput(
+        request_id=second.request_id,
+        deltas=[by_index[i] for i in sorted(by_index)],
+        prompt_tokens=second.prompt_tokens,
+        cached_tokens=second.cached_tokens,
+        completion_tokens=second.completion_tokens,
+        finished=second.finished,
+        error=second.error or first.error,
+        arrival_time=first.arrival_time,
+        first_scheduled_time=first.first_scheduled_time or second.first_scheduled_time,
+        first_token_time=first.first_token_time or second.first_token_time,
+    )
 
 
 @dataclass(slots=True)
@@ -42,7 +73,9 @@ class AsyncEngine:
         # Requests admitted but not finished: running + waiting. Beyond this we answer 503.
         self.max_pending = max_pending if max_pending is not None else cfg.max_num_seqs + cfg.max_waiting
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._sinks: dict[str, tuple[asyncio.Queue[RequestOutput | GlmvError], asyncio.AbstractEventLoop]] = {}
+        self._sinks: dict[
+            str, tuple[asyncio.Queue[RequestOutput | GlmvError], asyncio.AbstractEventLoop]
+        ] = {}
         self._pending = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -105,6 +138,14 @@ class AsyncEngine:
                 if isinstance(item, GlmvError):
                     finished = True
                     raise item
+                # A consumer that fell behind takes everything already queued as one output:
+                # fewer, larger stream chunks instead of a growing backlog.
+                while not item.finished and not sink.empty():
+                    nxt = sink.get_nowait()
+                    if isinstance(nxt, GlmvError):
+                        sink.put_nowait(nxt)  # deliver what came before, then the error
+                        break
+                    item = merge_outputs(item, nxt)
                 if item.finished:
                     finished = True
                 yield item

@@ -279,10 +279,45 @@ def test_bad_request_fails_alone(tiny41_dir: Path) -> None:
         SamplingParams(max_tokens=5, **GREEDY),
     )
     rows = bad.images[0].grid_thw[1] * bad.images[0].grid_thw[2]
-    bad.images[0].pixels_fn = lambda device, dtype: torch.full((rows, 1176), float("nan"), dtype=dtype, device=device)
+    bad.images[0].pixels_fn = lambda device, dtype: torch.full(
+        (rows, 1176), float("nan"), dtype=dtype, device=device
+    )
     bad.images[0].content_hash = "poisoned"
     res = run(engine, [good, bad])
     assert res[good.request_id]["finish"][0] == "length" and len(res[good.request_id]["tokens"][0]) == 5
     assert res[bad.request_id]["error"] is not None
     assert res[bad.request_id]["finish"][0] == "error"
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_merge_outputs_joins_choices_in_order() -> None:
+    from glmv.engine.async_engine import merge_outputs
+    from glmv.engine.request import CompletionDelta, RequestOutput, TokenLogprob
+
+    lp = TokenLogprob(1, "a", -0.5, [])
+    a = RequestOutput(
+        "r",
+        [CompletionDelta(0, "he", [1], [lp]), CompletionDelta(1, "x", [7])],
+        5,
+        2,
+        2,
+        False,
+        arrival_time=1.0,
+        first_token_time=2.0,
+    )
+    b = RequestOutput(
+        "r",
+        [CompletionDelta(0, "llo", [2], [lp], "length"), CompletionDelta(1, "y", [8], None, "stop", 9)],
+        5,
+        2,
+        4,
+        True,
+    )
+    m = merge_outputs(a, b)
+    assert [(d.index, d.text, d.token_ids, d.finish_reason, d.stop_reason) for d in m.deltas] == [
+        (0, "hello", [1, 2], "length", None),
+        (1, "xy", [7, 8], "stop", 9),
+    ]
+    assert m.deltas[0].logprobs == [lp, lp]
+    assert (m.completion_tokens, m.finished, m.first_token_time, m.arrival_time) == (4, True, 2.0, 1.0)
+    assert a.deltas[0].text == "he"  # inputs untouched
