@@ -32,7 +32,7 @@ from tokenizers import Tokenizer as _RawTokenizer
 
 from glmv.errors import CheckpointError
 from glmv.processing.bytelevel import bytes_to_unicode
-from glmv.processing.tiny_tokenizer import GLM_PRETOKENIZE_REGEX
+from glmv.processing.tiny_tokenizer import GLM_CORE_SPECIAL_TOKENS, GLM_PRETOKENIZE_REGEX
 from glmv.processing.tokenizer import Tokenizer
 
 __all__ = [
@@ -47,22 +47,7 @@ __all__ = [
 TIKTOKEN_FILE = "tokenizer.model"
 
 # The added tokens of GLM-4 / GLM-4v-9b, in id order right after the BPE ranks.
-CHATGLM_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-)
+CHATGLM_SPECIAL_TOKENS: tuple[str, ...] = GLM_CORE_SPECIAL_TOKENS
 
 
 _BYTE_CHARS = bytes_to_unicode()

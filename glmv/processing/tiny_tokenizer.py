@@ -42,7 +42,8 @@ GLM_PRETOKENIZE_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_GLM_CORE_SPECIALS: tuple[str, ...] = (
+# The 14 special tokens every GLM-4 family tokenizer starts its added tokens with, in id order.
+GLM_CORE_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "[MASK]",
     "[gMASK]",
@@ -61,7 +62,7 @@ _GLM_CORE_SPECIALS: tuple[str, ...] = (
 
 # (content, special) in id order, appended after the BPE vocabulary.
 GLM41V_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    *((token, True) for token in _GLM_CORE_SPECIALS),
+    *((token, True) for token in GLM_CORE_SPECIAL_TOKENS),
     ("<|image|>", True),
     ("<|video|>", True),
     ("<think>", False),
@@ -75,7 +76,7 @@ GLM41V_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 GLM46V_ADDED_TOKENS: tuple[tuple[str, bool], ...] = tuple(
     (token, True)
     for token in (
-        *_GLM_CORE_SPECIALS,
+        *GLM_CORE_SPECIAL_TOKENS,
         "<|begin_of_audio|>",
         "<|end_of_audio|>",
         "<|begin_of_transcription|>",
