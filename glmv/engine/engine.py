@@ -142,6 +142,8 @@ class LLMEngine:
             block_size=config.block_size,
             encoder_cache=self.encoder_cache,
         )
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        self.runner.vocab_limit = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
         if config.seed is not None:
             self.runner.default_generator.manual_seed(config.seed)
         if self.model.device.type == "cuda" and config.enable_cuda_graphs:  # pragma: no cover - CUDA

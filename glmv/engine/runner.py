@@ -87,6 +87,7 @@ class ModelRunner:
         ]
         self.device = model.device
         self.graphs: Any = None  # DecodeGraphs once captured (CUDA only)
+        self.vocab_limit: int | None = None  # the tokenizer's vocabulary size, set by the engine
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.seed()
 
@@ -310,7 +311,7 @@ class ModelRunner:
                 logits = logits[torch.tensor(keep, device=self.device)]
                 grammar_masks = grammar_masks.select(keep) if grammar_masks is not None else None
             apply_masks(logits, grammar_masks)  # unconstrained rows stay untouched
-            tokens = sample(logits, rows, self.default_generator)
+            tokens = sample(logits, rows, self.default_generator, vocab_limit=self.vocab_limit)
             for j, tok in zip(keep, tokens, strict=True):
                 result.sampled[sampling[j][1].seq.seq_id] = tok
         return result

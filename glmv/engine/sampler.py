@@ -70,11 +70,24 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, rows: Sequence[SampleRequest], default_generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    rows: Sequence[SampleRequest],
+    default_generator: torch.Generator | None = None,
+    *,
+    vocab_limit: int | None = None,
 ) -> list[SampledToken]:
-    """Pick one token per row of `logits` `[B, vocab]` (float32)."""
+    """Pick one token per row of `logits` `[B, vocab]` (float32).
+
+    Ids from `vocab_limit` on (padding rows of the embedding that the tokenizer cannot decode) are
+    never picked; logprobs stay those of the model's whole distribution."""
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
+        if raw_logprobs is not None:
+            raw_logprobs = raw_logprobs.clone()
+            raw_logprobs[:, vocab_limit:] = float("-inf")  # never offered as alternatives either
     if any(r.params.uses_penalties for r in rows):
         logits = logits.clone()
         _apply_penalties(logits, rows)

@@ -321,3 +321,19 @@ def test_merge_outputs_joins_choices_in_order() -> None:
     assert m.deltas[0].logprobs == [lp, lp]
     assert (m.completion_tokens, m.finished, m.first_token_time, m.arrival_time) == (4, True, 2.0, 1.0)
     assert a.deltas[0].text == "he"  # inputs untouched
+
+
+def test_padding_vocabulary_ids_are_never_sampled(tiny41_dir: Path) -> None:
+    engine, builder = make_engine(tiny41_dir)
+    vocab = engine.tokenizer.vocab_size
+    assert engine.model.vocab_size > vocab  # the tiny model pads its embedding to a multiple of 64
+    r = request(
+        builder,
+        [{"role": "user", "content": "hi"}],
+        [],
+        SamplingParams(n=4, max_tokens=64, temperature=2.0, seed=3, ignore_eos=True, logprobs=3),
+    )
+    res = run(engine, [r])[r.request_id]
+    tokens = [t for i in range(4) for t in res["tokens"][i]]
+    assert len(tokens) == 256 and max(tokens) < vocab
+    assert all(alt[0] < vocab for i in range(4) for lp in res["logprobs"][i] for alt in lp.top)
