@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import copy_bandwidth
 
 from glmv.engine.engine import EngineConfig, LLMEngine
 from glmv.engine.request import EngineRequest, ImageInput
@@ -176,17 +179,7 @@ def full_size(tmp: Path, quick: bool) -> None:
     image_id = engine.model.image_token_id
 
     # Copy bandwidth and the decode floor.
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 10 / (time.perf_counter() - t)
-    del x, y
+    bw = copy_bandwidth()
     m = engine.model
     lm_bytes = sum(
         p.numel() * p.element_size() for n, p in m.named_parameters() if not n.startswith("visual.")

@@ -34,6 +34,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import copy_bandwidth
 
 from glmv.engine.engine import EngineConfig, LLMEngine
 from glmv.engine.inputs import InputBuilder, load_processors
@@ -86,22 +89,6 @@ def run(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[float]]:
             for d in out.deltas:
                 times[out.request_id].extend([now] * len(d.token_ids))
     return times
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 10 / (time.perf_counter() - t)
-    del x, y
-    torch.cuda.empty_cache()
-    return bw
 
 
 def speed(ckpt: Path, quick: bool) -> None:

@@ -36,6 +36,7 @@ def main(branch_scale: float = 1.0) -> None:
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
+    from gpu_common import copy_bandwidth
     from hf_full import full_size_transformers
 
     ref, hf_cfg = full_size_transformers(branch_scale, "cuda")
@@ -133,16 +134,7 @@ def main(branch_scale: float = 1.0) -> None:
     )
     print(f"TTFT-ish (prefill+1 token) s: transformers {t_ref_short:.3f}  glmv {t_ours_short:.3f}")
     # Copy bandwidth for the floor.
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 10 / (time.perf_counter() - t0)
+    bw = copy_bandwidth()
     lm_bytes = sum(
         p.numel() * p.element_size() for n_, p in model.named_parameters() if not n_.startswith("visual.")
     )

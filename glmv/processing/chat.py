@@ -160,7 +160,8 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _as_mapping(value: Any) -> Mapping[str, Any] | None:
+def as_mapping(value: Any) -> Mapping[str, Any] | None:
+    """A message or part as a mapping: dicts as they are, pydantic models dumped; else None."""
     if isinstance(value, Mapping):
         return value
     model_dump = getattr(value, "model_dump", None)
@@ -175,7 +176,7 @@ def _normalize_part(part: Any, param: str) -> tuple[dict[str, Any], bool]:
     """One content part as the template expects it; the flag says whether it is an image."""
     if isinstance(part, str):
         return {"type": "text", "text": part}, False
-    mapping = _as_mapping(part)
+    mapping = as_mapping(part)
     if mapping is None:
         raise InvalidRequestError("a content part must be an object", param=param)
     part_type = mapping.get("type")
@@ -204,7 +205,7 @@ def _normalize_messages(messages: Sequence[Any]) -> tuple[list[dict[str, Any]], 
     images = 0
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
-        mapping = _as_mapping(message)
+        mapping = as_mapping(message)
         if mapping is None or not isinstance(mapping.get("role"), str):
             raise InvalidRequestError("each message must be an object with a string 'role'", param=param)
         out = {key: _plain(value) for key, value in mapping.items() if key != "content"}

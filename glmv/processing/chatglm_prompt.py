@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmv.errors import InvalidRequestError
-from glmv.processing.chat import ImageSpan, Prompt
+from glmv.processing.chat import ImageSpan, Prompt, as_mapping
 from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
 
 __all__ = ["IMAGE_PLACEHOLDER", "ChatGLMPromptBuilder"]
@@ -54,24 +54,13 @@ class _Message:
     images: list[str]  # the `param` path of each image part, in order
 
 
-def _as_mapping(value: Any) -> Mapping[str, Any] | None:
-    if isinstance(value, Mapping):
-        return value
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        dumped = dump(exclude_none=True)
-        if isinstance(dumped, Mapping):
-            return dumped
-    return None
-
-
 def _parse(messages: Sequence[Any]) -> list[_Message]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidRequestError("messages must be a list of message objects", param="messages")
     out: list[_Message] = []
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
-        mapping = _as_mapping(message)
+        mapping = as_mapping(message)
         if mapping is None or not isinstance(mapping.get("role"), str):
             raise InvalidRequestError("each message must be an object with a string 'role'", param=param)
         role = mapping["role"]
@@ -95,7 +84,7 @@ def _parse(messages: Sequence[Any]) -> list[_Message]:
                 if isinstance(part, str):
                     texts.append(part)
                     continue
-                part_map = _as_mapping(part)
+                part_map = as_mapping(part)
                 if part_map is None:
                     raise InvalidRequestError("a content part must be an object", param=part_param)
                 kind = part_map.get("type")
