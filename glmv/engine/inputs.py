@@ -82,7 +82,7 @@ class InputBuilder:
                     pixels_fn=build,
                 )
             )
-        return EngineRequest(request_id, prompt.token_ids, params, inputs)
+        return EngineRequest(request_id, prompt.token_ids, params, inputs, prompt_text=prompt.text)
 
 
 # Per architecture (`config.json` model_type): checkpoint dir -> (tokenizer, input builder).

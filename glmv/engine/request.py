@@ -37,6 +37,7 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     images: list[ImageInput] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    prompt_text: str = ""  # the rendered prompt, when built from messages (for reasoning parsing)
 
 
 @dataclass(slots=True)

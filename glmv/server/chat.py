@@ -523,7 +523,7 @@ class ChatHandler:
             finally:
                 image.close()
         request = builder.build(request_id, messages, processed, params, chat_template_kwargs=template_kwargs)
-        text = builder.chat.render(messages, add_generation_prompt=True, **template_kwargs)
+        text = request.prompt_text  # rendered once, by the input builder
         return _Prepared(request, prompt_opens_thinking(text), len(processed))
 
 
