@@ -46,6 +46,7 @@ LAYER_SHAPES = {
     "gate_up_proj": (27392, 4096),
     "down_proj": (4096, 13696),
 }
+LM_HEAD_SHAPE = (151552, 4096)
 
 
 def row(name: str, value: str, target: str = "") -> None:
@@ -103,15 +104,20 @@ def check_kernels(dev: torch.device) -> None:
         if m == 1:
             return [
                 None,
-                K.LaunchConfig("gemv", 1, 256, 8, 2, 2, 0, True),
-                K.LaunchConfig("gemv", 1, 256, 8, 4, 2, fast_unpack=True),
+                K.LaunchConfig("gemv_k", 1, 32, 8, 4, 2, 0, True),
+                K.LaunchConfig("gemv_k", 1, 128, 4, 8, 3),
             ]
         if m == 17:
-            return [None, K.LaunchConfig("gemm", 16, 64, 8, 4, 2, 1, False)]
+            return [
+                None,
+                K.LaunchConfig("gemm_k", 16, 128, 8, 4, 3, 0, True),
+                K.LaunchConfig("gemm_k", 32, 64, 1, 4, 4),
+            ]
         return [None]
 
     for m, n, k, g, dt in cases:
         qw, z, s, gs = random_packed(n, k, g, dev)
+        qw = K.k_major(qw)
         x = torch.randn(m, k, device=dev, dtype=dt)
         bias = torch.randn(n, device=dev, dtype=dt) * 0.1
         ref = x.float() @ dequantize_packed(qw, z, s, gs, torch.float32) + bias.float()
@@ -142,43 +148,48 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
     torch.manual_seed(1)
     bw = copy_bandwidth(dev)
     row("device-to-device copy bandwidth (read + write)", f"{bw:.0f} GB/s")
-    for name, (n, k) in LAYER_SHAPES.items():
-        qw, z, s, gs = random_packed(n, k, 128, dev)
+    shapes = {**LAYER_SHAPES, "lm_head": LM_HEAD_SHAPE}
+    for name, (n, k) in shapes.items():
+        qw_rows, z, s, gs = random_packed(n, k, 128, dev)
+        qw = K.k_major(qw_rows)
         w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        for m in (1, 4, 16, 64, 2048):
+        for m in (1, 4, 16, 64, 2048) if name != "lm_head" else (1, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t4 = graph_time_ms(lambda x=x, qw=qw, z=z, s=s, gs=gs: K.int4_matmul_triton(x, qw, z, s, gs))
+            t_old = graph_time_ms(
+                lambda x=x, qw=qw_rows, z=z, s=s, gs=gs: K.int4_matmul_triton(x, qw, z, s, gs), iters=20
+            )
             t16 = graph_time_ms(lambda x=x, w16=w16: F.linear(x, w16))
             b4 = qw.numel() * 4 + z.numel() + s.numel() * 2
             row(
                 f"{name} {n}x{k}, {m} rows: int4 / bf16",
-                f"{t4 * 1e3:.1f} / {t16 * 1e3:.1f} us = {t4 / t16:.2f}x",
-                f"(int4 {b4 / t4 / 1e6:.0f} GB/s; {K.choose_config(m, n, k, K._sm_count(dev))})",
+                f"{t4 * 1e3:.1f} / {t16 * 1e3:.1f} us = {t4 / t16:.2f}x (row-major kernels {t_old * 1e3:.1f} us)",
+                f"(int4 {b4 / t4 / 1e6:.0f} GB/s, bf16 {n * k * 2 / t16 / 1e6:.0f} GB/s; "
+                f"{K.choose_config(m, n, k, K._sm_count(dev))})",
             )
-            if sweep and name in ("qkv_proj", "gate_up_proj", "down_proj") and m in (1, 4, 16, 64):
+            if sweep and m in (1, 16, 64) and name != "o_proj" and (name != "lm_head" or m == 1):
                 sweep_shape(x, qw, z, s, gs, name)
 
 
-def _sweep_configs(m: int, n: int, k: int) -> list[K.LaunchConfig]:
+def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
     if m <= 4:
-        for bn, warps in itertools.product((128, 256, 512), (2, 4)):
-            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, 132)
-            for split in sorted({sp, min(chunks, 2 * sp)}):
-                out.append(K.LaunchConfig("gemv", 1, bn, split, warps, 2))
-        sp = K._split_for(triton_cdiv(n, 256) * m, chunks, 132, waves=4)
-        if sp > 1:
-            out.append(K.LaunchConfig("gemv", 1, 256, sp, 4, 2, 0, True))
-        for bn, warps in itertools.product((256, 512), (4, 8)):
-            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, 132, waves=4)
-            out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, fast_unpack=True))
+        for bn, warps, waves in itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 4)):
+            if bn * 16 // (warps * 32) < 1 or bn * 16 // (warps * 32) > 16:
+                continue
+            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, sms, waves=waves)
+            for fused in (False, True) if sp > 1 else (False,):
+                out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, 0, fused))
+        for stages in (1, 3, 4):
+            sp = K._split_for(triton_cdiv(n, 64) * m, chunks, sms, waves=4)
+            out.append(K.LaunchConfig("gemv_k", 1, 64, sp, 4, stages))
     if m >= 4:
-        bm = 16 if m <= 16 else 64
-        for bn, expand in itertools.product((64, 128), (0, 1)):
-            sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, 132)
-            for split in sorted({sp, max(1, sp // 2)}):
-                out.append(K.LaunchConfig("gemm", bm, bn, split, 4, 2, expand))
+        bms = [bm for bm in (16, 32, 64) if bm <= max(16, m)]
+        for bm, bn, warps, stages in itertools.product(bms, (64, 128), (4,), (2, 3, 4)):
+            sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms)
+            for split in sorted({sp, max(1, sp // 2), min(chunks, sp * 2)}):
+                out.append(K.LaunchConfig("gemm_k", bm, bn, split, warps, stages, 0, split > 1))
     return out
 
 
@@ -188,7 +199,7 @@ def sweep_shape(
     m, k = x.shape
     n = qw.shape[1]
     results = []
-    for cfg in _sweep_configs(m, n, k):
+    for cfg in _sweep_configs(m, n, k, K._sm_count(x.device)):
         try:
             t = graph_time_ms(lambda cfg=cfg: K.int4_matmul_triton(x, qw, z, s, gs, None, cfg), iters=10)
         except Exception as exc:  # a config that does not compile is skipped
@@ -196,12 +207,13 @@ def sweep_shape(
             continue
         results.append((t, cfg))
     results.sort(key=lambda r: r[0])
+    b4 = qw.numel() * 4 + z.numel() + s.numel() * 2
     print(f"    sweep {name} m={m}: best of {len(results)}", flush=True)
-    for t, cfg in results[:3]:
-        print(f"      {t * 1e3:.1f} us  {cfg}")
+    for t, cfg in results[:4]:
+        print(f"      {t * 1e3:.1f} us ({b4 / t / 1e6:.0f} GB/s)  {cfg}")
     by_kind: dict[str, tuple[float, K.LaunchConfig]] = {}
     for t, cfg in results:
-        key = f"{cfg.kind}{'-fused' if cfg.fused_reduce else ''}{'-x1' if cfg.expand else ''}{'-fast' if cfg.fast_unpack else ''}"
+        key = f"{cfg.kind}-bn{cfg.block_n}-w{cfg.num_warps}{'-fused' if cfg.fused_reduce else ''}"
         by_kind.setdefault(key, (t, cfg))
     print("      best per kind: " + ", ".join(f"{key} {t * 1e3:.1f}" for key, (t, _) in by_kind.items()))
 
@@ -398,20 +410,103 @@ def full_lm(dev: torch.device) -> None:
     )
 
 
+def engine_int4(dev: torch.device) -> None:
+    """bf16 and int4 (LM + vision linears, lm_head bf16) served by glmv's engine: batch-1 decode,
+    the GPU time of one decode graph replay, 64 concurrent image requests, and the start-up memory
+    report under `--gpu-memory-gb 24`."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from device_engine import image_request, run_requests
+
+    from glmv.engine.engine import EngineConfig, LLMEngine
+    from glmv.errors import ConfigError
+    from glmv.models.quant.quantize import quantize_checkpoint
+    from glmv.models.tiny import create_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    full = create_tiny_model(tmp / "full", variant="full")
+    int4 = tmp / "int4"
+    quantize_checkpoint(full, int4, method="rtn", group_size=128, quantize_vision=True)
+    res: dict[str, dict[str, float]] = {}
+    for label, ckpt in (("bf16", full), ("int4", int4)):
+        t0 = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64))
+        r = res[label] = {}
+        row(f"{label} engine start-up", f"{time.perf_counter() - t0:.1f} s")
+        row(f"{label} weights on the GPU", f"{weight_memory(engine.model).total_bytes / 1e9:.2f} GB")
+        image_id = engine.model.image_token_id
+        run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
+        times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
+        r["tpot"] = statistics.median(b - a for a, b in itertools.pairwise(times[1:])) * 1e3
+        graphs = engine.runner.graphs
+        for b in (1, 64):
+            if graphs is not None and b in graphs.graphs:
+                graphs.seq_lens[:b].fill_(1700)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                for _ in range(3):
+                    graphs.graphs[b].replay()
+                start.record()
+                for _ in range(20):
+                    graphs.graphs[b].replay()
+                end.record()
+                torch.cuda.synchronize()
+                r[f"replay{b}"] = start.elapsed_time(end) / 20
+                graphs.seq_lens.zero_()
+        reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(64)]
+        t = time.perf_counter()
+        out = run_requests(engine, reqs)
+        r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
+        del engine
+        torch.cuda.empty_cache()
+    b, q = res["bf16"], res["int4"]
+    row(
+        "engine batch-1 decode ms/token (median step, 1120x1120 image prompt): int4 / bf16",
+        f"{q['tpot']:.2f} / {b['tpot']:.2f} = {q['tpot'] / b['tpot']:.2f}x",
+        "(target <= 0.55)",
+    )
+    for bs in (1, 64):
+        if f"replay{bs}" in q and f"replay{bs}" in b:
+            row(
+                f"decode graph replay alone, batch {bs}, 1700-token contexts (GPU time): int4 / bf16",
+                f"{q[f'replay{bs}']:.2f} / {b[f'replay{bs}']:.2f} ms = {q[f'replay{bs}'] / b[f'replay{bs}']:.2f}x",
+            )
+    row(
+        "64 concurrent image requests x 256 tokens, output tok/s (engine): int4 / bf16",
+        f"{q['tps']:.0f} / {b['tps']:.0f} = {q['tps'] / b['tps']:.2f}x",
+        "(target >= 1)",
+    )
+    for label, ckpt in (("int4", int4), ("bf16", full)):
+        try:
+            engine = LLMEngine(
+                EngineConfig(model=str(ckpt), dtype="bfloat16", gpu_memory_gb=24, max_num_seqs=64)
+            )
+        except ConfigError as exc:
+            row(f"--gpu-memory-gb 24, {label}", f"refused: {exc}")
+            continue
+        assert engine.memory is not None
+        row(f"--gpu-memory-gb 24, {label}", engine.memory.describe(), "(KV target >= 4 GB)")
+        row(f"--gpu-memory-gb 24, {label}: KV cache", f"{engine.memory.kv_cache / 1e9:.2f} GB")
+        del engine
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also try tile configurations per shape")
     ap.add_argument("--skip-lm", action="store_true", help="kernels only")
+    ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
     args = ap.parse_args()
     dev = torch.device("cuda")
     import triton
 
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     t0 = time.perf_counter()
-    sections = [check_kernels]
+    sections = [check_kernels, lambda d: time_shapes(d, args.sweep)]
     if not args.skip_lm:
         sections.append(full_lm)
-    sections.append(lambda d: time_shapes(d, args.sweep))
+    if args.engine:
+        sections.append(engine_int4)
     for section in sections:
         try:
             section(dev)

@@ -287,6 +287,192 @@ def _int4_gemm_kernel(
 
 
 @triton.jit
+def _expand8(w):
+    """`[R, C]` int32 words → `[R, 8C]` float32, element `8j + i` the `1 + q/16` of nibble `i` of
+    word `j` (glmv's input-channel order). Three rounds of interleaving, all within registers."""
+    a = tl.interleave(
+        tl.interleave(_nibble(w, 0), _nibble(w, 4)), tl.interleave(_nibble(w, 2), _nibble(w, 6))
+    )
+    b = tl.interleave(
+        tl.interleave(_nibble(w, 1), _nibble(w, 5)), tl.interleave(_nibble(w, 3), _nibble(w, 7))
+    )
+    return tl.interleave(a, b)
+
+
+@triton.jit
+def _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K: tl.constexpr):
+    """The 16 packed words (128 input channels) of chunk `c` for each output channel in `offs_n`,
+    from K-major storage (word `r` of output `n` at `r + n * stride_qn`): `[BLOCK_N, 16]` int32."""
+    cols = c * 16 + tl.arange(0, 16)
+    ptrs = qw_ptr + offs_n[:, None] * stride_qn + cols[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0)
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols < K // 8)[None, :], other=0)
+
+
+@triton.jit
+def _int4_gemv_k_kernel(
+    x_ptr,
+    qw_ptr,
+    z_ptr,
+    s_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_qn,
+    chunks_per_split,
+    splits,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """GEMV on K-major weights: a program owns `BLOCK_N` output channels and walks its share of K
+    128 channels at a time. Each thread reads whole 16-byte runs of one output channel's words,
+    expands them in registers and sums their products with `x` itself; a few lanes finish the
+    sum. The row of `x` is grid axis 0, so the programs that read the same weights run together."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    lane = tl.arange(0, 128)
+    chunks = tl.cdiv(K, 128)
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for it in range(0, chunks_per_split):
+        c = pid_s * chunks_per_split + it
+        row_ok = n_mask & ((offs_n * 0 + c) < chunks)  # the last split may run past K
+        w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K)
+        kk = c * 128 + lane
+        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        v = _expand8(w)
+        if GROUP % 128 == 0:
+            t = tl.sum(v * x[None, :], axis=1)
+            xs = tl.sum(x, axis=0)
+            g = (c * 128) // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=row_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=row_ok, other=0).to(tl.float32)
+            acc += s * (16.0 * (t - xs) - z * xs)
+        else:
+            NG: tl.constexpr = 128 // GROUP
+            t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
+            xs2 = tl.sum(tl.reshape(x, [NG, GROUP]), axis=1)
+            gi = c * NG + tl.arange(0, NG)
+            gmask = row_ok[:, None] & (gi < tl.cdiv(K, GROUP))[None, :]
+            s2 = tl.load(s_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+            z2 = tl.load(z_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0).to(tl.float32)
+            acc += tl.sum(s2 * (16.0 * (t2 - xs2[None, :]) - z2 * xs2[None, :]), axis=1)
+    offs_m = pid_m + tl.arange(0, 1)
+    _finish_tile(
+        acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP: tl.constexpr):
+    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`."""
+    v = _expand8(w)
+    if GROUP % 128 == 0:
+        g = (c * 128) // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=row_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=row_ok, other=0).to(tl.float32)
+        # (16 v - 16 - z) s as one FMA per weight
+        return v * (16.0 * s)[:, None] - ((16.0 + z) * s)[:, None]
+    kk = c * 128 + tl.arange(0, 128)
+    gi = kk // GROUP
+    gmask = row_ok[:, None] & (kk < K)[None, :]
+    s2 = tl.load(s_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
+    z2 = tl.load(z_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0).to(tl.float32)
+    return (16.0 * v - 16.0 - z2) * s2
+
+
+@triton.jit
+def _int4_gemm_k_kernel(
+    x_ptr,
+    qw_ptr,
+    z_ptr,
+    s_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_qn,
+    chunks_per_split,
+    splits,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """GEMM on K-major weights, output transposed on the tensor cores: a `[BLOCK_N, 128]` chunk of
+    the weight, dequantized in registers, times the `[128, BLOCK_M]` transpose of `x`, so that the
+    weight (the large operand) fills the wide side of the product even for a handful of rows."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    lane = tl.arange(0, 128)
+    chunks = tl.cdiv(K, 128)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for it in range(0, chunks_per_split):
+        c = pid_s * chunks_per_split + it
+        row_ok = n_mask & ((offs_n * 0 + c) < chunks)
+        w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K)
+        kk = c * 128 + lane
+        xt = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+            mask=(kk < K)[:, None] & m_mask[None, :],
+            other=0.0,
+        )
+        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP)
+        if IEEE:
+            acc = tl.dot(wd, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(wd.to(xt.dtype), xt, acc)
+    _finish_tile(
+        tl.trans(acc), offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dequant_k_kernel(
+    qw_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_qn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """out[n, k] = (q - z) * s from K-major words: the `nn.Linear` weight `[N, K]`."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, False)
+    val = _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP)
+    kk = c * 128 + tl.arange(0, 128)
+    tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], val, mask=row_ok[:, None] & (kk < K)[None, :])
+
+
+@triton.jit
 def _split_reduce_kernel(
     part_ptr,
     bias_ptr,
@@ -391,22 +577,38 @@ def _split_for(tiles: int, chunks: int, sm_count: int, waves: int = 2) -> int:
     return triton.cdiv(chunks, triton.cdiv(chunks, split))
 
 
-def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
+def is_k_major(qweight: torch.Tensor) -> bool:
+    """Whether `qweight` `[K/8, N]` is stored K-major (each output channel's words contiguous, as
+    `Int4Linear` holds them) rather than row-major."""
+    return qweight.stride(0) == 1 and qweight.stride(1) == qweight.shape[0]
+
+
+def k_major(qweight: torch.Tensor) -> torch.Tensor:
+    """`qweight` with the same values, stored K-major."""
+    return qweight if is_k_major(qweight) else qweight.t().contiguous().t()
+
+
+def choose_config(m: int, n: int, k: int, sm_count: int, k_major_weights: bool = True) -> LaunchConfig:
     """The default launch for an `[m, k] @ [k, n]` product. Tiles and splits are the best of a
-    sweep on an H100 (benchmarks/device_int4.py --sweep): for one row, 256-column strips with 4
-    warps and about four programs per SM; for more rows, 128-column tiles expanded from the
-    packed rows in registers."""
+    sweep on the GPU (benchmarks/device_int4.py --sweep)."""
     chunks = triton.cdiv(k, CHUNK_K)
-    if m <= GEMV_MAX_M:
-        block_n = 256
-        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count, waves=4)
-        return LaunchConfig("gemv", 1, block_n, split, 4, 2)
     if m >= DEQUANT_MIN_M:
         return LaunchConfig("dequant")
-    block_m = 16 if m <= 16 else 64
-    block_n = 128
+    if not k_major_weights:
+        if m <= GEMV_MAX_M:
+            split = _split_for(triton.cdiv(n, 256) * m, chunks, sm_count, waves=4)
+            return LaunchConfig("gemv", 1, 256, split, 4, 2)
+        block_m = 16 if m <= 16 else 64
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+        return LaunchConfig("gemm", block_m, 128, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
+    if m <= GEMV_MAX_M:
+        block_n = 64
+        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count, waves=4)
+        return LaunchConfig("gemv_k", 1, block_n, split, 4, 2)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return LaunchConfig("gemm", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
+    return LaunchConfig("gemm_k", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 3)
 
 
 def dequantize_triton(
@@ -414,6 +616,23 @@ def dequantize_triton(
 ) -> torch.Tensor:
     """The `[K, N]` dequantized weight (the transpose of the Linear weight) in `dtype`."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if is_k_major(qweight):
+        out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+        block_n = 32
+        _dequant_k_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK_K))](
+            qweight,
+            zeros,
+            scales,
+            out,
+            n,
+            k,
+            qweight.stride(1),
+            GROUP=group_size,
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
+        return out.t()
+    qweight = qweight.contiguous()
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     block_r, block_n = 16, 128
     grid = (triton.cdiv(k // 8, block_r), triton.cdiv(n, block_n))
@@ -432,17 +651,25 @@ def int4_matmul_triton(
     bias: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """`x` `[M, K]` times the int4 weight: `[M, N]` in `x.dtype`. No fallback."""
+    """`x` `[M, K]` times the int4 weight: `[M, N]` in `x.dtype`. No fallback. K-major weights
+    take the `_k` kernels, row-major ones the others."""
     m, k = x.shape
     n = qweight.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    cfg = config or choose_config(m, n, k, _sm_count(x.device))
+    kmaj = is_k_major(qweight)
+    if not kmaj and not qweight.is_contiguous():
+        qweight = qweight.contiguous()
+    zeros = zeros.contiguous()
+    scales = scales.contiguous()
+    cfg = config or choose_config(m, n, k, _sm_count(x.device), kmaj)
     if cfg.kind == "dequant":
         w = dequantize_triton(qweight, zeros, scales, group_size, x.dtype)
         return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
+    if cfg.kind.endswith("_k") != kmaj:
+        raise ValueError(f"launch kind {cfg.kind} does not read {'K-major' if kmaj else 'row-major'} weights")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunks = triton.cdiv(k, CHUNK_K)
     split = max(1, min(cfg.split_k, chunks))
@@ -451,6 +678,12 @@ def int4_matmul_triton(
     if cfg.kind == "gemv":
         grid: tuple[int, ...] = (triton.cdiv(n, cfg.block_n), split, m)
         tiles = grid[0] * m
+    elif cfg.kind == "gemv_k":
+        grid = (m, triton.cdiv(n, cfg.block_n), split)
+        tiles = grid[0] * grid[1]
+    elif cfg.kind == "gemm_k":
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+        tiles = grid[0] * grid[1]
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         tiles = grid[0] * grid[1]
@@ -460,26 +693,10 @@ def int4_matmul_triton(
     else:
         part = count = out
     bias_arg = bias if bias is not None else out
-    args = (
-        x,
-        qweight,
-        zeros,
-        scales,
-        bias_arg,
-        out,
-        part,
-        count,
-        m,
-        n,
-        k,
-        x.stride(0),
-        out.stride(0),
-        per_split,
-        split,
-    )
+    head = (x, qweight, zeros, scales, bias_arg, out, part, count, m, n, k, x.stride(0), out.stride(0))
+    tail = (per_split, split)
     common = dict(
         GROUP=group_size,
-        BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         PARTIAL=split > 1,
         HAS_BIAS=bias is not None,
@@ -487,10 +704,27 @@ def int4_matmul_triton(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    even_k = k % CHUNK_K == 0
     if cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*args, FAST_UNPACK=cfg.fast_unpack, **common)
+        _int4_gemv_kernel[grid](*head, *tail, BLOCK_M=1, FAST_UNPACK=cfg.fast_unpack, **common)
+    elif cfg.kind == "gemm":
+        _int4_gemm_kernel[grid](
+            *head, *tail, BLOCK_M=cfg.block_m, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common
+        )
+    elif cfg.kind == "gemv_k":
+        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail, EVEN_K=even_k, **common)
+    elif cfg.kind == "gemm_k":
+        _int4_gemm_k_kernel[grid](
+            *head,
+            qweight.stride(1),
+            *tail,
+            BLOCK_M=cfg.block_m,
+            EVEN_K=even_k,
+            IEEE=x.dtype == torch.float32,
+            **common,
+        )
     else:
-        _int4_gemm_kernel[grid](*args, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common)
+        raise ValueError(f"unknown launch kind {cfg.kind}")
     if split > 1 and not cfg.fused_reduce:
         block = 512
         _split_reduce_kernel[(triton.cdiv(m * n, block),)](

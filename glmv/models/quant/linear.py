@@ -1,7 +1,8 @@
 """`Int4Linear`: a drop-in `nn.Linear` whose weight is held as 4-bit codes.
 
-Buffers in glmv's layout (see `glmv.models.quant.int4`): `qweight` int32 `[K/8, N]`, `zeros`
-uint8 and `scales` float16 `[K/g, N]`, plus an optional `bias` parameter in the model dtype.
+Buffers in glmv's layout (see `glmv.models.quant.int4`): `qweight` int32 `[K/8, N]` (stored
+K-major: the transpose of a contiguous `[N, K/8]`), `zeros` uint8 and `scales` float16 `[K/g, N]`,
+plus an optional `bias` parameter in the model dtype.
 
 * On CUDA the forward runs the Triton kernels of `glmv.kernels.int4_triton`, imported on first
   use so that nothing on the CPU path needs Triton.
@@ -45,8 +46,10 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
         self.group_size = check_group_size(in_features, group_size)
         groups = in_features // self.group_size
+        # `[K/8, N]` stored K-major: each output channel's words are contiguous, which is what the
+        # CUDA kernels read in 16-byte runs. Loading copies into it, so any source layout works.
         self.register_buffer(
-            "qweight", torch.zeros(in_features // PACK, out_features, dtype=torch.int32, device=device)
+            "qweight", torch.zeros(out_features, in_features // PACK, dtype=torch.int32, device=device).t()
         )
         self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
