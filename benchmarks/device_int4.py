@@ -18,6 +18,7 @@ Prints a table last. Runs in about two minutes on an H100 (about three with --sw
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import sys
@@ -167,26 +168,21 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
                 f"(int4 {b4 / t4 / 1e6:.0f} GB/s, bf16 {n * k * 2 / t16 / 1e6:.0f} GB/s; "
                 f"{K.choose_config(m, n, k, K._sm_count(dev))})",
             )
-            if sweep and m in (1, 16, 64) and name != "o_proj" and (name != "lm_head" or m == 1):
+            if sweep and m in (1, 64) and name != "o_proj" and (name != "lm_head" or m == 1):
                 sweep_shape(x, qw, z, s, gs, name)
 
 
 def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
+    """Launches around the defaults of `choose_config`."""
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
-    if m <= 4:
-        for bn, warps, waves in itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 4)):
-            if bn * 16 // (warps * 32) < 1 or bn * 16 // (warps * 32) > 16:
-                continue
-            sp = K._split_for(triton_cdiv(n, bn) * m, chunks, sms, waves=waves)
-            for fused in (False, True) if sp > 1 else (False,):
-                out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, 0, fused))
-        for stages in (1, 3, 4):
-            sp = K._split_for(triton_cdiv(n, 64) * m, chunks, sms, waves=4)
-            out.append(K.LaunchConfig("gemv_k", 1, 64, sp, 4, stages))
-    if m >= 4:
-        bms = [bm for bm in (16, 32, 64) if bm <= max(16, m)]
-        for bm, bn, warps, stages in itertools.product(bms, (64, 128), (4,), (2, 3, 4)):
+    if m == 1:
+        for bn, warps, waves in itertools.product((64, 128), (2, 4), (1, 3, 4, 6)):
+            sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
+            out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, 0, sp > 1))
+    else:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn, stages, warps in itertools.product((64, 128), (3, 4), (4, 8)):
             sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms)
             for split in sorted({sp, max(1, sp // 2), min(chunks, sp * 2)}):
                 out.append(K.LaunchConfig("gemm_k", bm, bn, split, warps, stages, 0, split > 1))
@@ -431,7 +427,7 @@ def engine_int4(dev: torch.device) -> None:
     res: dict[str, dict[str, float]] = {}
     for label, ckpt in (("bf16", full), ("int4", int4)):
         t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64))
+        engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64, gpu_memory_gb=60))
         r = res[label] = {}
         row(f"{label} engine start-up", f"{time.perf_counter() - t0:.1f} s")
         row(f"{label} weights on the GPU", f"{weight_memory(engine.model).total_bytes / 1e9:.2f} GB")
@@ -458,6 +454,7 @@ def engine_int4(dev: torch.device) -> None:
         out = run_requests(engine, reqs)
         r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
     b, q = res["bf16"], res["int4"]
     row(
@@ -488,6 +485,7 @@ def engine_int4(dev: torch.device) -> None:
         row(f"--gpu-memory-gb 24, {label}", engine.memory.describe(), "(KV target >= 4 GB)")
         row(f"--gpu-memory-gb 24, {label}: KV cache", f"{engine.memory.kv_cache / 1e9:.2f} GB")
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
 
 

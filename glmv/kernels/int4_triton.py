@@ -45,17 +45,32 @@ from glmv.models.quant.int4 import int4_matmul_reference
 logger = logging.getLogger(__name__)
 
 CHUNK_K = 128  # input channels per step of the GEMM and per scale application of the GEMV
-GEMV_MAX_M = 2  # at most this many rows take the GEMV kernel (one program row per row of x)
+GEMV_MAX_M = 1  # at most this many rows take the GEMV kernel (more: the GEMM shares the unpacking)
 DEQUANT_MIN_M = 128  # at least this many rows take dequantize + cuBLAS
 
 
 @triton.jit
 def _nibble(w, NIB: tl.constexpr):
-    """Nibble `NIB` of each int32 of `w` as the float32 `1 + q/16` (exact)."""
-    R: tl.constexpr = (4 * NIB + 13) % 32  # rotate right so that bit 4·NIB lands on bit 19
+    """Nibble `NIB` of each int32 of `w` as the float32 `1 + q/16` (exact): one shift moves it to
+    mantissa bits 19–22 and one AND-OR (a single LOP3) keeps it under the exponent of 1.0."""
     u = w.to(tl.uint32, bitcast=True)
-    rot = (u >> R) | (u << (32 - R))
-    return ((rot & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    if NIB < 5:
+        u = u << (19 - 4 * NIB)
+    else:
+        u = u >> (4 * NIB - 19)
+    return ((u & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibble_r(w, NIB: tl.constexpr, mant_mask, one_bits):
+    """`_nibble` with the two bit patterns passed in registers (kernel arguments, not constants),
+    so that the AND-OR is a single three-input LOP3 instead of two."""
+    u = w.to(tl.uint32, bitcast=True)
+    if NIB < 5:
+        u = u << (19 - 4 * NIB)
+    else:
+        u = u >> (4 * NIB - 19)
+    return ((u & mant_mask) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -287,27 +302,29 @@ def _int4_gemm_kernel(
 
 
 @triton.jit
-def _expand8(w):
+def _expand8(w, mant_mask, one_bits):
     """`[R, C]` int32 words → `[R, 8C]` float32, element `8j + i` the `1 + q/16` of nibble `i` of
     word `j` (glmv's input-channel order). Three rounds of interleaving, all within registers."""
     a = tl.interleave(
-        tl.interleave(_nibble(w, 0), _nibble(w, 4)), tl.interleave(_nibble(w, 2), _nibble(w, 6))
+        tl.interleave(_nibble_r(w, 0, mant_mask, one_bits), _nibble_r(w, 4, mant_mask, one_bits)),
+        tl.interleave(_nibble_r(w, 2, mant_mask, one_bits), _nibble_r(w, 6, mant_mask, one_bits)),
     )
     b = tl.interleave(
-        tl.interleave(_nibble(w, 1), _nibble(w, 5)), tl.interleave(_nibble(w, 3), _nibble(w, 7))
+        tl.interleave(_nibble_r(w, 1, mant_mask, one_bits), _nibble_r(w, 5, mant_mask, one_bits)),
+        tl.interleave(_nibble_r(w, 3, mant_mask, one_bits), _nibble_r(w, 7, mant_mask, one_bits)),
     )
     return tl.interleave(a, b)
 
 
 @triton.jit
-def _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K: tl.constexpr):
+def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
     """The 16 packed words (128 input channels) of chunk `c` for each output channel in `offs_n`,
     from K-major storage (word `r` of output `n` at `r + n * stride_qn`): `[BLOCK_N, 16]` int32."""
     cols = c * 16 + tl.arange(0, 16)
     ptrs = qw_ptr + offs_n[:, None] * stride_qn + cols[None, :]
     if EVEN_K:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0)
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < K // 8)[None, :], other=0)
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(cols < K // 8)[None, :], other=0)
 
 
 @triton.jit
@@ -328,6 +345,8 @@ def _int4_gemv_k_kernel(
     stride_qn,
     chunks_per_split,
     splits,
+    mant_mask,
+    one_bits,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PARTIAL: tl.constexpr,
@@ -344,32 +363,32 @@ def _int4_gemv_k_kernel(
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_nc = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 and are not stored
     lane = tl.arange(0, 128)
     chunks = tl.cdiv(K, 128)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for it in range(0, chunks_per_split):
         c = pid_s * chunks_per_split + it
-        row_ok = n_mask & ((offs_n * 0 + c) < chunks)  # the last split may run past K
-        w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K)
+        cc = tl.minimum(c, chunks - 1)  # the last split may run past K: x is zero there
+        w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
         kk = c * 128 + lane
         x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        v = _expand8(w)
+        v = _expand8(w, mant_mask, one_bits)
         if GROUP % 128 == 0:
             t = tl.sum(v * x[None, :], axis=1)
             xs = tl.sum(x, axis=0)
-            g = (c * 128) // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=row_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=row_ok, other=0).to(tl.float32)
+            g = (cc * 128) // GROUP
+            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
             acc += s * (16.0 * (t - xs) - z * xs)
         else:
             NG: tl.constexpr = 128 // GROUP
             t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
             xs2 = tl.sum(tl.reshape(x, [NG, GROUP]), axis=1)
-            gi = c * NG + tl.arange(0, NG)
-            gmask = row_ok[:, None] & (gi < tl.cdiv(K, GROUP))[None, :]
-            s2 = tl.load(s_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
-            z2 = tl.load(z_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0).to(tl.float32)
+            gi = tl.minimum(c * NG + tl.arange(0, NG), tl.cdiv(K, GROUP) - 1)
+            s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
+            z2 = tl.load(z_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
             acc += tl.sum(s2 * (16.0 * (t2 - xs2[None, :]) - z2 * xs2[None, :]), axis=1)
     offs_m = pid_m + tl.arange(0, 1)
     _finish_tile(
@@ -379,20 +398,19 @@ def _int4_gemv_k_kernel(
 
 
 @triton.jit
-def _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP: tl.constexpr):
+def _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr):
     """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`."""
-    v = _expand8(w)
+    v = _expand8(w, mant_mask, one_bits)
     if GROUP % 128 == 0:
         g = (c * 128) // GROUP
-        s = tl.load(s_ptr + g * N + offs_n, mask=row_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=row_ok, other=0).to(tl.float32)
+        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
         # (16 v - 16 - z) s as one FMA per weight
         return v * (16.0 * s)[:, None] - ((16.0 + z) * s)[:, None]
     kk = c * 128 + tl.arange(0, 128)
-    gi = kk // GROUP
-    gmask = row_ok[:, None] & (kk < K)[None, :]
-    s2 = tl.load(s_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0.0).to(tl.float32)
-    z2 = tl.load(z_ptr + gi[None, :] * N + offs_n[:, None], mask=gmask, other=0).to(tl.float32)
+    gi = tl.minimum(kk // GROUP, tl.cdiv(K, GROUP) - 1)
+    s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
+    z2 = tl.load(z_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
     return (16.0 * v - 16.0 - z2) * s2
 
 
@@ -414,6 +432,8 @@ def _int4_gemm_k_kernel(
     stride_qn,
     chunks_per_split,
     splits,
+    mant_mask,
+    one_bits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -431,6 +451,7 @@ def _int4_gemm_k_kernel(
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_nc = tl.minimum(offs_n, N - 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     lane = tl.arange(0, 128)
@@ -438,15 +459,15 @@ def _int4_gemm_k_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for it in range(0, chunks_per_split):
         c = pid_s * chunks_per_split + it
-        row_ok = n_mask & ((offs_n * 0 + c) < chunks)
-        w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, EVEN_K)
+        cc = tl.minimum(c, chunks - 1)  # past K: x is zero there
+        w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
         kk = c * 128 + lane
         xt = tl.load(
             x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
             mask=(kk < K)[:, None] & m_mask[None, :],
             other=0.0,
         )
-        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP)
+        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, cc, N, K, mant_mask, one_bits, GROUP)
         if IEEE:
             acc = tl.dot(wd, xt, acc, input_precision="ieee")
         else:
@@ -459,15 +480,26 @@ def _int4_gemm_k_kernel(
 
 @triton.jit
 def _dequant_k_kernel(
-    qw_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_qn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
+    qw_ptr,
+    z_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_qn,
+    mant_mask,
+    one_bits,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """out[n, k] = (q - z) * s from K-major words: the `nn.Linear` weight `[N, K]`."""
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
-    w = _load_chunk_k(qw_ptr, offs_n, row_ok, c, K, stride_qn, False)
-    val = _dequant_tile_k(w, s_ptr, z_ptr, offs_n, row_ok, c, N, K, GROUP)
+    offs_nc = tl.minimum(offs_n, N - 1)
+    w = _load_chunk_k(qw_ptr, offs_nc, c, K, stride_qn, False)
+    val = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP)
     kk = c * 128 + tl.arange(0, 128)
     tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], val, mask=row_ok[:, None] & (kk < K)[None, :])
 
@@ -537,6 +569,8 @@ class LaunchConfig:
 _SM_COUNT: dict[int, int] = {}
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _FALLBACK_REASONS: set[str] = set()
+# The bit patterns of `_nibble_r`, passed as arguments so that they stay in registers.
+_NIBBLE_BITS = (0x00780000, 0x3F800000)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -602,13 +636,16 @@ def choose_config(m: int, n: int, k: int, sm_count: int, k_major_weights: bool =
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
         return LaunchConfig("gemm", block_m, 128, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
     if m <= GEMV_MAX_M:
-        block_n = 64
-        split = _split_for(triton.cdiv(n, block_n) * m, chunks, sm_count, waves=4)
-        return LaunchConfig("gemv_k", 1, block_n, split, 4, 2)
+        if triton.cdiv(n, 128) >= 4 * sm_count:  # wide (lm_head): many small programs, no split
+            return LaunchConfig("gemv_k", 1, 64, 1, 2, 2)
+        split = _split_for(triton.cdiv(n, 128) * m, chunks, sm_count, waves=4)
+        return LaunchConfig("gemv_k", 1, 128, split, 4, 2, fused_reduce=True)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    return LaunchConfig("gemm_k", block_m, block_n, _split_for(tiles, chunks, sm_count), 4, 3)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
+    split = _split_for(tiles, chunks, sm_count, waves=4 if m <= 16 else 2)
+    if m > 16:
+        split = max(split, min(2, chunks))
+    return LaunchConfig("gemm_k", block_m, 64, split, 4, 3, fused_reduce=split > 1)
 
 
 def dequantize_triton(
@@ -627,6 +664,7 @@ def dequantize_triton(
             n,
             k,
             qweight.stride(1),
+            *_NIBBLE_BITS,
             GROUP=group_size,
             BLOCK_N=block_n,
             num_warps=4,
@@ -695,6 +733,7 @@ def int4_matmul_triton(
     bias_arg = bias if bias is not None else out
     head = (x, qweight, zeros, scales, bias_arg, out, part, count, m, n, k, x.stride(0), out.stride(0))
     tail = (per_split, split)
+    tail_k = (per_split, split, *_NIBBLE_BITS)
     common = dict(
         GROUP=group_size,
         BLOCK_N=cfg.block_n,
@@ -712,12 +751,12 @@ def int4_matmul_triton(
             *head, *tail, BLOCK_M=cfg.block_m, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common
         )
     elif cfg.kind == "gemv_k":
-        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail, EVEN_K=even_k, **common)
+        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail_k, EVEN_K=even_k, **common)
     elif cfg.kind == "gemm_k":
         _int4_gemm_k_kernel[grid](
             *head,
             qweight.stride(1),
-            *tail,
+            *tail_k,
             BLOCK_M=cfg.block_m,
             EVEN_K=even_k,
             IEEE=x.dtype == torch.float32,
