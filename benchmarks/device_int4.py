@@ -177,13 +177,13 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
     if m == 1:
-        for bn, warps, waves in itertools.product((64, 128), (2, 4), (1, 3, 4, 6)):
+        for bn, warps, waves in itertools.product((64, 128), (2, 4), (1, 4, 6)):
             sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
             out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, 0, sp > 1))
     else:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn, stages, warps in itertools.product((64, 128), (3, 4), (4, 8)):
-            sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms)
+        for bn, stages, warps in itertools.product((64, 128, 256), (3,), (4, 8)):
+            sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms, waves=1 if bn > 64 else 2)
             for split in sorted({sp, max(1, sp // 2), min(chunks, sp * 2)}):
                 out.append(K.LaunchConfig("gemm_k", bm, bn, split, warps, stages, 0, split > 1))
     return out
@@ -494,6 +494,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also try tile configurations per shape")
     ap.add_argument("--skip-lm", action="store_true", help="kernels only")
     ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
+    ap.add_argument("--engine-only", action="store_true", help="only the engine comparison")
     args = ap.parse_args()
     dev = torch.device("cuda")
     import triton
@@ -505,6 +506,8 @@ def main() -> None:
         sections.append(full_lm)
     if args.engine:
         sections.append(engine_int4)
+    if args.engine_only:
+        sections = [engine_int4]
     for section in sections:
         try:
             section(dev)

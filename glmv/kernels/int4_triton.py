@@ -317,6 +317,31 @@ def _expand8(w, mant_mask, one_bits):
 
 
 @triton.jit
+def _expand8_fast(w, mant_mask, one_bits):
+    """`_expand8` at half a shift per weight, as two halves: the even nibbles `[R, 4C]` as
+    `1 + q/128` (moved to bits 16–19) and the odd ones as `1 + q/2048` (bits 12–15), both in
+    input-channel order among themselves. Four shifted copies of each word serve all eight."""
+    mask_e = mant_mask >> 3  # 0x000F0000
+    mask_o = mant_mask >> 7  # 0x0000F000
+    u = w.to(tl.uint32, bitcast=True)
+    l16 = u << 16
+    l8 = u << 8
+    r8 = u >> 8
+    r16 = u >> 16
+    n0 = ((l16 & mask_e) | one_bits).to(tl.float32, bitcast=True)
+    n2 = ((l8 & mask_e) | one_bits).to(tl.float32, bitcast=True)
+    n4 = ((u & mask_e) | one_bits).to(tl.float32, bitcast=True)
+    n6 = ((r8 & mask_e) | one_bits).to(tl.float32, bitcast=True)
+    n1 = ((l8 & mask_o) | one_bits).to(tl.float32, bitcast=True)
+    n3 = ((u & mask_o) | one_bits).to(tl.float32, bitcast=True)
+    n5 = ((r8 & mask_o) | one_bits).to(tl.float32, bitcast=True)
+    n7 = ((r16 & mask_o) | one_bits).to(tl.float32, bitcast=True)
+    even = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
+    odd = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    return even, odd
+
+
+@triton.jit
 def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
     """The 16 packed words (128 input channels) of chunk `c` for each output channel in `offs_n`,
     from K-major storage (word `r` of output `n` at `r + n * stride_qn`): `[BLOCK_N, 16]` int32."""
@@ -353,6 +378,7 @@ def _int4_gemv_k_kernel(
     HAS_BIAS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """GEMV on K-major weights: a program owns `BLOCK_N` output channels and walks its share of K
     128 channels at a time. Each thread reads whole 16-byte runs of one output channel's words,
@@ -374,8 +400,19 @@ def _int4_gemv_k_kernel(
         w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
         kk = c * 128 + lane
         x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        v = _expand8(w, mant_mask, one_bits)
-        if GROUP % 128 == 0:
+        if FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
+            ve, vo = _expand8_fast(w, mant_mask, one_bits)
+            xe, xo = tl.split(tl.reshape(x, [64, 2]))
+            xo16 = 16.0 * xo
+            t = tl.sum(ve * xe[None, :], axis=1) + tl.sum(vo * xo16[None, :], axis=1)
+            xs = tl.sum(x, axis=0)
+            xw = tl.sum(xe, axis=0) + tl.sum(xo16, axis=0)
+            g = (cc * 128) // GROUP
+            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+            acc += s * (128.0 * (t - xw) - z * xs)
+        elif GROUP % 128 == 0:
+            v = _expand8(w, mant_mask, one_bits)
             t = tl.sum(v * x[None, :], axis=1)
             xs = tl.sum(x, axis=0)
             g = (cc * 128) // GROUP
@@ -383,6 +420,7 @@ def _int4_gemv_k_kernel(
             z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
             acc += s * (16.0 * (t - xs) - z * xs)
         else:
+            v = _expand8(w, mant_mask, one_bits)
             NG: tl.constexpr = 128 // GROUP
             t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
             xs2 = tl.sum(tl.reshape(x, [NG, GROUP]), axis=1)
@@ -398,8 +436,19 @@ def _int4_gemv_k_kernel(
 
 
 @triton.jit
-def _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr):
-    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`."""
+def _dequant_tile_k(
+    w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr, FAST: tl.constexpr
+):
+    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`. Each value
+    is one FMA `v * a + b` of the expanded nibble, exact before its single rounding."""
+    if FAST:  # GROUP % 128 == 0
+        g = (c * 128) // GROUP
+        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+        ve, vo = _expand8_fast(w, mant_mask, one_bits)
+        de = ve * (128.0 * s)[:, None] - ((128.0 + z) * s)[:, None]
+        do = vo * (2048.0 * s)[:, None] - ((2048.0 + z) * s)[:, None]
+        return tl.interleave(de, do)
     v = _expand8(w, mant_mask, one_bits)
     if GROUP % 128 == 0:
         g = (c * 128) // GROUP
@@ -441,6 +490,7 @@ def _int4_gemm_k_kernel(
     HAS_BIAS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    FAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """GEMM on K-major weights, output transposed on the tensor cores: a `[BLOCK_N, 128]` chunk of
@@ -467,7 +517,7 @@ def _int4_gemm_k_kernel(
             mask=(kk < K)[:, None] & m_mask[None, :],
             other=0.0,
         )
-        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, cc, N, K, mant_mask, one_bits, GROUP)
+        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, cc, N, K, mant_mask, one_bits, GROUP, FAST)
         if IEEE:
             acc = tl.dot(wd, xt, acc, input_precision="ieee")
         else:
@@ -499,7 +549,7 @@ def _dequant_k_kernel(
     row_ok = offs_n < N
     offs_nc = tl.minimum(offs_n, N - 1)
     w = _load_chunk_k(qw_ptr, offs_nc, c, K, stride_qn, False)
-    val = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP)
+    val = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP, False)
     kk = c * 128 + tl.arange(0, 128)
     tl.store(out_ptr + offs_n[:, None] * K + kk[None, :], val, mask=row_ok[:, None] & (kk < K)[None, :])
 
@@ -563,7 +613,7 @@ class LaunchConfig:
     num_stages: int = 2
     expand: int = 0
     fused_reduce: bool = False
-    fast_unpack: bool = False
+    fast_unpack: bool | None = None  # None: the kernel's default (row-major GEMV: off; K-major: on)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -637,14 +687,20 @@ def choose_config(m: int, n: int, k: int, sm_count: int, k_major_weights: bool =
         return LaunchConfig("gemm", block_m, 128, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
     if m <= GEMV_MAX_M:
         if triton.cdiv(n, 128) >= 4 * sm_count:  # wide (lm_head): many small programs, no split
-            return LaunchConfig("gemv_k", 1, 64, 1, 2, 2)
-        split = _split_for(triton.cdiv(n, 128) * m, chunks, sm_count, waves=4)
-        return LaunchConfig("gemv_k", 1, 128, split, 4, 2, fused_reduce=True)
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+            return LaunchConfig("gemv_k", 1, 128, 1, 2, 2)
+        split = _split_for(triton.cdiv(n, 128), chunks, sm_count, waves=4)
+        return LaunchConfig("gemv_k", 1, 128, split, 4, 2, fused_reduce=split > 1)
+    if m <= 16:
+        tiles = triton.cdiv(n, 64)
+        split = _split_for(tiles, chunks, sm_count, waves=4)
+        return LaunchConfig("gemm_k", 16, 64, split, 4, 3, fused_reduce=split > 1)
+    block_m = 32 if m <= 32 else 64
+    if k >= 8192 or n >= 16384:  # long rows or many columns: wide tiles, 8 warps
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+        split = _split_for(tiles, chunks, sm_count, waves=1)
+        return LaunchConfig("gemm_k", block_m, 128, split, 8, 3, fused_reduce=split > 1)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
-    split = _split_for(tiles, chunks, sm_count, waves=4 if m <= 16 else 2)
-    if m > 16:
-        split = max(split, min(2, chunks))
+    split = _split_for(tiles, chunks, sm_count, waves=2)
     return LaunchConfig("gemm_k", block_m, 64, split, 4, 3, fused_reduce=split > 1)
 
 
@@ -744,14 +800,16 @@ def int4_matmul_triton(
         num_stages=cfg.num_stages,
     )
     even_k = k % CHUNK_K == 0
+    # Half-shift unpacking for 16-bit activations and whole-chunk groups (see `_expand8_fast`).
+    fast = x.dtype != torch.float32 and group_size % CHUNK_K == 0 and cfg.fast_unpack is not False
     if cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*head, *tail, BLOCK_M=1, FAST_UNPACK=cfg.fast_unpack, **common)
+        _int4_gemv_kernel[grid](*head, *tail, BLOCK_M=1, FAST_UNPACK=bool(cfg.fast_unpack), **common)
     elif cfg.kind == "gemm":
         _int4_gemm_kernel[grid](
             *head, *tail, BLOCK_M=cfg.block_m, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common
         )
     elif cfg.kind == "gemv_k":
-        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail_k, EVEN_K=even_k, **common)
+        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail_k, EVEN_K=even_k, FAST=fast, **common)
     elif cfg.kind == "gemm_k":
         _int4_gemm_k_kernel[grid](
             *head,
@@ -759,6 +817,7 @@ def int4_matmul_triton(
             *tail_k,
             BLOCK_M=cfg.block_m,
             EVEN_K=even_k,
+            FAST=fast,
             IEEE=x.dtype == torch.float32,
             **common,
         )
