@@ -18,7 +18,6 @@ Prints a table last. Runs in about two minutes on an H100 (about three with --sw
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import statistics
 import sys
@@ -177,9 +176,9 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
     if m == 1:
-        for bn, warps, waves in itertools.product((64, 128), (2, 4), (1, 4, 6)):
+        for bn, warps, ahead, waves in itertools.product((64, 128), (2, 4), (1, 2), (4, 6)):
             sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
-            out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, 0, sp > 1))
+            out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, ahead, sp > 1))
     else:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn, stages, warps in itertools.product((64, 128, 256), (3,), (4, 8)):
@@ -406,17 +405,72 @@ def full_lm(dev: torch.device) -> None:
     )
 
 
-def engine_int4(dev: torch.device) -> None:
-    """bf16 and int4 (LM + vision linears, lm_head bf16) served by glmv's engine: batch-1 decode,
-    the GPU time of one decode graph replay, 64 concurrent image requests, and the start-up memory
-    report under `--gpu-memory-gb 24`."""
-    import tempfile
+def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> None:
+    """One engine in this process (a fresh process per engine: nothing of the last one remains)."""
+    import json
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from device_engine import image_request, run_requests
 
     from glmv.engine.engine import EngineConfig, LLMEngine
     from glmv.errors import ConfigError
+
+    r: dict[str, float | str] = {}
+    try:
+        t0 = time.perf_counter()
+        engine = LLMEngine(
+            EngineConfig(model=ckpt, dtype="bfloat16", max_num_seqs=64, gpu_memory_gb=gpu_memory_gb or None)
+        )
+    except ConfigError as exc:
+        r["refused"] = str(exc)
+        Path(out_json).write_text(json.dumps(r))
+        return
+    r["startup"] = time.perf_counter() - t0
+    r["weights_gb"] = weight_memory(engine.model).total_bytes / 1e9
+    if engine.memory is not None:
+        r["memory"] = engine.memory.describe()
+        r["kv_gb"] = engine.memory.kv_cache / 1e9
+    if gpu_memory_gb:
+        Path(out_json).write_text(json.dumps(r))
+        return
+    image_id = engine.model.image_token_id
+    run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
+    times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
+    r["tpot"] = statistics.median(b - a for a, b in itertools.pairwise(times[1:])) * 1e3
+    graphs = engine.runner.graphs
+    for b in (1, 64):
+        if graphs is not None and b in graphs.graphs:
+            graphs.seq_lens[:b].fill_(1700)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(3):
+                graphs.graphs[b].replay()
+            start.record()
+            for _ in range(20):
+                graphs.graphs[b].replay()
+            end.record()
+            torch.cuda.synchronize()
+            r[f"replay{b}"] = start.elapsed_time(end) / 20
+            graphs.seq_lens.zero_()
+    reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(64)]
+    t = time.perf_counter()
+    out = run_requests(engine, reqs)
+    r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
+    # Decode alone at 64: the same requests with one output token, subtracted.
+    reqs = [image_request(f"p{i}", 200 + i, 64, 1, image_id) for i in range(64)]
+    t = time.perf_counter()
+    run_requests(engine, reqs)
+    r["prefill64_s"] = time.perf_counter() - t
+    Path(out_json).write_text(json.dumps(r))
+
+
+def engine_int4(dev: torch.device) -> None:
+    """bf16 and int4 (LM + vision linears, lm_head bf16) served by glmv's engine, each in its own
+    process: batch-1 decode, the GPU time of one decode graph replay, 64 concurrent image requests,
+    and the start-up memory report under `--gpu-memory-gb 24`."""
+    import json
+    import subprocess
+    import tempfile
+
     from glmv.models.quant.quantize import quantize_checkpoint
     from glmv.models.tiny import create_tiny_model
 
@@ -424,69 +478,55 @@ def engine_int4(dev: torch.device) -> None:
     full = create_tiny_model(tmp / "full", variant="full")
     int4 = tmp / "int4"
     quantize_checkpoint(full, int4, method="rtn", group_size=128, quantize_vision=True)
-    res: dict[str, dict[str, float]] = {}
-    for label, ckpt in (("bf16", full), ("int4", int4)):
-        t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64, gpu_memory_gb=60))
-        r = res[label] = {}
-        row(f"{label} engine start-up", f"{time.perf_counter() - t0:.1f} s")
-        row(f"{label} weights on the GPU", f"{weight_memory(engine.model).total_bytes / 1e9:.2f} GB")
-        image_id = engine.model.image_token_id
-        run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
-        times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
-        r["tpot"] = statistics.median(b - a for a, b in itertools.pairwise(times[1:])) * 1e3
-        graphs = engine.runner.graphs
-        for b in (1, 64):
-            if graphs is not None and b in graphs.graphs:
-                graphs.seq_lens[:b].fill_(1700)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                for _ in range(3):
-                    graphs.graphs[b].replay()
-                start.record()
-                for _ in range(20):
-                    graphs.graphs[b].replay()
-                end.record()
-                torch.cuda.synchronize()
-                r[f"replay{b}"] = start.elapsed_time(end) / 20
-                graphs.seq_lens.zero_()
-        reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(64)]
-        t = time.perf_counter()
-        out = run_requests(engine, reqs)
-        r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-    b, q = res["bf16"], res["int4"]
-    row(
-        "engine batch-1 decode ms/token (median step, 1120x1120 image prompt): int4 / bf16",
-        f"{q['tpot']:.2f} / {b['tpot']:.2f} = {q['tpot'] / b['tpot']:.2f}x",
-        "(target <= 0.55)",
-    )
-    for bs in (1, 64):
-        if f"replay{bs}" in q and f"replay{bs}" in b:
-            row(
-                f"decode graph replay alone, batch {bs}, 1700-token contexts (GPU time): int4 / bf16",
-                f"{q[f'replay{bs}']:.2f} / {b[f'replay{bs}']:.2f} ms = {q[f'replay{bs}'] / b[f'replay{bs}']:.2f}x",
-            )
-    row(
-        "64 concurrent image requests x 256 tokens, output tok/s (engine): int4 / bf16",
-        f"{q['tps']:.0f} / {b['tps']:.0f} = {q['tps'] / b['tps']:.2f}x",
-        "(target >= 1)",
-    )
-    for label, ckpt in (("int4", int4), ("bf16", full)):
-        try:
-            engine = LLMEngine(
-                EngineConfig(model=str(ckpt), dtype="bfloat16", gpu_memory_gb=24, max_num_seqs=64)
-            )
-        except ConfigError as exc:
-            row(f"--gpu-memory-gb 24, {label}", f"refused: {exc}")
+    res: dict[str, dict] = {}
+    for label, ckpt, gb in (
+        ("bf16", full, 0),
+        ("int4", int4, 0),
+        ("int4-24", int4, 24),
+        ("bf16-24", full, 24),
+    ):
+        out = tmp / f"{label}.json"
+        cmd = [sys.executable, __file__, "--engine-one", label, str(ckpt), str(gb), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+        if proc.returncode != 0 or not out.exists():
+            print(proc.stdout[-2000:], proc.stderr[-4000:])
+            row(f"engine {label}", f"failed (rc {proc.returncode})")
             continue
-        assert engine.memory is not None
-        row(f"--gpu-memory-gb 24, {label}", engine.memory.describe(), "(KV target >= 4 GB)")
-        row(f"--gpu-memory-gb 24, {label}: KV cache", f"{engine.memory.kv_cache / 1e9:.2f} GB")
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+        res[label] = json.loads(out.read_text())
+    b, q = res.get("bf16", {}), res.get("int4", {})
+    for label, r in res.items():
+        if "refused" in r:
+            row(f"--gpu-memory-gb 24, {label}", f"refused: {r['refused']}")
+        elif label.endswith("-24"):
+            row(f"--gpu-memory-gb 24, {label}", str(r.get("memory")), "(KV target >= 4 GB)")
+            row(
+                f"--gpu-memory-gb 24, {label}: KV cache / weights",
+                f"{r['kv_gb']:.2f} GB / {r['weights_gb']:.2f} GB",
+            )
+        else:
+            row(f"{label} engine: start-up / weights", f"{r['startup']:.1f} s / {r['weights_gb']:.2f} GB")
+    if "tpot" in b and "tpot" in q:
+        row(
+            "engine batch-1 decode ms/token (median step, 1120x1120 image prompt): int4 / bf16",
+            f"{q['tpot']:.2f} / {b['tpot']:.2f} = {q['tpot'] / b['tpot']:.2f}x",
+            "(target <= 0.55)",
+        )
+        for bs in (1, 64):
+            key = f"replay{bs}"
+            if key in q and key in b:
+                row(
+                    f"decode graph replay alone, batch {bs}, 1700-token contexts (GPU time): int4 / bf16",
+                    f"{q[key]:.2f} / {b[key]:.2f} ms = {q[key] / b[key]:.2f}x",
+                )
+        row(
+            "64 concurrent image requests x 256 tokens, output tok/s (engine): int4 / bf16",
+            f"{q['tps']:.0f} / {b['tps']:.0f} = {q['tps'] / b['tps']:.2f}x",
+            "(target >= 1)",
+        )
+        row(
+            "the same 64 requests with 1 output token (prefill + vision), s: int4 / bf16",
+            f"{q['prefill64_s']:.2f} / {b['prefill64_s']:.2f}",
+        )
 
 
 def main() -> None:
@@ -495,7 +535,14 @@ def main() -> None:
     ap.add_argument("--skip-lm", action="store_true", help="kernels only")
     ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
     ap.add_argument("--engine-only", action="store_true", help="only the engine comparison")
+    ap.add_argument(
+        "--engine-one", nargs=4, metavar=("LABEL", "CKPT", "GPU_GB", "OUT_JSON"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
+    if args.engine_one:
+        label, ckpt, gb, out_json = args.engine_one
+        engine_one(label, ckpt, float(gb), out_json)
+        return
     dev = torch.device("cuda")
     import triton
 

@@ -379,6 +379,7 @@ def _int4_gemv_k_kernel(
     FUSED_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
     FAST: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """GEMV on K-major weights: a program owns `BLOCK_N` output channels and walks its share of K
     128 channels at a time. Each thread reads whole 16-byte runs of one output channel's words,
@@ -394,19 +395,32 @@ def _int4_gemv_k_kernel(
     chunks = tl.cdiv(K, 128)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    c0 = pid_s * chunks_per_split
+    # Words are loaded AHEAD chunks before they are used, so that their loads are in flight while
+    # the chunks before them are computed (the loop itself is not pipelined by the compiler).
+    w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, chunks - 1), K, stride_qn, EVEN_K)
+    if AHEAD == 2:
+        w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, chunks - 1), K, stride_qn, EVEN_K)
     for it in range(0, chunks_per_split):
-        c = pid_s * chunks_per_split + it
+        c = c0 + it
         cc = tl.minimum(c, chunks - 1)  # the last split may run past K: x is zero there
-        w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
+        w = w_next
+        if AHEAD == 2:
+            w_next = w_next2
+            w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, chunks - 1), K, stride_qn, EVEN_K)
+        else:
+            w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, chunks - 1), K, stride_qn, EVEN_K)
         kk = c * 128 + lane
         x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
         if FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
             ve, vo = _expand8_fast(w, mant_mask, one_bits)
             xe, xo = tl.split(tl.reshape(x, [64, 2]))
-            xo16 = 16.0 * xo
-            t = tl.sum(ve * xe[None, :], axis=1) + tl.sum(vo * xo16[None, :], axis=1)
-            xs = tl.sum(x, axis=0)
-            xw = tl.sum(xe, axis=0) + tl.sum(xo16, axis=0)
+            xe2 = xe[None, :]
+            xo2 = xo[None, :]
+            t = tl.sum(ve * xe2, axis=1) + tl.sum(vo * (16.0 * xo2), axis=1)
+            # Sums of x reduced along the weight tile's axis 1 (no cross-warp reduction).
+            xs = tl.sum(xe2 + xo2, axis=1)
+            xw = xs + tl.sum(15.0 * xo2, axis=1)
             g = (cc * 128) // GROUP
             s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
@@ -611,7 +625,7 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    expand: int = 0
+    expand: int = 0  # row-major GEMM: expand packed rows in registers; K-major GEMV: chunks loaded ahead
     fused_reduce: bool = False
     fast_unpack: bool | None = None  # None: the kernel's default (row-major GEMV: off; K-major: on)
 
@@ -809,7 +823,9 @@ def int4_matmul_triton(
             *head, *tail, BLOCK_M=cfg.block_m, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common
         )
     elif cfg.kind == "gemv_k":
-        _int4_gemv_k_kernel[grid](*head, qweight.stride(1), *tail_k, EVEN_K=even_k, FAST=fast, **common)
+        _int4_gemv_k_kernel[grid](
+            *head, qweight.stride(1), *tail_k, EVEN_K=even_k, FAST=fast, AHEAD=max(1, cfg.expand), **common
+        )
     elif cfg.kind == "gemm_k":
         _int4_gemm_k_kernel[grid](
             *head,
