@@ -167,7 +167,7 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
                 f"(int4 {b4 / t4 / 1e6:.0f} GB/s, bf16 {n * k * 2 / t16 / 1e6:.0f} GB/s; "
                 f"{K.choose_config(m, n, k, K._sm_count(dev))})",
             )
-            if sweep and m in (1, 64) and name != "o_proj" and (name != "lm_head" or m == 1):
+            if sweep and m == 1:
                 sweep_shape(x, qw, z, s, gs, name)
 
 
@@ -176,7 +176,7 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
     if m == 1:
-        for bn, warps, ahead, waves in itertools.product((64, 128), (2, 4), (1, 2), (4, 6)):
+        for bn, warps, ahead, waves in itertools.product((32, 64, 128), (1, 2), (1, 2), (4, 8)):
             sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
             out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, ahead, sp > 1))
     else:
