@@ -536,6 +536,9 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
     ap.add_argument("--engine-only", action="store_true", help="only the engine comparison")
     ap.add_argument(
+        "--lm-only", action="store_true", help="kernel checks and the full-size LM, no per-shape table"
+    )
+    ap.add_argument(
         "--engine-one", nargs=4, metavar=("LABEL", "CKPT", "GPU_GB", "OUT_JSON"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
@@ -548,7 +551,7 @@ def main() -> None:
 
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     t0 = time.perf_counter()
-    sections = [check_kernels, lambda d: time_shapes(d, args.sweep)]
+    sections = [check_kernels] + ([] if args.lm_only else [lambda d: time_shapes(d, args.sweep)])
     if not args.skip_lm:
         sections.append(full_lm)
     if args.engine:

@@ -700,6 +700,8 @@ def choose_config(m: int, n: int, k: int, sm_count: int, k_major_weights: bool =
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
         return LaunchConfig("gemm", block_m, 128, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
     if m <= GEMV_MAX_M:
+        if triton.cdiv(n, 128) >= 4 * sm_count:  # wide (lm_head): one-warp programs, two chunks ahead
+            return LaunchConfig("gemv_k", 1, 32, 1, 1, 2, expand=2)
         split = _split_for(triton.cdiv(n, 128), chunks, sm_count, waves=4)
         return LaunchConfig("gemv_k", 1, 128, split, 2, 2, expand=1, fused_reduce=split > 1)
     if m <= 16:
