@@ -1,18 +1,23 @@
-"""INT4 weights on the GPU: kernel checks, per-shape timings, and a full-size LM vs bf16.
+"""INT4 weights on the GPU: kernel checks, per-shape timings, a full-size LM and the engine vs bf16.
 
-    PYTHONPATH=. python3 benchmarks/device_int4.py [--sweep] [--skip-lm]
+    PYTHONPATH=. python3 benchmarks/device_int4.py [--sweep] [--skip-lm | --lm-only] [--engine]
+    PYTHONPATH=. python3 benchmarks/device_int4.py --engine-only
 
-1. The Triton int4 kernels (GEMV for ≤ 4 rows, tensor-core GEMM above) against the reference
-   dequantization `(q - z) * s` on random inputs: relative L2 error for the four decoder-layer
-   shapes of GLM-4.6V-Flash, many row counts, group sizes 128/64/32/-1, bf16 and fp16.
-2. Per-shape timings (median of CUDA-graph replays) of int4 vs bf16 `F.linear` at 1, 16, 64 and
-   256 rows, with the bytes each must read and the bandwidth reached. `--sweep` also tries tile
-   configurations and prints the best per shape.
+1. The Triton int4 kernels (GEMV for one row, tensor-core GEMM above, dequantize + cuBLAS from
+   128 rows) against the reference dequantization `(q - z) * s` on random inputs: relative L2
+   error for the decoder-layer shapes of GLM-4.6V-Flash, many row counts, group sizes
+   128/64/8/whole row, bf16 and fp16, each launch run twice (bit-identical).
+2. Per-shape timings (median of CUDA-graph replays) of int4 vs bf16 `F.linear` at 1, 4, 16, 64 and
+   2048 rows (and the lm_head shape), with the bandwidth reached. `--sweep` also tries launch
+   configurations around the defaults and prints the best per shape.
 3. A full-size GLM-4.6V-Flash-shaped model with random weights in bf16, and the same model with
-   its linear layers RTN-quantized in memory (group 128): weight bytes (LM only int4; + vision;
-   + lm_head), logits agreement, and the time of one whole 40-layer LM forward (decode step over
-   a 512-token context, CUDA graph) at batch 1 and 64, plus a 2048-token prefill, int4 vs bf16.
-Prints a table last. Runs in about two minutes on an H100 (about three with --sweep).
+   its LM linear layers RTN-quantized in memory (group 128): weight bytes (LM int4; + vision;
+   + lm_head), logits agreement, and one whole 40-layer LM forward (decode step over a 512-token
+   context, CUDA graph) at batch 1 and 64, plus a 2048-token prefill, int4 vs bf16.
+4. `--engine` / `--engine-only`: weightless full-size checkpoints (bf16; int4 LM + vision; int4
+   with lm_head too) served by glmv's engine, one process each: batch-1 decode ms/token, decode
+   graph replays, 64 concurrent image requests, and the start-up report under `--gpu-memory-gb 24`.
+Prints a table last. Sections 1-3 take about a minute and a half on an H200, section 4 about four.
 """
 
 from __future__ import annotations
@@ -104,14 +109,14 @@ def check_kernels(dev: torch.device) -> None:
         if m == 1:
             return [
                 None,
-                K.LaunchConfig("gemv_k", 1, 32, 8, 4, 2, 0, True),
-                K.LaunchConfig("gemv_k", 1, 128, 4, 8, 3),
+                K.LaunchConfig("gemv", 1, 32, 8, 4, 2, 1, True),
+                K.LaunchConfig("gemv", 1, 128, 4, 8, 3, 2),
             ]
         if m == 17:
             return [
                 None,
-                K.LaunchConfig("gemm_k", 16, 128, 8, 4, 3, 0, True),
-                K.LaunchConfig("gemm_k", 32, 64, 1, 4, 4),
+                K.LaunchConfig("gemm", 16, 128, 8, 4, 3, 1, True),
+                K.LaunchConfig("gemm", 32, 64, 1, 4, 4),
             ]
         return [None]
 
@@ -150,20 +155,17 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
     row("device-to-device copy bandwidth (read + write)", f"{bw:.0f} GB/s")
     shapes = {**LAYER_SHAPES, "lm_head": LM_HEAD_SHAPE}
     for name, (n, k) in shapes.items():
-        qw_rows, z, s, gs = random_packed(n, k, 128, dev)
-        qw = K.k_major(qw_rows)
+        qw, z, s, gs = random_packed(n, k, 128, dev)
+        qw = K.k_major(qw)
         w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         for m in (1, 4, 16, 64, 2048) if name != "lm_head" else (1, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t4 = graph_time_ms(lambda x=x, qw=qw, z=z, s=s, gs=gs: K.int4_matmul_triton(x, qw, z, s, gs))
-            t_old = graph_time_ms(
-                lambda x=x, qw=qw_rows, z=z, s=s, gs=gs: K.int4_matmul_triton(x, qw, z, s, gs), iters=20
-            )
             t16 = graph_time_ms(lambda x=x, w16=w16: F.linear(x, w16))
             b4 = qw.numel() * 4 + z.numel() + s.numel() * 2
             row(
                 f"{name} {n}x{k}, {m} rows: int4 / bf16",
-                f"{t4 * 1e3:.1f} / {t16 * 1e3:.1f} us = {t4 / t16:.2f}x (row-major kernels {t_old * 1e3:.1f} us)",
+                f"{t4 * 1e3:.1f} / {t16 * 1e3:.1f} us = {t4 / t16:.2f}x",
                 f"(int4 {b4 / t4 / 1e6:.0f} GB/s, bf16 {n * k * 2 / t16 / 1e6:.0f} GB/s; "
                 f"{K.choose_config(m, n, k, K._sm_count(dev))})",
             )
@@ -178,13 +180,13 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     if m == 1:
         for bn, warps, ahead, waves in itertools.product((32, 64, 128), (1, 2), (1, 2), (4, 8)):
             sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
-            out.append(K.LaunchConfig("gemv_k", 1, bn, sp, warps, 2, ahead, sp > 1))
+            out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, ahead, sp > 1))
     else:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn, stages, warps in itertools.product((64, 128, 256), (3,), (4, 8)):
             sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms, waves=1 if bn > 64 else 2)
             for split in sorted({sp, max(1, sp // 2), min(chunks, sp * 2)}):
-                out.append(K.LaunchConfig("gemm_k", bm, bn, split, warps, stages, 0, split > 1))
+                out.append(K.LaunchConfig("gemm", bm, bn, split, warps, stages, 1, split > 1))
     return out
 
 

@@ -1,24 +1,31 @@
 """INT4 weight × bf16/fp16 activation matmul on CUDA: Triton GEMV and GEMM kernels.
 
 Imported only when an `Int4Linear` runs on a CUDA device; nothing on the CPU path imports
-Triton. Weights are in glmv's layout (`glmv.models.quant.int4`): `qweight` int32 `[K/8, N]` with
-input channel `8r + i` in nibble `i` of row `r`, `zeros` uint8 and `scales` float16 `[K/g, N]`.
+Triton. Weights are in glmv's layout (`glmv.models.quant.int4`) — `qweight` int32 `[K/8, N]` with
+input channel `8r + i` in nibble `i` of word `r`, `zeros` uint8 and `scales` float16 `[K/g, N]` —
+with `qweight` stored **K-major** (the transpose of a contiguous `[N, K/8]`): each output
+channel's words are contiguous, so a thread reads 16-byte runs of one channel and expands them in
+registers (three rounds of `tl.interleave`, no shared memory).
+
+A nibble becomes a float32 with one shift and one three-input AND-OR (its bit patterns are kernel
+arguments, so they sit in registers): moved under the exponent of 1.0 it reads `v = 1 + q/16`
+exactly. With 16-bit activations and whole-chunk groups the unpacking takes half a shift per
+weight: even nibbles land on bits 16–19 (`1 + q/128`), odd ones on bits 12–15 (`1 + q/2048`), and
+four shifted copies of a word serve all eight. The scale and zero point come out of the sums,
+
+    Σ_k x_k (q_k − z) s = s · (16 · (Σ_k x_k v_k − Σ_k x_k) − z · Σ_k x_k),
+
+so the inner loop is one FMA per weight (and the GEMM's dequantized weight one FMA, exact before
+its single rounding).
 
 Three paths, by the number of rows `M` of `x`:
 
-* **GEMV** (decode, `M ≤ GEMV_MAX_M`): each program owns a strip of output columns and walks its
-  share of K one packed row at a time, so all the work is elementwise over the strip — no
-  reductions, no shared memory. A nibble becomes a number with two integer instructions: rotate
-  it into mantissa bits 19–22 and OR in the exponent of 1.0, giving the float32 `v = 1 + q/16`
-  exactly (an int→float conversion would be quarter-rate). The scale and zero point come out of
-  the sum over each quantization group,
-
-      Σ_k x_k (q_k − z) s = s · (16 · (Σ_k x_k v_k − Σ_k x_k) − z · Σ_k x_k),
-
-  so the inner loop is one FMA per weight and row of `x`.
-* **GEMM** (`GEMV_MAX_M < M < DEQUANT_MIN_M`): tiles of `x` times 128-row chunks of the weight
-  on the tensor cores, the chunk expanded from its 16 packed rows in registers and fed to the
-  product as the exact `v` (group sizes that are multiples of 128) or as the dequantized value.
+* **GEMV** (decode, `M ≤ GEMV_MAX_M`): a program owns a strip of output channels and walks its
+  share of K 128 channels at a time, loading the words of the next chunk(s) before computing the
+  current one.
+* **GEMM** (`GEMV_MAX_M < M < DEQUANT_MIN_M`): a `[BLOCK_N, 128]` chunk of the weight, dequantized
+  in registers, times the transpose of a `[BLOCK_M, 128]` tile of `x` on the tensor cores (the
+  weight is the wide side of the product even for a handful of rows).
 * **Large M** (prefill): the weight is dequantized into a scratch bf16/fp16 matrix by a Triton
   kernel and multiplied by cuBLAS: the dequantization is a small fraction of a compute-bound
   product.
@@ -44,25 +51,13 @@ from glmv.models.quant.int4 import int4_matmul_reference
 
 logger = logging.getLogger(__name__)
 
-CHUNK_K = 128  # input channels per step of the GEMM and per scale application of the GEMV
+CHUNK_K = 128  # input channels per step of both kernels (16 words per output channel)
 GEMV_MAX_M = 1  # at most this many rows take the GEMV kernel (more: the GEMM shares the unpacking)
 DEQUANT_MIN_M = 128  # at least this many rows take dequantize + cuBLAS
 
 
 @triton.jit
-def _nibble(w, NIB: tl.constexpr):
-    """Nibble `NIB` of each int32 of `w` as the float32 `1 + q/16` (exact): one shift moves it to
-    mantissa bits 19–22 and one AND-OR (a single LOP3) keeps it under the exponent of 1.0."""
-    u = w.to(tl.uint32, bitcast=True)
-    if NIB < 5:
-        u = u << (19 - 4 * NIB)
-    else:
-        u = u >> (4 * NIB - 19)
-    return ((u & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _nibble_r(w, NIB: tl.constexpr, mant_mask, one_bits):
+def _nibble(w, NIB: tl.constexpr, mant_mask, one_bits):
     """`_nibble` with the two bit patterns passed in registers (kernel arguments, not constants),
     so that the AND-OR is a single three-input LOP3 instead of two."""
     u = w.to(tl.uint32, bitcast=True)
@@ -71,21 +66,6 @@ def _nibble_r(w, NIB: tl.constexpr, mant_mask, one_bits):
     else:
         u = u >> (4 * NIB - 19)
     return ((u & mant_mask) | one_bits).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _nibble_fast(w, NIB: tl.constexpr):
-    """Nibble `NIB` as `1 + q/128` (even nibbles, moved to bits 16–19) or `1 + q/2048` (odd
-    nibbles, moved to bits 12–15), exactly: four shifted copies of the word serve all eight
-    nibbles, so each costs one AND-OR (LOP3) and a quarter of a shift."""
-    u = w.to(tl.uint32, bitcast=True)
-    SHIFT: tl.constexpr = 16 - 8 * ((NIB + 1) // 2)  # left shift: 16, 8, 8, 0, 0, -8, -8, -16
-    if SHIFT > 0:
-        u = u << SHIFT
-    elif SHIFT < 0:
-        u = u >> (-SHIFT)
-    MASK: tl.constexpr = 0x0000F000 if NIB % 2 == 1 else 0x000F0000
-    return ((u & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -134,184 +114,16 @@ def _finish_tile(
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr,
-    qw_ptr,
-    z_ptr,
-    s_ptr,
-    bias_ptr,
-    out_ptr,
-    part_ptr,
-    count_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    chunks_per_split,
-    splits,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
-    FAST_UNPACK: tl.constexpr,
-):
-    """One row of x (grid axis 2 when there are several). Its entries are loaded as scalars, so
-    multiplying them into the strip of columns costs nothing but the FMA. FAST_UNPACK takes the
-    nibbles with `_nibble_fast` (odd ones weighted by 16 through x) instead of `_nibble`."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    k_rows = K // 8
-    x_row = x_ptr + pid_m * stride_xm
-    # Packed rows between two scale applications: one group, or one 128-chunk of a larger group.
-    RG: tl.constexpr = (GROUP if GROUP < 128 else 128) // 8
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    xs = tl.full([], 0.0, tl.float32)  # Σ x
-    xw = tl.full([], 0.0, tl.float32)  # Σ x · (its weight in t: 1, or 16 for odd nibbles with FAST_UNPACK)
-    for it in range(0, chunks_per_split):
-        c = pid_s * chunks_per_split + it
-        for r in tl.static_range(16):
-            row = c * 16 + r
-            ok = row < k_rows  # the last split may run past K: masked, no memory traffic
-            row_mask = n_mask & ((offs_n * 0 + row) < k_rows)
-            w = tl.load(qw_ptr + row * N + offs_n, mask=row_mask, other=0)
-            for i in tl.static_range(8):
-                # Unmasked scalar load from a clamped address; rows past K contribute zero.
-                xk = tl.load(x_row + tl.minimum(row * 8 + i, K - 1)).to(tl.float32)
-                xk = tl.where(ok, xk, 0.0)
-                xs += xk
-                if FAST_UNPACK and i % 2 == 1:
-                    xk = xk * 16.0
-                xw += xk
-                if FAST_UNPACK:
-                    t += xk * _nibble_fast(w, i)
-                else:
-                    t += xk * _nibble(w, i)
-            if (r + 1) % RG == 0:
-                g = (row * 8) // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * N + offs_n, mask=row_mask, other=0).to(tl.float32)
-                FACTOR: tl.constexpr = 128.0 if FAST_UNPACK else 16.0
-                acc += s * (FACTOR * (t - xw) - z * xs)
-                t = tl.zeros([BLOCK_N], dtype=tl.float32)
-                xs = tl.full([], 0.0, tl.float32)
-                xw = tl.full([], 0.0, tl.float32)
-    offs_m = pid_m + tl.arange(0, 1)
-    _finish_tile(
-        acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
-        part_ptr, count_ptr, pid_m * tl.num_programs(0) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _int4_gemm_kernel(
-    x_ptr,
-    qw_ptr,
-    z_ptr,
-    s_ptr,
-    bias_ptr,
-    out_ptr,
-    part_ptr,
-    count_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    chunks_per_split,
-    splits,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
-    EXPAND: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    lane_k = tl.arange(0, 128)
-    rot = ((lane_k % 8) * 4 + 13) % 32  # per input channel: rotate its nibble onto bit 19
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for it in range(0, chunks_per_split):
-        c = pid_s * chunks_per_split + it
-        offs_k = c * 128 + lane_k
-        k_mask = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if EXPAND == 0:
-            # Each packed row read once per input channel it holds (the 8 reads hit one cache line).
-            w = tl.load(
-                qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0,
-            )
-        else:
-            rows = c * 16 + tl.arange(0, 16)
-            w16 = tl.load(
-                qw_ptr + rows[:, None] * N + offs_n[None, :],
-                mask=(rows < K // 8)[:, None] & n_mask[None, :],
-                other=0,
-            )
-            w = tl.reshape(tl.broadcast_to(w16[:, None, :], [16, 8, BLOCK_N]), [128, BLOCK_N])
-        u = w.to(tl.uint32, bitcast=True)
-        ru = rot.to(tl.uint32)[:, None]
-        bits = ((u >> ru) | (u << (32 - ru))) & 0x00780000 | 0x3F800000
-        v = bits.to(tl.float32, bitcast=True)  # 1 + q/16, exact
-        if GROUP % 128 == 0:
-            if IEEE:
-                part = tl.dot(x, v, input_precision="ieee")
-            else:
-                part = tl.dot(x, v.to(x.dtype))
-            xs = tl.sum(x.to(tl.float32), axis=1)
-            g = (c * 128) // GROUP
-            ok = n_mask & ((offs_n * 0 + c * 128) < K)
-            s = tl.load(s_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=ok, other=0).to(tl.float32)
-            acc += s[None, :] * (16.0 * (part - xs[:, None]) - z[None, :] * xs[:, None])
-        else:
-            grp = offs_k // GROUP
-            gmask = k_mask[:, None] & n_mask[None, :]
-            s2 = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            z2 = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=gmask, other=0).to(tl.float32)
-            wdq = (16.0 * v - 16.0 - z2) * s2
-            if IEEE:
-                acc = tl.dot(x, wdq, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, wdq.to(x.dtype), acc)
-    tile = pid_m * tl.num_programs(1) + pid_n
-    _finish_tile(
-        acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om,
-        part_ptr, count_ptr, tile, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
-    )  # fmt: skip
-
-
-@triton.jit
 def _expand8(w, mant_mask, one_bits):
     """`[R, C]` int32 words → `[R, 8C]` float32, element `8j + i` the `1 + q/16` of nibble `i` of
     word `j` (glmv's input-channel order). Three rounds of interleaving, all within registers."""
     a = tl.interleave(
-        tl.interleave(_nibble_r(w, 0, mant_mask, one_bits), _nibble_r(w, 4, mant_mask, one_bits)),
-        tl.interleave(_nibble_r(w, 2, mant_mask, one_bits), _nibble_r(w, 6, mant_mask, one_bits)),
+        tl.interleave(_nibble(w, 0, mant_mask, one_bits), _nibble(w, 4, mant_mask, one_bits)),
+        tl.interleave(_nibble(w, 2, mant_mask, one_bits), _nibble(w, 6, mant_mask, one_bits)),
     )
     b = tl.interleave(
-        tl.interleave(_nibble_r(w, 1, mant_mask, one_bits), _nibble_r(w, 5, mant_mask, one_bits)),
-        tl.interleave(_nibble_r(w, 3, mant_mask, one_bits), _nibble_r(w, 7, mant_mask, one_bits)),
+        tl.interleave(_nibble(w, 1, mant_mask, one_bits), _nibble(w, 5, mant_mask, one_bits)),
+        tl.interleave(_nibble(w, 3, mant_mask, one_bits), _nibble(w, 7, mant_mask, one_bits)),
     )
     return tl.interleave(a, b)
 
@@ -353,7 +165,7 @@ def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_k_kernel(
+def _int4_gemv_kernel(
     x_ptr,
     qw_ptr,
     z_ptr,
@@ -478,7 +290,7 @@ def _dequant_tile_k(
 
 
 @triton.jit
-def _int4_gemm_k_kernel(
+def _int4_gemm_kernel(
     x_ptr,
     qw_ptr,
     z_ptr,
@@ -543,7 +355,7 @@ def _int4_gemm_k_kernel(
 
 
 @triton.jit
-def _dequant_k_kernel(
+def _dequant_kernel(
     qw_ptr,
     z_ptr,
     s_ptr,
@@ -592,26 +404,6 @@ def _split_reduce_kernel(
     tl.store(out_ptr + (offs // N) * stride_om + n, acc, mask=mask)
 
 
-@triton.jit
-def _dequant_kernel(
-    qw_ptr, z_ptr, s_ptr, out_ptr, K, N, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    """out[k, n] = (q - z) * s for a block of packed rows (the transpose of the Linear weight)."""
-    pid_r = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
-    w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    grp = (rows * 8) // GROUP
-    s = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + grp[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    for i in tl.static_range(8):
-        q = 16.0 * _nibble(w, i) - 16.0  # exact
-        val = (q - z) * s
-        tl.store(out_ptr + (rows * 8 + i)[:, None] * N + offs_n[None, :], val, mask=mask)
-
-
 # --------------------------------------------------------------------------------- launching
 
 
@@ -625,9 +417,9 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    expand: int = 0  # row-major GEMM: expand packed rows in registers; K-major GEMV: chunks loaded ahead
+    ahead: int = 1  # GEMV: chunks of words loaded ahead of their use (1 or 2)
     fused_reduce: bool = False
-    fast_unpack: bool | None = None  # None: the kernel's default (row-major GEMV: off; K-major: on)
+    fast_unpack: bool = True  # half-shift unpacking where it is exact enough (16-bit x, group % 128 == 0)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -661,10 +453,6 @@ def _counters(device: torch.device, need: int) -> torch.Tensor:
     return buf
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _split_for(tiles: int, chunks: int, sm_count: int, waves: int = 2) -> int:
     """Enough K splits that the grid covers the SMs about `waves` times, each split at least one
     128-chunk long."""
@@ -686,68 +474,53 @@ def k_major(qweight: torch.Tensor) -> torch.Tensor:
     return qweight if is_k_major(qweight) else qweight.t().contiguous().t()
 
 
-def choose_config(m: int, n: int, k: int, sm_count: int, k_major_weights: bool = True) -> LaunchConfig:
-    """The default launch for an `[m, k] @ [k, n]` product. Tiles and splits are the best of a
-    sweep on the GPU (benchmarks/device_int4.py --sweep)."""
+def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
+    """The default launch for an `[m, k] @ [k, n]` product: the best of a sweep of the decoder
+    shapes of GLM-4.6V-Flash on an H200 (benchmarks/device_int4.py --sweep)."""
     chunks = triton.cdiv(k, CHUNK_K)
     if m >= DEQUANT_MIN_M:
         return LaunchConfig("dequant")
-    if not k_major_weights:
-        if m <= GEMV_MAX_M:
-            split = _split_for(triton.cdiv(n, 256) * m, chunks, sm_count, waves=4)
-            return LaunchConfig("gemv", 1, 256, split, 4, 2)
-        block_m = 16 if m <= 16 else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
-        return LaunchConfig("gemm", block_m, 128, _split_for(tiles, chunks, sm_count), 4, 2, expand=1)
     if m <= GEMV_MAX_M:
         if triton.cdiv(n, 128) >= 4 * sm_count:  # wide (lm_head): one-warp programs, two chunks ahead
-            return LaunchConfig("gemv_k", 1, 32, 1, 1, 2, expand=2)
+            return LaunchConfig("gemv", 1, 32, 1, 1, 2, ahead=2)
         split = _split_for(triton.cdiv(n, 128), chunks, sm_count, waves=4)
-        return LaunchConfig("gemv_k", 1, 128, split, 2, 2, expand=1, fused_reduce=split > 1)
+        return LaunchConfig("gemv", 1, 128, split, 2, 2, fused_reduce=split > 1)
     if m <= 16:
-        tiles = triton.cdiv(n, 64)
-        split = _split_for(tiles, chunks, sm_count, waves=4)
-        return LaunchConfig("gemm_k", 16, 64, split, 4, 3, fused_reduce=split > 1)
+        split = _split_for(triton.cdiv(n, 64), chunks, sm_count, waves=4)
+        return LaunchConfig("gemm", 16, 64, split, 4, 3, fused_reduce=split > 1)
     block_m = 32 if m <= 32 else 64
     if k >= 8192 or n >= 16384:  # long rows or many columns: wide tiles, 8 warps
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
         split = _split_for(tiles, chunks, sm_count, waves=1)
-        return LaunchConfig("gemm_k", block_m, 128, split, 8, 3, fused_reduce=split > 1)
+        return LaunchConfig("gemm", block_m, 128, split, 8, 3, fused_reduce=split > 1)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
     split = _split_for(tiles, chunks, sm_count, waves=2)
-    return LaunchConfig("gemm_k", block_m, 64, split, 4, 3, fused_reduce=split > 1)
+    return LaunchConfig("gemm", block_m, 64, split, 4, 3, fused_reduce=split > 1)
 
 
 def dequantize_triton(
     qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The `[K, N]` dequantized weight (the transpose of the Linear weight) in `dtype`."""
+    """The `[K, N]` dequantized weight (the transpose of the Linear weight, a view of a contiguous
+    `[N, K]`) in `dtype`."""
+    qweight = k_major(qweight)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
-    if is_k_major(qweight):
-        out = torch.empty((n, k), dtype=dtype, device=qweight.device)
-        block_n = 32
-        _dequant_k_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK_K))](
-            qweight,
-            zeros,
-            scales,
-            out,
-            n,
-            k,
-            qweight.stride(1),
-            *_NIBBLE_BITS,
-            GROUP=group_size,
-            BLOCK_N=block_n,
-            num_warps=4,
-        )
-        return out.t()
-    qweight = qweight.contiguous()
-    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
-    block_r, block_n = 16, 128
-    grid = (triton.cdiv(k // 8, block_r), triton.cdiv(n, block_n))
-    _dequant_kernel[grid](
-        qweight, zeros, scales, out, k, n, GROUP=group_size, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    block_n = 32
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK_K))](
+        qweight,
+        zeros.contiguous(),
+        scales.contiguous(),
+        out,
+        n,
+        k,
+        qweight.stride(1),
+        *_NIBBLE_BITS,
+        GROUP=group_size,
+        BLOCK_N=block_n,
+        num_warps=4,
     )
-    return out
+    return out.t()
 
 
 def int4_matmul_triton(
@@ -759,86 +532,75 @@ def int4_matmul_triton(
     bias: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """`x` `[M, K]` times the int4 weight: `[M, N]` in `x.dtype`. No fallback. K-major weights
-    take the `_k` kernels, row-major ones the others."""
+    """`x` `[M, K]` times the int4 weight: `[M, N]` in `x.dtype`. No fallback. Weights that are
+    not K-major are copied to K-major first (`Int4Linear` holds them K-major)."""
     m, k = x.shape
     n = qweight.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    kmaj = is_k_major(qweight)
-    if not kmaj and not qweight.is_contiguous():
-        qweight = qweight.contiguous()
+    qweight = k_major(qweight)
     zeros = zeros.contiguous()
     scales = scales.contiguous()
-    cfg = config or choose_config(m, n, k, _sm_count(x.device), kmaj)
+    cfg = config or choose_config(m, n, k, _sm_count(x.device))
     if cfg.kind == "dequant":
         w = dequantize_triton(qweight, zeros, scales, group_size, x.dtype)
         return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
-    if cfg.kind.endswith("_k") != kmaj:
-        raise ValueError(f"launch kind {cfg.kind} does not read {'K-major' if kmaj else 'row-major'} weights")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunks = triton.cdiv(k, CHUNK_K)
     split = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)
     if cfg.kind == "gemv":
-        grid: tuple[int, ...] = (triton.cdiv(n, cfg.block_n), split, m)
-        tiles = grid[0] * m
-    elif cfg.kind == "gemv_k":
-        grid = (m, triton.cdiv(n, cfg.block_n), split)
-        tiles = grid[0] * grid[1]
-    elif cfg.kind == "gemm_k":
+        grid: tuple[int, int, int] = (m, triton.cdiv(n, cfg.block_n), split)
+    elif cfg.kind == "gemm":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-        tiles = grid[0] * grid[1]
     else:
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        tiles = grid[0] * grid[1]
+        raise ValueError(f"unknown launch kind {cfg.kind!r}")
+    tiles = grid[0] * grid[1]
     if split > 1:
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         count = _counters(x.device, tiles) if cfg.fused_reduce else out
     else:
         part = count = out
     bias_arg = bias if bias is not None else out
-    head = (x, qweight, zeros, scales, bias_arg, out, part, count, m, n, k, x.stride(0), out.stride(0))
-    tail = (per_split, split)
-    tail_k = (per_split, split, *_NIBBLE_BITS)
+    args = (
+        x,
+        qweight,
+        zeros,
+        scales,
+        bias_arg,
+        out,
+        part,
+        count,
+        m,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        qweight.stride(1),
+        per_split,
+        split,
+        *_NIBBLE_BITS,
+    )
+    # Half-shift unpacking for 16-bit activations and whole-chunk groups (see `_expand8_fast`).
+    fast = cfg.fast_unpack and x.dtype != torch.float32 and group_size % CHUNK_K == 0
     common = dict(
         GROUP=group_size,
         BLOCK_N=cfg.block_n,
         PARTIAL=split > 1,
         HAS_BIAS=bias is not None,
         FUSED_REDUCE=cfg.fused_reduce,
+        EVEN_K=k % CHUNK_K == 0,
+        FAST=fast,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    even_k = k % CHUNK_K == 0
-    # Half-shift unpacking for 16-bit activations and whole-chunk groups (see `_expand8_fast`).
-    fast = x.dtype != torch.float32 and group_size % CHUNK_K == 0 and cfg.fast_unpack is not False
     if cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*head, *tail, BLOCK_M=1, FAST_UNPACK=bool(cfg.fast_unpack), **common)
-    elif cfg.kind == "gemm":
-        _int4_gemm_kernel[grid](
-            *head, *tail, BLOCK_M=cfg.block_m, EXPAND=cfg.expand, IEEE=x.dtype == torch.float32, **common
-        )
-    elif cfg.kind == "gemv_k":
-        _int4_gemv_k_kernel[grid](
-            *head, qweight.stride(1), *tail_k, EVEN_K=even_k, FAST=fast, AHEAD=max(1, cfg.expand), **common
-        )
-    elif cfg.kind == "gemm_k":
-        _int4_gemm_k_kernel[grid](
-            *head,
-            qweight.stride(1),
-            *tail_k,
-            BLOCK_M=cfg.block_m,
-            EVEN_K=even_k,
-            FAST=fast,
-            IEEE=x.dtype == torch.float32,
-            **common,
-        )
+        _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, **common)
     else:
-        raise ValueError(f"unknown launch kind {cfg.kind}")
+        _int4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, **common)
     if split > 1 and not cfg.fused_reduce:
         block = 512
         _split_reduce_kernel[(triton.cdiv(m * n, block),)](
