@@ -11,6 +11,8 @@ This module knows three packings of the same numbers:
 * **glmv's own** (what `Int4Linear` holds and the kernels read): `qweight` int32 `[K / 8, N]`,
   nibble `i` (bits `4i…4i+3`) of row `r` holding input channel `8r + i`; `zeros` uint8
   `[K / g, N]`; `scales` float16 `[K / g, N]`. Fusing projections concatenates along `N`.
+  `Int4Linear` stores `qweight` K-major (the transpose of a contiguous `[N, K / 8]`, each output
+  channel's words together, as the CUDA kernels read them); the functions here take any strides.
 * **AutoAWQ GEMM** (`quant_method: awq`, `version: gemm`): `qweight` int32 `[K, N / 8]` packed
   along output columns in AWQ's interleaved order — nibble `i` of word `c` holds column
   `8c + AWQ_ORDER[i]`; `qzeros` int32 `[K / g, N / 8]` packed the same way, holding `z`;
