@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import copy_bandwidth
+from gpu_common import copy_bandwidth, decode_replay_ms
 
 from glmv.engine.engine import EngineConfig, LLMEngine
 from glmv.engine.request import EngineRequest, ImageInput
@@ -203,20 +203,10 @@ def full_size(tmp: Path, quick: bool) -> None:
     )
 
     # GPU time of one decode graph replay (no Python around it), for the CPU-overhead split.
-    graphs = engine.runner.graphs
     for b in (1, 64):
-        if graphs is not None and b in graphs.graphs:
-            graphs.seq_lens[:b].fill_(1700)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            for _ in range(3):
-                graphs.graphs[b].replay()
-            start.record()
-            for _ in range(20):
-                graphs.graphs[b].replay()
-            end.record()
-            torch.cuda.synchronize()
-            row(f"decode graph replay alone, batch {b} (GPU time)", f"{start.elapsed_time(end) / 20:.2f} ms")
-            graphs.seq_lens.zero_()
+        replay = decode_replay_ms(engine, b)
+        if replay is not None:
+            row(f"decode graph replay alone, batch {b} (GPU time)", f"{replay:.2f} ms")
 
     # 2. TTFT idle, 3 fresh images.
     ttfts = [

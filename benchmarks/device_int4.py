@@ -413,6 +413,7 @@ def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> No
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from device_engine import image_request, run_requests
+    from gpu_common import decode_replay_ms
 
     from glmv.engine.engine import EngineConfig, LLMEngine
     from glmv.errors import ConfigError
@@ -439,20 +440,10 @@ def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> No
     run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
     times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
     r["tpot"] = statistics.median(b - a for a, b in itertools.pairwise(times[1:])) * 1e3
-    graphs = engine.runner.graphs
     for b in (1, 64):
-        if graphs is not None and b in graphs.graphs:
-            graphs.seq_lens[:b].fill_(1700)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            for _ in range(3):
-                graphs.graphs[b].replay()
-            start.record()
-            for _ in range(20):
-                graphs.graphs[b].replay()
-            end.record()
-            torch.cuda.synchronize()
-            r[f"replay{b}"] = start.elapsed_time(end) / 20
-            graphs.seq_lens.zero_()
+        replay = decode_replay_ms(engine, b)
+        if replay is not None:
+            r[f"replay{b}"] = replay
     reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(64)]
     t = time.perf_counter()
     out = run_requests(engine, reqs)
