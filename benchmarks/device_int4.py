@@ -407,6 +407,57 @@ def full_lm(dev: torch.device) -> None:
     )
 
 
+def decode_variants(dev: torch.device) -> None:
+    """The whole 40-layer batch-1 decode step (weights cold in L2, as in serving) under several
+    GEMV launch rules, against bf16: what the per-shape sweep, whose small weights stay in L2,
+    cannot show."""
+    cfg = full_config()
+    ref = build_model(cfg, torch.bfloat16, dev)
+    random_init(ref, seed=0, branch_scale=0.2)
+    with torch.device("meta"):
+        shapes = type(ref)(cfg)
+    names = quantizable_linears(shapes, 128, skip=("visual",))
+    q = build_quantized_model(cfg, torch.bfloat16, dev, names, 128)
+    quantize_into(ref, q)
+    default = K.choose_config
+
+    def rule(bn: int, warps: int, ahead: int, waves: int):
+        def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
+            if m > K.GEMV_MAX_M:
+                return default(m, n, k, sm_count)
+            chunks = triton_cdiv(k, 128)
+            split = K._split_for(triton_cdiv(n, bn), chunks, sm_count, waves=waves)
+            return K.LaunchConfig("gemv", 1, bn, split, warps, 2, ahead, split > 1)
+
+        return choose
+
+    with torch.inference_mode():
+        t16 = lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)
+        variants = [("defaults", default)]
+        for bn, warps, ahead, waves in (
+            (128, 2, 2, 4),
+            (64, 2, 2, 4),
+            (64, 1, 2, 4),
+            (32, 1, 2, 4),
+            (32, 1, 2, 8),
+            (128, 2, 2, 8),
+            (64, 2, 1, 8),
+        ):
+            variants.append(
+                (f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves", rule(bn, warps, ahead, waves))
+            )
+        for label, fn in variants:
+            K.choose_config = fn
+            try:
+                t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
+            finally:
+                K.choose_config = default
+            row(
+                f"LM decode step, batch 1, lm_head int4 ({label}): int4 / bf16 ms",
+                f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
+            )
+
+
 def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> None:
     """One engine in this process (a fresh process per engine: nothing of the last one remains)."""
     import json
@@ -565,6 +616,8 @@ def main() -> None:
         sections.append(engine_int4)
     if args.engine_only:
         sections = [engine_int4]
+    if args.decode_variants:
+        sections = [decode_variants]
     for section in sections:
         try:
             section(dev)
