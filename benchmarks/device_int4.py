@@ -1,7 +1,7 @@
 """INT4 weights on the GPU: kernel checks, per-shape timings, a full-size LM and the engine vs bf16.
 
     PYTHONPATH=. python3 benchmarks/device_int4.py [--sweep] [--skip-lm | --lm-only] [--engine]
-    PYTHONPATH=. python3 benchmarks/device_int4.py --engine-only
+    PYTHONPATH=. python3 benchmarks/device_int4.py --engine-only | --decode-variants
 
 1. The Triton int4 kernels (GEMV for one row, tensor-core GEMM above, dequantize + cuBLAS from
    128 rows) against the reference dequantization `(q - z) * s` on random inputs: relative L2
@@ -17,6 +17,8 @@
 4. `--engine` / `--engine-only`: weightless full-size checkpoints (bf16; int4 LM + vision; int4
    with lm_head too) served by glmv's engine, one process each: batch-1 decode ms/token, decode
    graph replays, 64 concurrent image requests, and the start-up report under `--gpu-memory-gb 24`.
+5. `--decode-variants`: the whole batch-1 LM step (weights cold in L2, as in serving) under
+   several GEMV launch rules, against bf16 (the per-shape sweep keeps small weights in L2).
 Prints a table last. Sections 1-3 take about a minute and a half on an H200, section 4 about four.
 """
 
