@@ -497,12 +497,19 @@ def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> No
         replay = decode_replay_ms(engine, b)
         if replay is not None:
             r[f"replay{b}"] = replay
-    reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(64)]
-    t = time.perf_counter()
-    out = run_requests(engine, reqs)
-    r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
+    # The 64-concurrent workload twice, the second timed: the first compiles the kernels of every
+    # batch shape it meets (a fresh machine has an empty Triton cache; whichever model runs first
+    # would pay for the kernels both use). Fresh image hashes each time: no prefix-cache hits.
+    for attempt in range(2):
+        reqs = [
+            image_request(f"c{attempt}-{i}", 100 + 100 * attempt + i, 64, 256, image_id) for i in range(64)
+        ]
+        t = time.perf_counter()
+        out = run_requests(engine, reqs)
+        r["tps"] = sum(len(v) for v in out.values()) / (time.perf_counter() - t)
+        r[f"tps_pass{attempt + 1}"] = r["tps"]
     # Decode alone at 64: the same requests with one output token, subtracted.
-    reqs = [image_request(f"p{i}", 200 + i, 64, 1, image_id) for i in range(64)]
+    reqs = [image_request(f"p{i}", 400 + i, 64, 1, image_id) for i in range(64)]
     t = time.perf_counter()
     run_requests(engine, reqs)
     r["prefill64_s"] = time.perf_counter() - t
@@ -571,8 +578,9 @@ def engine_int4(dev: torch.device) -> None:
                     f"{q[key]:.2f} / {b[key]:.2f} ms = {q[key] / b[key]:.2f}x",
                 )
         row(
-            "64 concurrent image requests x 256 tokens, output tok/s (engine): int4 / bf16",
-            f"{q['tps']:.0f} / {b['tps']:.0f} = {q['tps'] / b['tps']:.2f}x",
+            "64 concurrent image requests x 256 tokens, output tok/s (engine, second pass): int4 / bf16",
+            f"{q['tps']:.0f} / {b['tps']:.0f} = {q['tps'] / b['tps']:.2f}x "
+            f"(first pass {q['tps_pass1']:.0f} / {b['tps_pass1']:.0f})",
             "(target >= 1)",
         )
         row(
