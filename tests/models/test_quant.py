@@ -37,6 +37,7 @@ from glmv.models.quant.linear import Int4Linear
 from glmv.models.quant.quantize import quantize_checkpoint
 from glmv.models.quant.report import weight_memory
 from glmv.models.quant.writer import gptq_quantization_config, write_quantized_checkpoint
+from tests.kernels.interpreter import requires_triton, run_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -449,22 +450,13 @@ def test_calibration_set_is_bilingual_with_images(tiny41_dir: Path) -> None:
 # --------------------------------------------------------------- Triton kernels (interpreter)
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("triton") is None,
-    reason="Triton is not installed (CUDA machines have it)",
-)
+@requires_triton
 def test_triton_kernels_match_reference_in_interpreter() -> None:
     """The GEMV, GEMM and dequantize kernels against the reference, run by Triton's interpreter:
     exact and half-shift unpacking, split K with either reduction, ragged N and K, small groups,
     K-major words (what `Int4Linear` holds) and row-major ones (copied first)."""
     code = """
 import torch
-import triton.runtime.interpreter as interp
-_patch = interp._patch_lang_tensor
-def _patch_lang_tensor(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element 1-D array
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patch_lang_tensor
 from glmv.models.quant.int4 import quantize_rtn, to_packed, dequantize_packed
 from glmv.kernels import int4_triton as T
 from glmv.models.quant.linear import Int4Linear
@@ -501,5 +493,4 @@ for m, n, k, g in [(1, 40, 384, 128), (5, 72, 512, 256), (1, 24, 256, 128)]:
         out = T.int4_matmul_triton(x, qk, p.zeros, p.scales, p.group_size, b, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (m, n, k, g, cfg)  # measured <= 3e-4
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=600)
+    run_in_interpreter(code)
