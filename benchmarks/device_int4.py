@@ -173,6 +173,7 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
             )
             if sweep and m == 1:
                 sweep_shape(x, qw, z, s, gs, name)
+                sweep_pairs(x, qw, z, s, gs, name)
 
 
 def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
@@ -215,6 +216,40 @@ def sweep_shape(
         key = f"{cfg.kind}-bn{cfg.block_n}-w{cfg.num_warps}{'-fused' if cfg.fused_reduce else ''}"
         by_kind.setdefault(key, (t, cfg))
     print("      best per kind: " + ", ".join(f"{key} {t * 1e3:.1f}" for key, (t, _) in by_kind.items()))
+
+
+def sweep_pairs(
+    x: torch.Tensor, qw: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, name: str
+) -> None:
+    """The "gemv_pairs" kernel (activations loaded straight into the weight tile's layout) on
+    pair-permuted words: checked against the reference, then timed, for one row."""
+    n, k = qw.shape[1], x.shape[1]
+    pw = K.permute_for_pairs(qw)
+    ref = x.float() @ dequantize_packed(qw, z, s, gs, torch.float32)
+    got = K.int4_matmul_triton(x, pw, z, s, gs, None, K.LaunchConfig("gemv_pairs", 1, 128, 4, 2, 2, 1, True))
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    row(f"{name} 1 row, gemv_pairs vs reference (rel. L2)", f"{err:.2e}", "(< 1e-2)")
+    out = []
+    chunks = triton_cdiv(k, 128)
+    for bn, warps, ahead, waves in itertools.product((64, 128), (2, 4), (1, 2), (4, 8)):
+        sp = K._split_for(triton_cdiv(n, bn), chunks, K._sm_count(x.device), waves=waves)
+        cfg = K.LaunchConfig("gemv_pairs", 1, bn, sp, warps, 2, ahead, sp > 1)
+        try:
+            t = graph_time_ms(lambda cfg=cfg: K.int4_matmul_triton(x, pw, z, s, gs, None, cfg), iters=10)
+        except Exception as exc:  # a config that does not compile is skipped
+            print(f"    config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        out.append((t, cfg))
+    out.sort(key=lambda r: r[0])
+    b4 = pw.numel() * 4 + z.numel() + s.numel() * 2
+    for t, cfg in out[:3]:
+        print(f"      pairs {name}: {t * 1e3:.1f} us ({b4 / t / 1e6:.0f} GB/s)  {cfg}")
+    if out:
+        row(
+            f"{name} 1 row, gemv_pairs best",
+            f"{out[0][0] * 1e3:.1f} us ({b4 / out[0][0] / 1e6:.0f} GB/s)",
+            str(out[0][1]),
+        )
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -30,6 +30,12 @@ Three paths, by the number of rows `M` of `x`:
   kernel and multiplied by cuBLAS: the dequantization is a small fraction of a compute-bound
   product.
 
+The GEMV moves each chunk's 128 activations through shared memory (a barrier per chunk) into the
+layout of the weight tile. The `gemv_pairs` launch reads words permuted within each chunk
+(`permute_for_pairs`) so that the activations a word meets are sixteen consecutive int32 pairs,
+loaded straight into that layout; it is checked and swept by the device benchmark but not yet
+timed, so `Int4Linear` does not store that order and the defaults do not choose it.
+
 When the output alone gives too few programs, K is split between programs and the partial sums
 are added in a fixed order (the same bits every run), plus the bias: by a second small kernel,
 or by the last program of each output tile to finish, counted with an atomic.
@@ -262,6 +268,90 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _int4_gemv_pairs_kernel(
+    x32_ptr,
+    qw_ptr,
+    z_ptr,
+    s_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    stride_xm32,
+    stride_om,
+    stride_qn,
+    chunks_per_split,
+    splits,
+    mant_mask,
+    one_bits,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BF16: tl.constexpr,
+    AHEAD: tl.constexpr,
+):
+    """GEMV on pair-permuted K-major words (`permute_for_pairs`): nibbles `2p` and `2p + 1` of word
+    `j` of a chunk hold input channels `32p + 2j` and `32p + 2j + 1`, so the activations they meet
+    are the 32-bit word `16p + j` of the chunk's `x` read as int32 pairs — for fixed `p` sixteen
+    consecutive words, loaded straight into the weight tile's own layout (no trip through shared
+    memory). x is 16-bit, K a multiple of 128, groups whole chunks."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_nc = tl.minimum(offs_n, N - 1)
+    cols = tl.arange(0, 16)
+    chunks = K // 128
+    x_row = x32_ptr + pid_m * stride_xm32
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    c0 = pid_s * chunks_per_split
+    w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, chunks - 1), K, stride_qn, True)
+    if AHEAD == 2:
+        w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, chunks - 1), K, stride_qn, True)
+    for it in range(0, chunks_per_split):
+        c = c0 + it
+        cc = tl.minimum(c, chunks - 1)
+        w = w_next
+        if AHEAD == 2:
+            w_next = w_next2
+            w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, chunks - 1), K, stride_qn, True)
+        else:
+            w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, chunks - 1), K, stride_qn, True)
+        live = (cols * 0 + c) < chunks  # past K (the last split): x reads as zero
+        t = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        xs = tl.zeros([1, 16], dtype=tl.float32)
+        for p in tl.static_range(4):
+            xp = tl.load(x_row + cc * 64 + 16 * p + cols[None, :], mask=live[None, :], other=0)
+            xu = xp.to(tl.uint32, bitcast=True)
+            if BF16:
+                x_lo = (xu << 16).to(tl.float32, bitcast=True)
+                x_hi = (xu & 0xFFFF0000).to(tl.float32, bitcast=True)
+            else:
+                x_lo = (xu & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_hi = (xu >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            t += x_lo * _nibble(w, 2 * p, mant_mask, one_bits)
+            t += x_hi * _nibble(w, 2 * p + 1, mant_mask, one_bits)
+            xs += x_lo + x_hi
+        tr = tl.sum(t, axis=1)
+        xsr = tl.sum(xs, axis=1)
+        g = (cc * 128) // GROUP
+        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+        acc += s * (16.0 * (tr - xsr) - z * xsr)
+    offs_m = pid_m + tl.arange(0, 1)
+    _finish_tile(
+        acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
+        part_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
+    )  # fmt: skip
+
+
+@triton.jit
 def _dequant_tile_k(
     w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr, FAST: tl.constexpr
 ):
@@ -474,6 +564,25 @@ def k_major(qweight: torch.Tensor) -> torch.Tensor:
     return qweight if is_k_major(qweight) else qweight.t().contiguous().t()
 
 
+def permute_for_pairs(qweight: torch.Tensor) -> torch.Tensor:
+    """K-major words for the "gemv_pairs" kernel: within each 128-channel chunk, nibble `2p + b` of
+    word `j` holds channel `32p + 2j + b` (glmv's order holds `8j + 2p + b`). K must be a multiple
+    of 128."""
+    kw, n = qweight.shape
+    if kw % 16 != 0:
+        raise ValueError("pair-permuted words need K to be a multiple of 128")
+    words = k_major(qweight).t()  # [N, K/8] contiguous
+    codes = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # [N, K/8, 8]
+    # [N, chunks, 128] in channel order, the 128 split as (p, j, b) = 32p + 2j + b; word j of the
+    # new chunk holds (p, b) in nibble 2p + b.
+    codes = codes.reshape(n, kw // 16, 4, 16, 2).permute(0, 1, 3, 2, 4).reshape(n, kw, 8)
+    out = torch.zeros(n, kw, dtype=torch.int64, device=qweight.device)
+    for i in range(8):
+        out |= codes[..., i].to(torch.int64) << (4 * i)
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return out.t()
+
+
 def choose_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     """The default launch for an `[m, k] @ [k, n]` product: the best of a sweep of the decoder
     shapes of GLM-4.6V-Flash on an H200 (benchmarks/device_int4.py --sweep)."""
@@ -552,7 +661,7 @@ def int4_matmul_triton(
     split = max(1, min(cfg.split_k, chunks))
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)
-    if cfg.kind == "gemv":
+    if cfg.kind in ("gemv", "gemv_pairs"):
         grid: tuple[int, int, int] = (m, triton.cdiv(n, cfg.block_n), split)
     elif cfg.kind == "gemm":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
@@ -597,7 +706,13 @@ def int4_matmul_triton(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if cfg.kind == "gemv":
+    if cfg.kind == "gemv_pairs":  # words from `permute_for_pairs`
+        if x.dtype not in (torch.bfloat16, torch.float16) or k % CHUNK_K or group_size % CHUNK_K:
+            raise ValueError("gemv_pairs takes 16-bit x, K and the group size multiples of 128")
+        pair_args = (x.view(torch.int32), *args[1:11], x.stride(0) // 2, *args[12:])
+        del common["EVEN_K"], common["FAST"]
+        _int4_gemv_pairs_kernel[grid](*pair_args, BF16=x.dtype == torch.bfloat16, AHEAD=cfg.ahead, **common)
+    elif cfg.kind == "gemv":
         _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, **common)
     else:
         _int4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, **common)

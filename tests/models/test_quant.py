@@ -458,6 +458,7 @@ def test_triton_kernels_match_reference_in_interpreter() -> None:
     code = """
 import torch
 from glmv.models.quant.int4 import quantize_rtn, to_packed, dequantize_packed
+from glmv.models.quant import int4 as q4
 from glmv.kernels import int4_triton as T
 from glmv.models.quant.linear import Int4Linear
 torch.manual_seed(0)
@@ -492,5 +493,13 @@ for m, n, k, g in [(1, 40, 384, 128), (5, 72, 512, 256), (1, 24, 256, 128)]:
     for cfg in cfgs:
         out = T.int4_matmul_triton(x, qk, p.zeros, p.scales, p.group_size, b, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (m, n, k, g, cfg)  # measured <= 3e-4
+    # Pair-permuted words: the activations load straight into the weight tile's layout.
+    pw = T.permute_for_pairs(qk)
+    got = q4.unpack_rows(pw).view(k // 128, 16, 4, 2, n)  # [chunk, word j, p, b, out]: nibble 2p + b
+    want = qw.q.t().reshape(k // 128, 4, 16, 2, n).permute(0, 2, 1, 3, 4)  # channel 32p + 2j + b
+    assert T.is_k_major(pw) and torch.equal(got, want)
+    for cfg in (L("gemv_pairs", 1, 16, 1, 4, 2), L("gemv_pairs", 1, 32, 3, 2, 2, 2, True)):
+        out = T.int4_matmul_triton(x, pw, p.zeros, p.scales, p.group_size, b, cfg).float()
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (m, n, k, g, cfg)
 """
     run_in_interpreter(code)
