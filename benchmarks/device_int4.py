@@ -193,20 +193,32 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     return out
 
 
-def sweep_shape(
-    x: torch.Tensor, qw: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, name: str
-) -> None:
-    m, k = x.shape
-    n = qw.shape[1]
+def _time_configs(
+    x: torch.Tensor,
+    qw: torch.Tensor,
+    z: torch.Tensor,
+    s: torch.Tensor,
+    gs: int,
+    configs: list[K.LaunchConfig],
+) -> list[tuple[float, K.LaunchConfig]]:
+    """Median CUDA-graph time (ms) of each launch that compiles, fastest first."""
     results = []
-    for cfg in _sweep_configs(m, n, k, K._sm_count(x.device)):
+    for cfg in configs:
         try:
             t = graph_time_ms(lambda cfg=cfg: K.int4_matmul_triton(x, qw, z, s, gs, None, cfg), iters=10)
         except Exception as exc:  # a config that does not compile is skipped
             print(f"    config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         results.append((t, cfg))
-    results.sort(key=lambda r: r[0])
+    return sorted(results, key=lambda r: r[0])
+
+
+def sweep_shape(
+    x: torch.Tensor, qw: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, name: str
+) -> None:
+    m, k = x.shape
+    n = qw.shape[1]
+    results = _time_configs(x, qw, z, s, gs, _sweep_configs(m, n, k, K._sm_count(x.device)))
     b4 = qw.numel() * 4 + z.numel() + s.numel() * 2
     print(f"    sweep {name} m={m}: best of {len(results)}", flush=True)
     for t, cfg in results[:4]:
@@ -221,7 +233,7 @@ def sweep_shape(
 def sweep_pairs(
     x: torch.Tensor, qw: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int, name: str
 ) -> None:
-    """The "gemv_pairs" kernel (activations loaded straight into the weight tile's layout) on
+    """The "gemv_pairs" launch (activations loaded straight into the weight tile's layout) on
     pair-permuted words: checked against the reference, then timed, for one row."""
     n, k = qw.shape[1], x.shape[1]
     pw = K.permute_for_pairs(qw)
@@ -229,27 +241,18 @@ def sweep_pairs(
     got = K.int4_matmul_triton(x, pw, z, s, gs, None, K.LaunchConfig("gemv_pairs", 1, 128, 4, 2, 2, 1, True))
     err = ((got.float() - ref).norm() / ref.norm()).item()
     row(f"{name} 1 row, gemv_pairs vs reference (rel. L2)", f"{err:.2e}", "(< 1e-2)")
-    out = []
     chunks = triton_cdiv(k, 128)
+    configs = []
     for bn, warps, ahead, waves in itertools.product((64, 128), (2, 4), (1, 2), (4, 8)):
         sp = K._split_for(triton_cdiv(n, bn), chunks, K._sm_count(x.device), waves=waves)
-        cfg = K.LaunchConfig("gemv_pairs", 1, bn, sp, warps, 2, ahead, sp > 1)
-        try:
-            t = graph_time_ms(lambda cfg=cfg: K.int4_matmul_triton(x, pw, z, s, gs, None, cfg), iters=10)
-        except Exception as exc:  # a config that does not compile is skipped
-            print(f"    config {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        out.append((t, cfg))
-    out.sort(key=lambda r: r[0])
+        configs.append(K.LaunchConfig("gemv_pairs", 1, bn, sp, warps, 2, ahead, sp > 1))
+    results = _time_configs(x, pw, z, s, gs, configs)
     b4 = pw.numel() * 4 + z.numel() + s.numel() * 2
-    for t, cfg in out[:3]:
+    for t, cfg in results[:3]:
         print(f"      pairs {name}: {t * 1e3:.1f} us ({b4 / t / 1e6:.0f} GB/s)  {cfg}")
-    if out:
-        row(
-            f"{name} 1 row, gemv_pairs best",
-            f"{out[0][0] * 1e3:.1f} us ({b4 / out[0][0] / 1e6:.0f} GB/s)",
-            str(out[0][1]),
-        )
+    if results:
+        t, cfg = results[0]
+        row(f"{name} 1 row, gemv_pairs best", f"{t * 1e3:.1f} us ({b4 / t / 1e6:.0f} GB/s)", str(cfg))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -171,6 +171,13 @@ def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _load_x_chunk(x_row, c, K):
+    """Activations `c * 128 … c * 128 + 127` of one row of x as float32 (zero past K)."""
+    kk = c * 128 + tl.arange(0, 128)
+    return tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -198,18 +205,24 @@ def _int4_gemv_kernel(
     EVEN_K: tl.constexpr,
     FAST: tl.constexpr,
     AHEAD: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """GEMV on K-major weights: a program owns `BLOCK_N` output channels and walks its share of K
     128 channels at a time. Each thread reads whole 16-byte runs of one output channel's words,
     expands them in registers and sums their products with `x` itself; a few lanes finish the
-    sum. The row of `x` is grid axis 0, so the programs that read the same weights run together."""
+    sum. The row of `x` is grid axis 0, so the programs that read the same weights run together.
+
+    PAIRS: the words come from `permute_for_pairs` (nibbles `2p`, `2p + 1` of word `j` hold input
+    channels `32p + 2j`, `32p + 2j + 1`) and `x_ptr` is the 16-bit `x` read as int32 pairs (BF16 or
+    fp16), so the activations of nibble pair `p` are sixteen consecutive int32 loaded straight into
+    the weight tile's layout. Needs K and the group size multiples of 128."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_nc = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 and are not stored
-    lane = tl.arange(0, 128)
     chunks = tl.cdiv(K, 128)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -228,9 +241,32 @@ def _int4_gemv_kernel(
             w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, chunks - 1), K, stride_qn, EVEN_K)
         else:
             w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, chunks - 1), K, stride_qn, EVEN_K)
-        kk = c * 128 + lane
-        x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        if FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
+        if PAIRS:
+            live = (tl.arange(0, 16) * 0 + c) < chunks  # past K (the last split): x reads as zero
+            t = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            xsum = tl.zeros([1, 16], dtype=tl.float32)
+            for p in tl.static_range(4):
+                xp = tl.load(
+                    x_row + cc * 64 + 16 * p + tl.arange(0, 16)[None, :], mask=live[None, :], other=0
+                )
+                xu = xp.to(tl.uint32, bitcast=True)
+                if BF16:
+                    x_lo = (xu << 16).to(tl.float32, bitcast=True)
+                    x_hi = (xu & 0xFFFF0000).to(tl.float32, bitcast=True)
+                else:
+                    x_lo = (xu & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                    x_hi = (xu >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                t += x_lo * _nibble(w, 2 * p, mant_mask, one_bits)
+                t += x_hi * _nibble(w, 2 * p + 1, mant_mask, one_bits)
+                xsum += x_lo + x_hi
+            tp = tl.sum(t, axis=1)
+            xs = tl.sum(xsum, axis=1)
+            g = (cc * 128) // GROUP
+            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+            acc += s * (16.0 * (tp - xs) - z * xs)
+        elif FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
+            x = _load_x_chunk(x_row, c, K)
             ve, vo = _expand8_fast(w, mant_mask, one_bits)
             xe, xo = tl.split(tl.reshape(x, [64, 2]))
             xe2 = xe[None, :]
@@ -244,6 +280,7 @@ def _int4_gemv_kernel(
             z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
             acc += s * (128.0 * (t - xw) - z * xs)
         elif GROUP % 128 == 0:
+            x = _load_x_chunk(x_row, c, K)
             v = _expand8(w, mant_mask, one_bits)
             t = tl.sum(v * x[None, :], axis=1)
             xs = tl.sum(x, axis=0)
@@ -252,6 +289,7 @@ def _int4_gemv_kernel(
             z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
             acc += s * (16.0 * (t - xs) - z * xs)
         else:
+            x = _load_x_chunk(x_row, c, K)
             v = _expand8(w, mant_mask, one_bits)
             NG: tl.constexpr = 128 // GROUP
             t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
@@ -260,90 +298,6 @@ def _int4_gemv_kernel(
             s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
             z2 = tl.load(z_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
             acc += tl.sum(s2 * (16.0 * (t2 - xs2[None, :]) - z2 * xs2[None, :]), axis=1)
-    offs_m = pid_m + tl.arange(0, 1)
-    _finish_tile(
-        acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
-        part_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, pid_s, splits, PARTIAL, HAS_BIAS, FUSED_REDUCE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _int4_gemv_pairs_kernel(
-    x32_ptr,
-    qw_ptr,
-    z_ptr,
-    s_ptr,
-    bias_ptr,
-    out_ptr,
-    part_ptr,
-    count_ptr,
-    M,
-    N,
-    K,
-    stride_xm32,
-    stride_om,
-    stride_qn,
-    chunks_per_split,
-    splits,
-    mant_mask,
-    one_bits,
-    GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
-    BF16: tl.constexpr,
-    AHEAD: tl.constexpr,
-):
-    """GEMV on pair-permuted K-major words (`permute_for_pairs`): nibbles `2p` and `2p + 1` of word
-    `j` of a chunk hold input channels `32p + 2j` and `32p + 2j + 1`, so the activations they meet
-    are the 32-bit word `16p + j` of the chunk's `x` read as int32 pairs — for fixed `p` sixteen
-    consecutive words, loaded straight into the weight tile's own layout (no trip through shared
-    memory). x is 16-bit, K a multiple of 128, groups whole chunks."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_nc = tl.minimum(offs_n, N - 1)
-    cols = tl.arange(0, 16)
-    chunks = K // 128
-    x_row = x32_ptr + pid_m * stride_xm32
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    c0 = pid_s * chunks_per_split
-    w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, chunks - 1), K, stride_qn, True)
-    if AHEAD == 2:
-        w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, chunks - 1), K, stride_qn, True)
-    for it in range(0, chunks_per_split):
-        c = c0 + it
-        cc = tl.minimum(c, chunks - 1)
-        w = w_next
-        if AHEAD == 2:
-            w_next = w_next2
-            w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, chunks - 1), K, stride_qn, True)
-        else:
-            w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, chunks - 1), K, stride_qn, True)
-        live = (cols * 0 + c) < chunks  # past K (the last split): x reads as zero
-        t = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        xs = tl.zeros([1, 16], dtype=tl.float32)
-        for p in tl.static_range(4):
-            xp = tl.load(x_row + cc * 64 + 16 * p + cols[None, :], mask=live[None, :], other=0)
-            xu = xp.to(tl.uint32, bitcast=True)
-            if BF16:
-                x_lo = (xu << 16).to(tl.float32, bitcast=True)
-                x_hi = (xu & 0xFFFF0000).to(tl.float32, bitcast=True)
-            else:
-                x_lo = (xu & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_hi = (xu >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            t += x_lo * _nibble(w, 2 * p, mant_mask, one_bits)
-            t += x_hi * _nibble(w, 2 * p + 1, mant_mask, one_bits)
-            xs += x_lo + x_hi
-        tr = tl.sum(t, axis=1)
-        xsr = tl.sum(xs, axis=1)
-        g = (cc * 128) // GROUP
-        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
-        acc += s * (16.0 * (tr - xsr) - z * xsr)
     offs_m = pid_m + tl.arange(0, 1)
     _finish_tile(
         acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
@@ -710,10 +664,12 @@ def int4_matmul_triton(
         if x.dtype not in (torch.bfloat16, torch.float16) or k % CHUNK_K or group_size % CHUNK_K:
             raise ValueError("gemv_pairs takes 16-bit x, K and the group size multiples of 128")
         pair_args = (x.view(torch.int32), *args[1:11], x.stride(0) // 2, *args[12:])
-        del common["EVEN_K"], common["FAST"]
-        _int4_gemv_pairs_kernel[grid](*pair_args, BF16=x.dtype == torch.bfloat16, AHEAD=cfg.ahead, **common)
+        common.update(EVEN_K=True, FAST=False)
+        _int4_gemv_kernel[grid](
+            *pair_args, AHEAD=cfg.ahead, PAIRS=True, BF16=x.dtype == torch.bfloat16, **common
+        )
     elif cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, **common)
+        _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, PAIRS=False, BF16=False, **common)
     else:
         _int4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, **common)
     if split > 1 and not cfg.fused_reduce:
