@@ -496,6 +496,37 @@ def decode_variants(dev: torch.device) -> None:
                 f"LM decode step, batch 1, lm_head int4 ({label}): int4 / bf16 ms",
                 f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
             )
+        # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
+        # meets the permuted order).
+        for module in q.modules():
+            if isinstance(module, Int4Linear):
+                module.qweight.copy_(K.permute_for_pairs(module.qweight))
+
+        def pairs_rule(bn: int, warps: int, ahead: int, waves: int):
+            def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
+                assert m == 1, "only the GEMV reads pair-permuted words"
+                split = K._split_for(triton_cdiv(n, bn), triton_cdiv(k, 128), sm_count, waves=waves)
+                return K.LaunchConfig("gemv_pairs", 1, bn, split, warps, 2, ahead, split > 1)
+
+            return choose
+
+        for bn, warps, ahead, waves in (
+            (128, 2, 1, 4),
+            (128, 4, 1, 4),
+            (64, 2, 2, 4),
+            (128, 2, 2, 8),
+            (64, 1, 2, 4),
+        ):
+            K.choose_config = pairs_rule(bn, warps, ahead, waves)
+            try:
+                t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
+            finally:
+                K.choose_config = default
+            row(
+                f"LM decode step, batch 1, lm_head int4, gemv_pairs (BLOCK_N {bn}, {warps} warps, {ahead} ahead, "
+                f"{waves} waves): int4 / bf16 ms",
+                f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
+            )
 
 
 def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> None:
