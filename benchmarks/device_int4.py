@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import copy_bandwidth, decode_replay_ms
 
 from glmv.kernels import int4_triton as K
 from glmv.kernels.metadata import AttentionMetadata
@@ -153,7 +156,7 @@ def check_kernels(dev: torch.device) -> None:
 
 def time_shapes(dev: torch.device, sweep: bool) -> None:
     torch.manual_seed(1)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth()
     row("device-to-device copy bandwidth (read + write)", f"{bw:.0f} GB/s")
     shapes = {**LAYER_SHAPES, "lm_head": LM_HEAD_SHAPE}
     for name, (n, k) in shapes.items():
@@ -257,13 +260,6 @@ def sweep_pairs(
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def copy_bandwidth(dev: torch.device) -> float:
-    a = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    t = graph_time_ms(lambda: b.copy_(a), iters=10)
-    return 2 * a.numel() * 2 / t / 1e6
 
 
 def full_config() -> ModelConfig:
@@ -461,81 +457,61 @@ def decode_variants(dev: torch.device) -> None:
     quantize_into(ref, q)
     default = K.choose_config
 
-    def rule(bn: int, warps: int, ahead: int, waves: int):
+    def rule(kind: str, bn: int, warps: int, ahead: int, waves: int):
+        """One-row products take `kind` with these tiles; more rows keep the defaults."""
+
         def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
             if m > K.GEMV_MAX_M:
                 return default(m, n, k, sm_count)
-            chunks = triton_cdiv(k, 128)
-            split = K._split_for(triton_cdiv(n, bn), chunks, sm_count, waves=waves)
-            return K.LaunchConfig("gemv", 1, bn, split, warps, 2, ahead, split > 1)
+            split = K._split_for(triton_cdiv(n, bn), triton_cdiv(k, 128), sm_count, waves=waves)
+            return K.LaunchConfig(kind, 1, bn, split, warps, 2, ahead, split > 1)
 
         return choose
 
+    def step(label: str, choose) -> None:
+        K.choose_config = choose
+        try:
+            t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
+        finally:
+            K.choose_config = default
+        row(
+            f"LM decode step, batch 1, lm_head int4 ({label}): int4 / bf16 ms",
+            f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
+        )
+
+    gemv = (
+        (128, 2, 2, 4),
+        (64, 2, 2, 4),
+        (64, 1, 2, 4),
+        (32, 1, 2, 4),
+        (32, 1, 2, 8),
+        (128, 2, 2, 8),
+        (64, 2, 1, 8),
+    )
+    pairs = ((128, 2, 1, 4), (128, 4, 1, 4), (64, 2, 2, 4), (128, 2, 2, 8), (64, 1, 2, 4))
     with torch.inference_mode():
         t16 = lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)
-        variants = [("defaults", default)]
-        for bn, warps, ahead, waves in (
-            (128, 2, 2, 4),
-            (64, 2, 2, 4),
-            (64, 1, 2, 4),
-            (32, 1, 2, 4),
-            (32, 1, 2, 8),
-            (128, 2, 2, 8),
-            (64, 2, 1, 8),
-        ):
-            variants.append(
-                (f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves", rule(bn, warps, ahead, waves))
-            )
-        for label, fn in variants:
-            K.choose_config = fn
-            try:
-                t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
-            finally:
-                K.choose_config = default
-            row(
-                f"LM decode step, batch 1, lm_head int4 ({label}): int4 / bf16 ms",
-                f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
+        step("defaults", default)
+        for bn, warps, ahead, waves in gemv:
+            step(
+                f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves",
+                rule("gemv", bn, warps, ahead, waves),
             )
         # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
         # meets the permuted order).
         for module in q.modules():
             if isinstance(module, Int4Linear):
                 module.qweight.copy_(K.permute_for_pairs(module.qweight))
-
-        def pairs_rule(bn: int, warps: int, ahead: int, waves: int):
-            def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
-                assert m == 1, "only the GEMV reads pair-permuted words"
-                split = K._split_for(triton_cdiv(n, bn), triton_cdiv(k, 128), sm_count, waves=waves)
-                return K.LaunchConfig("gemv_pairs", 1, bn, split, warps, 2, ahead, split > 1)
-
-            return choose
-
-        for bn, warps, ahead, waves in (
-            (128, 2, 1, 4),
-            (128, 4, 1, 4),
-            (64, 2, 2, 4),
-            (128, 2, 2, 8),
-            (64, 1, 2, 4),
-        ):
-            K.choose_config = pairs_rule(bn, warps, ahead, waves)
-            try:
-                t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
-            finally:
-                K.choose_config = default
-            row(
-                f"LM decode step, batch 1, lm_head int4, gemv_pairs (BLOCK_N {bn}, {warps} warps, {ahead} ahead, "
-                f"{waves} waves): int4 / bf16 ms",
-                f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
-            )
+        for bn, warps, ahead, waves in pairs:
+            label = f"gemv_pairs, BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves"
+            step(label, rule("gemv_pairs", bn, warps, ahead, waves))
 
 
 def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> None:
     """One engine in this process (a fresh process per engine: nothing of the last one remains)."""
     import json
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from device_engine import image_request, run_requests
-    from gpu_common import decode_replay_ms
 
     from glmv.engine.engine import EngineConfig, LLMEngine
     from glmv.errors import ConfigError

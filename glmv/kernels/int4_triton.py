@@ -64,8 +64,9 @@ DEQUANT_MIN_M = 128  # at least this many rows take dequantize + cuBLAS
 
 @triton.jit
 def _nibble(w, NIB: tl.constexpr, mant_mask, one_bits):
-    """`_nibble` with the two bit patterns passed in registers (kernel arguments, not constants),
-    so that the AND-OR is a single three-input LOP3 instead of two."""
+    """Nibble `NIB` of each int32 of `w` as the float32 `1 + q/16` (exact): one shift moves it to
+    mantissa bits 19–22, one AND-OR keeps it under the exponent of 1.0. The two bit patterns come
+    in registers (kernel arguments, not constants), so the AND-OR is a single three-input LOP3."""
     u = w.to(tl.uint32, bitcast=True)
     if NIB < 5:
         u = u << (19 - 4 * NIB)
@@ -171,6 +172,16 @@ def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
+    """Scale and zero point (float32, `[BLOCK_N]`) of the group holding chunk `c` (groups of whole
+    chunks)."""
+    g = (c * 128) // GROUP
+    s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _load_x_chunk(x_row, c, K):
     """Activations `c * 128 … c * 128 + 127` of one row of x as float32 (zero past K)."""
     kk = c * 128 + tl.arange(0, 128)
@@ -261,9 +272,7 @@ def _int4_gemv_kernel(
                 xsum += x_lo + x_hi
             tp = tl.sum(t, axis=1)
             xs = tl.sum(xsum, axis=1)
-            g = (cc * 128) // GROUP
-            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
             acc += s * (16.0 * (tp - xs) - z * xs)
         elif FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
             x = _load_x_chunk(x_row, c, K)
@@ -275,18 +284,14 @@ def _int4_gemv_kernel(
             # Sums of x reduced along the weight tile's axis 1 (no cross-warp reduction).
             xs = tl.sum(xe2 + xo2, axis=1)
             xw = xs + tl.sum(15.0 * xo2, axis=1)
-            g = (cc * 128) // GROUP
-            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
             acc += s * (128.0 * (t - xw) - z * xs)
         elif GROUP % 128 == 0:
             x = _load_x_chunk(x_row, c, K)
             v = _expand8(w, mant_mask, one_bits)
             t = tl.sum(v * x[None, :], axis=1)
             xs = tl.sum(x, axis=0)
-            g = (cc * 128) // GROUP
-            s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
             acc += s * (16.0 * (t - xs) - z * xs)
         else:
             x = _load_x_chunk(x_row, c, K)
@@ -312,18 +317,14 @@ def _dequant_tile_k(
     """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`. Each value
     is one FMA `v * a + b` of the expanded nibble, exact before its single rounding."""
     if FAST:  # GROUP % 128 == 0
-        g = (c * 128) // GROUP
-        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+        s, z = _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP)
         ve, vo = _expand8_fast(w, mant_mask, one_bits)
         de = ve * (128.0 * s)[:, None] - ((128.0 + z) * s)[:, None]
         do = vo * (2048.0 * s)[:, None] - ((2048.0 + z) * s)[:, None]
         return tl.interleave(de, do)
     v = _expand8(w, mant_mask, one_bits)
     if GROUP % 128 == 0:
-        g = (c * 128) // GROUP
-        s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
+        s, z = _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP)
         # (16 v - 16 - z) s as one FMA per weight
         return v * (16.0 * s)[:, None] - ((16.0 + z) * s)[:, None]
     kk = c * 128 + tl.arange(0, 128)
@@ -469,7 +470,7 @@ class LaunchConfig:
 _SM_COUNT: dict[int, int] = {}
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _FALLBACK_REASONS: set[str] = set()
-# The bit patterns of `_nibble_r`, passed as arguments so that they stay in registers.
+# The bit patterns of `_nibble`, passed as arguments so that they stay in registers.
 _NIBBLE_BITS = (0x00780000, 0x3F800000)
 
 
