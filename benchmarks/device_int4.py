@@ -116,6 +116,8 @@ def check_kernels(dev: torch.device) -> None:
                 None,
                 K.LaunchConfig("gemv", 1, 32, 8, 4, 2, 1, True),
                 K.LaunchConfig("gemv", 1, 128, 4, 8, 3, 2),
+                K.LaunchConfig("gemv", 1, 128, 4, 2, 2, 1, True, prefetch=True),
+                K.LaunchConfig("gemv", 1, 64, 3, 2, 2, 2, True, prefetch=True),
             ]
         if m == 17:
             return [
@@ -184,9 +186,11 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
     chunks = triton_cdiv(k, 128)
     out: list[K.LaunchConfig] = []
     if m == 1:
-        for bn, warps, ahead, waves in itertools.product((32, 64, 128), (1, 2), (1, 2), (4, 8)):
+        for bn, warps, ahead, waves, pf in itertools.product(
+            (32, 64, 128), (1, 2), (1, 2), (4, 8), (False, True)
+        ):
             sp = K._split_for(triton_cdiv(n, bn), chunks, sms, waves=waves)
-            out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, ahead, sp > 1))
+            out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, ahead, sp > 1, prefetch=pf))
     else:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn, stages, warps in itertools.product((64, 128, 256), (3,), (4, 8)):
@@ -229,6 +233,7 @@ def sweep_shape(
     by_kind: dict[str, tuple[float, K.LaunchConfig]] = {}
     for t, cfg in results:
         key = f"{cfg.kind}-bn{cfg.block_n}-w{cfg.num_warps}{'-fused' if cfg.fused_reduce else ''}"
+        key += "-prefetch" if cfg.prefetch else ""
         by_kind.setdefault(key, (t, cfg))
     print("      best per kind: " + ", ".join(f"{key} {t * 1e3:.1f}" for key, (t, _) in by_kind.items()))
 
@@ -241,14 +246,17 @@ def sweep_pairs(
     n, k = qw.shape[1], x.shape[1]
     pw = K.permute_for_pairs(qw)
     ref = x.float() @ dequantize_packed(qw, z, s, gs, torch.float32)
-    got = K.int4_matmul_triton(x, pw, z, s, gs, None, K.LaunchConfig("gemv_pairs", 1, 128, 4, 2, 2, 1, True))
-    err = ((got.float() - ref).norm() / ref.norm()).item()
+    err = 0.0
+    for pf in (False, True):
+        cfg = K.LaunchConfig("gemv_pairs", 1, 128, 4, 2, 2, 1, True, prefetch=pf)
+        got = K.int4_matmul_triton(x, pw, z, s, gs, None, cfg)
+        err = max(err, ((got.float() - ref).norm() / ref.norm()).item())
     row(f"{name} 1 row, gemv_pairs vs reference (rel. L2)", f"{err:.2e}", "(< 1e-2)")
     chunks = triton_cdiv(k, 128)
     configs = []
-    for bn, warps, ahead, waves in itertools.product((64, 128), (2, 4), (1, 2), (4, 8)):
+    for bn, warps, ahead, waves, pf in itertools.product((64, 128), (2, 4), (1, 2), (4, 8), (False, True)):
         sp = K._split_for(triton_cdiv(n, bn), chunks, K._sm_count(x.device), waves=waves)
-        configs.append(K.LaunchConfig("gemv_pairs", 1, bn, sp, warps, 2, ahead, sp > 1))
+        configs.append(K.LaunchConfig("gemv_pairs", 1, bn, sp, warps, 2, ahead, sp > 1, prefetch=pf))
     results = _time_configs(x, pw, z, s, gs, configs)
     b4 = pw.numel() * 4 + z.numel() + s.numel() * 2
     for t, cfg in results[:3]:
@@ -457,14 +465,14 @@ def decode_variants(dev: torch.device) -> None:
     quantize_into(ref, q)
     default = K.choose_config
 
-    def rule(kind: str, bn: int, warps: int, ahead: int, waves: int):
+    def rule(kind: str, bn: int, warps: int, ahead: int, waves: int, prefetch: bool):
         """One-row products take `kind` with these tiles; more rows keep the defaults."""
 
         def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
             if m > K.GEMV_MAX_M:
                 return default(m, n, k, sm_count)
             split = K._split_for(triton_cdiv(n, bn), triton_cdiv(k, 128), sm_count, waves=waves)
-            return K.LaunchConfig(kind, 1, bn, split, warps, 2, ahead, split > 1)
+            return K.LaunchConfig(kind, 1, bn, split, warps, 2, ahead, split > 1, prefetch=prefetch)
 
         return choose
 
@@ -479,32 +487,46 @@ def decode_variants(dev: torch.device) -> None:
             f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
         )
 
+    # (BLOCK_N, warps, chunks ahead, waves, prefetch of scales/zeros/x with the words)
     gemv = (
-        (128, 2, 2, 4),
-        (64, 2, 2, 4),
-        (64, 1, 2, 4),
-        (32, 1, 2, 4),
-        (32, 1, 2, 8),
-        (128, 2, 2, 8),
-        (64, 2, 1, 8),
+        (128, 2, 2, 4, False),
+        (64, 2, 2, 4, False),
+        (32, 1, 2, 4, False),
+        (128, 2, 1, 4, True),
+        (128, 2, 2, 4, True),
+        (64, 2, 2, 4, True),
+        (64, 1, 2, 4, True),
+        (32, 1, 2, 4, True),
+        (128, 4, 2, 4, True),
+        (128, 2, 2, 8, True),
+        (64, 2, 2, 8, True),
     )
-    pairs = ((128, 2, 1, 4), (128, 4, 1, 4), (64, 2, 2, 4), (128, 2, 2, 8), (64, 1, 2, 4))
+    pairs = (
+        (128, 2, 1, 4, False),
+        (64, 2, 2, 4, False),
+        (128, 2, 1, 4, True),
+        (128, 2, 2, 4, True),
+        (64, 2, 2, 4, True),
+        (128, 4, 2, 4, True),
+        (64, 1, 2, 4, True),
+        (128, 2, 2, 8, True),
+    )
     with torch.inference_mode():
         t16 = lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)
         step("defaults", default)
-        for bn, warps, ahead, waves in gemv:
+        for bn, warps, ahead, waves, pf in gemv:
             step(
-                f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves",
-                rule("gemv", bn, warps, ahead, waves),
+                f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves{', prefetch' if pf else ''}",
+                rule("gemv", bn, warps, ahead, waves, pf),
             )
         # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
         # meets the permuted order).
         for module in q.modules():
             if isinstance(module, Int4Linear):
                 module.qweight.copy_(K.permute_for_pairs(module.qweight))
-        for bn, warps, ahead, waves in pairs:
+        for bn, warps, ahead, waves, pf in pairs:
             label = f"gemv_pairs, BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves"
-            step(label, rule("gemv_pairs", bn, warps, ahead, waves))
+            step(label + (", prefetch" if pf else ""), rule("gemv_pairs", bn, warps, ahead, waves, pf))
 
 
 def engine_one(label: str, ckpt: str, gpu_memory_gb: float, out_json: str) -> None:
@@ -648,6 +670,11 @@ def main() -> None:
     ap.add_argument("--skip-lm", action="store_true", help="kernels only")
     ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
     ap.add_argument("--engine-only", action="store_true", help="only the engine comparison")
+    ap.add_argument(
+        "--decode-variants",
+        action="store_true",
+        help="only the batch-1 LM step under several GEMV launch rules",
+    )
     ap.add_argument(
         "--lm-only", action="store_true", help="kernel checks and the full-size LM, no per-shape table"
     )

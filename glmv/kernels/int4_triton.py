@@ -182,10 +182,108 @@ def _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _load_x_raw(x_row, c, K):
+    """Activations `c * 128 … c * 128 + 127` of one row of x, as stored (zero past K)."""
+    kk = c * 128 + tl.arange(0, 128)
+    return tl.load(x_row + kk, mask=kk < K, other=0.0)
+
+
+@triton.jit
 def _load_x_chunk(x_row, c, K):
     """Activations `c * 128 … c * 128 + 127` of one row of x as float32 (zero past K)."""
-    kk = c * 128 + tl.arange(0, 128)
-    return tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return _load_x_raw(x_row, c, K).to(tl.float32)
+
+
+@triton.jit
+def _load_x_pairs(x_row, c, chunks):
+    """PAIRS: the activations of chunk `c` (x read as int32 pairs) as four `[1, 16]` vectors, the
+    pairs met by nibbles `2p`, `2p + 1` of the chunk's sixteen words (zero past K)."""
+    live = ((tl.arange(0, 16) * 0 + c) < chunks)[None, :]  # the last split may run past K
+    base = x_row + tl.minimum(c, chunks - 1) * 64 + tl.arange(0, 16)[None, :]
+    x0 = tl.load(base, mask=live, other=0)
+    x1 = tl.load(base + 16, mask=live, other=0)
+    x2 = tl.load(base + 32, mask=live, other=0)
+    x3 = tl.load(base + 48, mask=live, other=0)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _pair_halves(xp, BF16: tl.constexpr):
+    """The two 16-bit activations of each int32 pair as float32: (low, high)."""
+    xu = xp.to(tl.uint32, bitcast=True)
+    if BF16:
+        return (xu << 16).to(tl.float32, bitcast=True), (xu & 0xFFFF0000).to(tl.float32, bitcast=True)
+    lo = (xu & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (xu >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _pairs_terms(w, xp0, xp1, xp2, xp3, mant_mask, one_bits, BLOCK_N: tl.constexpr, BF16: tl.constexpr):
+    """PAIRS chunk: `(t, xs)` with `Σ_k x_k (q_k − z) = t − z · xs` per output channel."""
+    t = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    lo, hi = _pair_halves(xp0, BF16)
+    t += lo * _nibble(w, 0, mant_mask, one_bits)
+    t += hi * _nibble(w, 1, mant_mask, one_bits)
+    xsum = lo + hi
+    lo, hi = _pair_halves(xp1, BF16)
+    t += lo * _nibble(w, 2, mant_mask, one_bits)
+    t += hi * _nibble(w, 3, mant_mask, one_bits)
+    xsum += lo + hi
+    lo, hi = _pair_halves(xp2, BF16)
+    t += lo * _nibble(w, 4, mant_mask, one_bits)
+    t += hi * _nibble(w, 5, mant_mask, one_bits)
+    xsum += lo + hi
+    lo, hi = _pair_halves(xp3, BF16)
+    t += lo * _nibble(w, 6, mant_mask, one_bits)
+    t += hi * _nibble(w, 7, mant_mask, one_bits)
+    xsum += lo + hi
+    tp = tl.sum(t, axis=1)
+    xs = tl.sum(xsum, axis=1)
+    return 16.0 * (tp - xs), xs
+
+
+@triton.jit
+def _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N: tl.constexpr, BF16: tl.constexpr):
+    """A PAIRS step: reads chunk `c`'s activations and returns `_pairs_terms`. The barrier keeps
+    the loads ahead issued before this step's arithmetic: the activations load after it, and the
+    arithmetic waits for them (without it, the compiler issues the loads ahead at the step's
+    end, just before the loop's first barrier, leaving them no time)."""
+    tl.debug_barrier()
+    x0, x1, x2, x3 = _load_x_pairs(x_row, c, chunks)
+    return _pairs_terms(w, x0, x1, x2, x3, mant_mask, one_bits, BLOCK_N, BF16)
+
+
+@triton.jit
+def _fast_terms(w, x, mant_mask, one_bits):
+    """Whole-chunk group, 16-bit x (whose products keep their bits in float32), half-shift
+    unpacking: `(t, xs)` with `Σ_k x_k (q_k − z) = t − z · xs` per output channel, from the
+    chunk's words and its 128 activations (float32)."""
+    ve, vo = _expand8_fast(w, mant_mask, one_bits)
+    xe, xo = tl.split(tl.reshape(x, [64, 2]))
+    xe2 = xe[None, :]
+    xo2 = xo[None, :]
+    t = tl.sum(ve * xe2, axis=1) + tl.sum(vo * (16.0 * xo2), axis=1)
+    # Sums of x reduced along the weight tile's axis 1 (no cross-warp reduction).
+    xs = tl.sum(xe2 + xo2, axis=1)
+    xw = xs + tl.sum(15.0 * xo2, axis=1)
+    return 128.0 * (t - xw), xs
+
+
+@triton.jit
+def _plain_terms(w, x, mant_mask, one_bits):
+    """`_fast_terms` with the exact unpacking (any activation dtype)."""
+    v = _expand8(w, mant_mask, one_bits)
+    t = tl.sum(v * x[None, :], axis=1)
+    xs = tl.sum(x, axis=0)
+    return 16.0 * (t - xs), xs
+
+
+@triton.jit
+def _scale_zero_raw(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
+    """`_scale_zero` as stored (float16, uint8), to be converted where it is used."""
+    g = (c * 128) // GROUP
+    return tl.load(s_ptr + g * N + offs_nc), tl.load(z_ptr + g * N + offs_nc)
 
 
 @triton.jit
@@ -218,11 +316,17 @@ def _int4_gemv_kernel(
     AHEAD: tl.constexpr,
     PAIRS: tl.constexpr,
     BF16: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """GEMV on K-major weights: a program owns `BLOCK_N` output channels and walks its share of K
     128 channels at a time. Each thread reads whole 16-byte runs of one output channel's words,
     expands them in registers and sums their products with `x` itself; a few lanes finish the
     sum. The row of `x` is grid axis 0, so the programs that read the same weights run together.
+
+    Words are loaded AHEAD chunks before they are used, so that their loads are in flight while
+    the chunks before them are computed (the loop itself is not pipelined by the compiler).
+    PREFETCH (whole-chunk groups): the chunk's scales, zero points and activations come ahead
+    with its words, as loaded, instead of being read (and waited for) in the chunk's own step.
 
     PAIRS: the words come from `permute_for_pairs` (nibbles `2p`, `2p + 1` of word `j` hold input
     channels `32p + 2j`, `32p + 2j + 1`) and `x_ptr` is the 16-bit `x` read as int32 pairs (BF16 or
@@ -238,71 +342,76 @@ def _int4_gemv_kernel(
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     c0 = pid_s * chunks_per_split
-    # Words are loaded AHEAD chunks before they are used, so that their loads are in flight while
-    # the chunks before them are computed (the loop itself is not pipelined by the compiler).
-    w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, chunks - 1), K, stride_qn, EVEN_K)
-    if AHEAD == 2:
-        w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, chunks - 1), K, stride_qn, EVEN_K)
-    for it in range(0, chunks_per_split):
-        c = c0 + it
-        cc = tl.minimum(c, chunks - 1)  # the last split may run past K: x is zero there
-        w = w_next
+    last = chunks - 1
+    if PREFETCH:  # GROUP % 128 == 0
+        nw = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, last), K, stride_qn, EVEN_K)
+        ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c0, last), N, offs_nc, GROUP)
+        nx = _load_x_raw(x_row, c0, K)  # PAIRS: x is read in the step itself (_pairs_step)
         if AHEAD == 2:
-            w_next = w_next2
-            w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, chunks - 1), K, stride_qn, EVEN_K)
-        else:
-            w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, chunks - 1), K, stride_qn, EVEN_K)
-        if PAIRS:
-            live = (tl.arange(0, 16) * 0 + c) < chunks  # past K (the last split): x reads as zero
-            t = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-            xsum = tl.zeros([1, 16], dtype=tl.float32)
-            for p in tl.static_range(4):
-                xp = tl.load(
-                    x_row + cc * 64 + 16 * p + tl.arange(0, 16)[None, :], mask=live[None, :], other=0
-                )
-                xu = xp.to(tl.uint32, bitcast=True)
-                if BF16:
-                    x_lo = (xu << 16).to(tl.float32, bitcast=True)
-                    x_hi = (xu & 0xFFFF0000).to(tl.float32, bitcast=True)
+            nw2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, last), K, stride_qn, EVEN_K)
+            ns2, nz2 = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c0 + 1, last), N, offs_nc, GROUP)
+            nx2 = _load_x_raw(x_row, c0 + 1, K)
+        for it in range(0, chunks_per_split):
+            c = c0 + it
+            w = nw
+            s = ns
+            z = nz
+            x = nx
+            if AHEAD == 2:
+                nw = nw2
+                ns = ns2
+                nz = nz2
+                nx = nx2
+                nw2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, last), K, stride_qn, EVEN_K)
+                ns2, nz2 = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c + 2, last), N, offs_nc, GROUP)
+                nx2 = _load_x_raw(x_row, c + 2, K)
+            else:
+                nw = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, last), K, stride_qn, EVEN_K)
+                ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c + 1, last), N, offs_nc, GROUP)
+                nx = _load_x_raw(x_row, c + 1, K)
+            if PAIRS:
+                t, xs = _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N, BF16)
+            else:
+                if FAST:
+                    t, xs = _fast_terms(w, x.to(tl.float32), mant_mask, one_bits)
                 else:
-                    x_lo = (xu & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                    x_hi = (xu >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                t += x_lo * _nibble(w, 2 * p, mant_mask, one_bits)
-                t += x_hi * _nibble(w, 2 * p + 1, mant_mask, one_bits)
-                xsum += x_lo + x_hi
-            tp = tl.sum(t, axis=1)
-            xs = tl.sum(xsum, axis=1)
-            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
-            acc += s * (16.0 * (tp - xs) - z * xs)
-        elif FAST:  # GROUP % 128 == 0 and 16-bit x (whose products keep their bits in float32)
-            x = _load_x_chunk(x_row, c, K)
-            ve, vo = _expand8_fast(w, mant_mask, one_bits)
-            xe, xo = tl.split(tl.reshape(x, [64, 2]))
-            xe2 = xe[None, :]
-            xo2 = xo[None, :]
-            t = tl.sum(ve * xe2, axis=1) + tl.sum(vo * (16.0 * xo2), axis=1)
-            # Sums of x reduced along the weight tile's axis 1 (no cross-warp reduction).
-            xs = tl.sum(xe2 + xo2, axis=1)
-            xw = xs + tl.sum(15.0 * xo2, axis=1)
-            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
-            acc += s * (128.0 * (t - xw) - z * xs)
-        elif GROUP % 128 == 0:
-            x = _load_x_chunk(x_row, c, K)
-            v = _expand8(w, mant_mask, one_bits)
-            t = tl.sum(v * x[None, :], axis=1)
-            xs = tl.sum(x, axis=0)
-            s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
-            acc += s * (16.0 * (t - xs) - z * xs)
-        else:
-            x = _load_x_chunk(x_row, c, K)
-            v = _expand8(w, mant_mask, one_bits)
-            NG: tl.constexpr = 128 // GROUP
-            t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
-            xs2 = tl.sum(tl.reshape(x, [NG, GROUP]), axis=1)
-            gi = tl.minimum(c * NG + tl.arange(0, NG), tl.cdiv(K, GROUP) - 1)
-            s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
-            z2 = tl.load(z_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
-            acc += tl.sum(s2 * (16.0 * (t2 - xs2[None, :]) - z2 * xs2[None, :]), axis=1)
+                    t, xs = _plain_terms(w, x.to(tl.float32), mant_mask, one_bits)
+            acc += s.to(tl.float32) * (t - z.to(tl.float32) * xs)
+    else:
+        w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, last), K, stride_qn, EVEN_K)
+        if AHEAD == 2:
+            w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, last), K, stride_qn, EVEN_K)
+        for it in range(0, chunks_per_split):
+            c = c0 + it
+            cc = tl.minimum(c, last)  # the last split may run past K: x is zero there
+            w = w_next
+            if AHEAD == 2:
+                w_next = w_next2
+                w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, last), K, stride_qn, EVEN_K)
+            else:
+                w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, last), K, stride_qn, EVEN_K)
+            if PAIRS:
+                t, xs = _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N, BF16)
+                s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
+                acc += s * (t - z * xs)
+            elif FAST:  # GROUP % 128 == 0
+                t, xs = _fast_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
+                s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
+                acc += s * (t - z * xs)
+            elif GROUP % 128 == 0:
+                t, xs = _plain_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
+                s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
+                acc += s * (t - z * xs)
+            else:
+                x = _load_x_chunk(x_row, c, K)
+                v = _expand8(w, mant_mask, one_bits)
+                NG: tl.constexpr = 128 // GROUP
+                t2 = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, GROUP]), axis=2)
+                xs2 = tl.sum(tl.reshape(x, [NG, GROUP]), axis=1)
+                gi = tl.minimum(c * NG + tl.arange(0, NG), tl.cdiv(K, GROUP) - 1)
+                s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
+                z2 = tl.load(z_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
+                acc += tl.sum(s2 * (16.0 * (t2 - xs2[None, :]) - z2 * xs2[None, :]), axis=1)
     offs_m = pid_m + tl.arange(0, 1)
     _finish_tile(
         acc[None, :], offs_m, offs_n, offs_m < M, n_mask, M, N, bias_ptr, out_ptr, stride_om,
@@ -465,6 +574,7 @@ class LaunchConfig:
     ahead: int = 1  # GEMV: chunks of words loaded ahead of their use (1 or 2)
     fused_reduce: bool = False
     fast_unpack: bool = True  # half-shift unpacking where it is exact enough (16-bit x, group % 128 == 0)
+    prefetch: bool = False  # GEMV: scales, zero points and x come ahead with the words (group % 128 == 0)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -650,6 +760,7 @@ def int4_matmul_triton(
     )
     # Half-shift unpacking for 16-bit activations and whole-chunk groups (see `_expand8_fast`).
     fast = cfg.fast_unpack and x.dtype != torch.float32 and group_size % CHUNK_K == 0
+    prefetch = cfg.prefetch and group_size % CHUNK_K == 0
     common = dict(
         GROUP=group_size,
         BLOCK_N=cfg.block_n,
@@ -667,10 +778,15 @@ def int4_matmul_triton(
         pair_args = (x.view(torch.int32), *args[1:11], x.stride(0) // 2, *args[12:])
         common.update(EVEN_K=True, FAST=False)
         _int4_gemv_kernel[grid](
-            *pair_args, AHEAD=cfg.ahead, PAIRS=True, BF16=x.dtype == torch.bfloat16, **common
+            *pair_args,
+            AHEAD=cfg.ahead,
+            PAIRS=True,
+            BF16=x.dtype == torch.bfloat16,
+            PREFETCH=prefetch,
+            **common,
         )
     elif cfg.kind == "gemv":
-        _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, PAIRS=False, BF16=False, **common)
+        _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, PAIRS=False, BF16=False, PREFETCH=prefetch, **common)
     else:
         _int4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, **common)
     if split > 1 and not cfg.fused_reduce:

@@ -474,6 +474,7 @@ for m, n, k, g in [(1, 40, 264, 8), (2, 40, 384, 128), (17, 24, 256, 256), (3, 7
     ref = x @ qw.dequantize().t() + b
     cfgs = [L("gemm", 16, 32, 1, 4, 2), L("gemm", 16, 32, 3, 4, 2), L("gemm", 16, 32, 3, 4, 2, 1, True), L("dequant")]
     cfgs += [L("gemv", 1, 16, 1, 4, 2), L("gemv", 1, 32, 3, 4, 2, 2), L("gemv", 1, 32, 3, 4, 2, 1, True)]
+    cfgs += [L("gemv", 1, 16, 3, 4, 2, 1, True, prefetch=True), L("gemv", 1, 32, 2, 4, 2, 2, prefetch=True)]
     for cfg in cfgs:
         for w in (qk, p.qweight):  # row-major words are copied to K-major first
             out = T.int4_matmul_triton(x, w, p.zeros, p.scales, p.group_size, b, cfg)
@@ -490,6 +491,7 @@ for m, n, k, g in [(1, 40, 384, 128), (5, 72, 512, 256), (1, 24, 256, 128)]:
     cfgs = [L("gemm", 16, 32, 2, 4, 2, 1, True), L("gemm", 16, 32, 1, 4, 2, 1, False, False)]
     if m == 1:
         cfgs += [L("gemv", 1, 16, 2, 4, 2, 1, True), L("gemv", 1, 32, 1, 1, 2, 2)]
+        cfgs += [L("gemv", 1, 16, 2, 4, 2, 1, True, prefetch=True), L("gemv", 1, 32, 3, 1, 2, 2, prefetch=True)]
     for cfg in cfgs:
         out = T.int4_matmul_triton(x, qk, p.zeros, p.scales, p.group_size, b, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (m, n, k, g, cfg)  # measured <= 3e-4
@@ -498,7 +500,9 @@ for m, n, k, g in [(1, 40, 384, 128), (5, 72, 512, 256), (1, 24, 256, 128)]:
     got = q4.unpack_rows(pw).view(k // 128, 16, 4, 2, n)  # [chunk, word j, p, b, out]: nibble 2p + b
     want = qw.q.t().reshape(k // 128, 4, 16, 2, n).permute(0, 2, 1, 3, 4)  # channel 32p + 2j + b
     assert T.is_k_major(pw) and torch.equal(got, want)
-    for cfg in (L("gemv_pairs", 1, 16, 1, 4, 2), L("gemv_pairs", 1, 32, 3, 2, 2, 2, True)):
+    pair_cfgs = [L("gemv_pairs", 1, 16, 1, 4, 2), L("gemv_pairs", 1, 32, 3, 2, 2, 2, True)]
+    pair_cfgs += [L("gemv_pairs", 1, 16, 2, 4, 2, 1, True, prefetch=True), L("gemv_pairs", 1, 32, 3, 2, 2, 2, prefetch=True)]
+    for cfg in pair_cfgs:
         out = T.int4_matmul_triton(x, pw, p.zeros, p.scales, p.group_size, b, cfg).float()
         assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (m, n, k, g, cfg)
 """
