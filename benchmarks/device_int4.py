@@ -18,13 +18,16 @@
    with lm_head too) served by glmv's engine, one process each: batch-1 decode ms/token, decode
    graph replays, 64 concurrent image requests, and the start-up report under `--gpu-memory-gb 24`.
 5. `--decode-variants`: the whole batch-1 LM step (weights cold in L2, as in serving) under
-   several GEMV launch rules, against bf16 (the per-shape sweep keeps small weights in L2).
+   several GEMV launch rules (with and without the prefetch mode, on glmv's and on pair-permuted
+   words), and the batch-64 step with and without the GEMM's prefetch, against bf16 (the
+   per-shape sweep keeps small weights in L2).
 Prints a table last. Sections 1-3 take about a minute and a half on an H200, section 4 about four.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -124,6 +127,7 @@ def check_kernels(dev: torch.device) -> None:
                 None,
                 K.LaunchConfig("gemm", 16, 128, 8, 4, 3, 1, True),
                 K.LaunchConfig("gemm", 32, 64, 1, 4, 4),
+                K.LaunchConfig("gemm", 16, 128, 8, 4, 3, 1, True, prefetch=True),
             ]
         return [None]
 
@@ -176,8 +180,9 @@ def time_shapes(dev: torch.device, sweep: bool) -> None:
                 f"(int4 {b4 / t4 / 1e6:.0f} GB/s, bf16 {n * k * 2 / t16 / 1e6:.0f} GB/s; "
                 f"{K.choose_config(m, n, k, K._sm_count(dev))})",
             )
-            if sweep and m == 1:
+            if sweep and m in (1, 64):
                 sweep_shape(x, qw, z, s, gs, name)
+            if sweep and m == 1:
                 sweep_pairs(x, qw, z, s, gs, name)
 
 
@@ -193,10 +198,10 @@ def _sweep_configs(m: int, n: int, k: int, sms: int) -> list[K.LaunchConfig]:
             out.append(K.LaunchConfig("gemv", 1, bn, sp, warps, 2, ahead, sp > 1, prefetch=pf))
     else:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn, stages, warps in itertools.product((64, 128, 256), (3,), (4, 8)):
+        for bn, stages, warps, pf in itertools.product((64, 128, 256), (3,), (4, 8), (False, True)):
             sp = K._split_for(triton_cdiv(m, bm) * triton_cdiv(n, bn), chunks, sms, waves=1 if bn > 64 else 2)
             for split in sorted({sp, max(1, sp // 2), min(chunks, sp * 2)}):
-                out.append(K.LaunchConfig("gemm", bm, bn, split, warps, stages, 1, split > 1))
+                out.append(K.LaunchConfig("gemm", bm, bn, split, warps, stages, 1, split > 1, prefetch=pf))
     return out
 
 
@@ -518,6 +523,23 @@ def decode_variants(dev: torch.device) -> None:
             step(
                 f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves{', prefetch' if pf else ''}",
                 rule("gemv", bn, warps, ahead, waves, pf),
+            )
+        # Batch 64 (the GEMM), with and without the scales and zero points a chunk ahead.
+        t16_64 = lm_step_ms(ref, decode_inputs(ref, 64, 512, dev), graph=True)
+        for pf in (False, True):
+
+            def choose64(m: int, n: int, k: int, sm_count: int, pf: bool = pf) -> K.LaunchConfig:
+                cfg = default(m, n, k, sm_count)
+                return dataclasses.replace(cfg, prefetch=pf) if cfg.kind == "gemm" else cfg
+
+            K.choose_config = choose64
+            try:
+                t4 = lm_step_ms(q, decode_inputs(q, 64, 512, dev), graph=True)
+            finally:
+                K.choose_config = default
+            row(
+                f"LM decode step, batch 64, lm_head int4 (GEMM defaults{', prefetch' if pf else ''}): int4 / bf16 ms",
+                f"{t4:.2f} / {t16_64:.2f} = {t4 / t16_64:.2f}x",
             )
         # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
         # meets the permuted order).

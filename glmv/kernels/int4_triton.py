@@ -420,22 +420,30 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _dequant_tile_k(
-    w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr, FAST: tl.constexpr
-):
-    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words: `[BLOCK_N, 128]`. Each value
-    is one FMA `v * a + b` of the expanded nibble, exact before its single rounding."""
-    if FAST:  # GROUP % 128 == 0
-        s, z = _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP)
+def _dequant_words(w, s, z, mant_mask, one_bits, FAST: tl.constexpr):
+    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words of one group (`s`, `z`:
+    float32 `[BLOCK_N]`): `[BLOCK_N, 128]`. Each value is one FMA `v * a + b` of the expanded
+    nibble, exact before its single rounding."""
+    if FAST:
         ve, vo = _expand8_fast(w, mant_mask, one_bits)
         de = ve * (128.0 * s)[:, None] - ((128.0 + z) * s)[:, None]
         do = vo * (2048.0 * s)[:, None] - ((2048.0 + z) * s)[:, None]
         return tl.interleave(de, do)
     v = _expand8(w, mant_mask, one_bits)
+    # (16 v - 16 - z) s as one FMA per weight
+    return v * (16.0 * s)[:, None] - ((16.0 + z) * s)[:, None]
+
+
+@triton.jit
+def _dequant_tile_k(
+    w, s_ptr, z_ptr, offs_nc, c, N, K, mant_mask, one_bits, GROUP: tl.constexpr, FAST: tl.constexpr
+):
+    """`(q - z) * s` in float32 for a `[BLOCK_N, 16]` tile of words of chunk `c`: `[BLOCK_N, 128]`
+    (FAST needs whole-chunk groups)."""
     if GROUP % 128 == 0:
         s, z = _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP)
-        # (16 v - 16 - z) s as one FMA per weight
-        return v * (16.0 * s)[:, None] - ((16.0 + z) * s)[:, None]
+        return _dequant_words(w, s, z, mant_mask, one_bits, FAST)
+    v = _expand8(w, mant_mask, one_bits)
     kk = c * 128 + tl.arange(0, 128)
     gi = tl.minimum(kk // GROUP, tl.cdiv(K, GROUP) - 1)
     s2 = tl.load(s_ptr + gi[None, :] * N + offs_nc[:, None]).to(tl.float32)
@@ -472,10 +480,15 @@ def _int4_gemm_kernel(
     EVEN_K: tl.constexpr,
     FAST: tl.constexpr,
     IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """GEMM on K-major weights, output transposed on the tensor cores: a `[BLOCK_N, 128]` chunk of
     the weight, dequantized in registers, times the `[128, BLOCK_M]` transpose of `x`, so that the
-    weight (the large operand) fills the wide side of the product even for a handful of rows."""
+    weight (the large operand) fills the wide side of the product even for a handful of rows.
+
+    The compiler pipelines the loads of words and x (asynchronous copies, `num_stages` deep), not
+    those of the scales and zero points (too narrow for such copies); PREFETCH (whole-chunk
+    groups) loads them a chunk ahead instead of in the chunk's own step."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -487,8 +500,11 @@ def _int4_gemm_kernel(
     lane = tl.arange(0, 128)
     chunks = tl.cdiv(K, 128)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    c0 = pid_s * chunks_per_split
+    if PREFETCH:
+        ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c0, chunks - 1), N, offs_nc, GROUP)
     for it in range(0, chunks_per_split):
-        c = pid_s * chunks_per_split + it
+        c = c0 + it
         cc = tl.minimum(c, chunks - 1)  # past K: x is zero there
         w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
         kk = c * 128 + lane
@@ -497,7 +513,13 @@ def _int4_gemm_kernel(
             mask=(kk < K)[:, None] & m_mask[None, :],
             other=0.0,
         )
-        wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, cc, N, K, mant_mask, one_bits, GROUP, FAST)
+        if PREFETCH:
+            s = ns
+            z = nz
+            ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1), N, offs_nc, GROUP)
+            wd = _dequant_words(w, s.to(tl.float32), z.to(tl.float32), mant_mask, one_bits, FAST)
+        else:
+            wd = _dequant_tile_k(w, s_ptr, z_ptr, offs_nc, cc, N, K, mant_mask, one_bits, GROUP, FAST)
         if IEEE:
             acc = tl.dot(wd, xt, acc, input_precision="ieee")
         else:
@@ -574,7 +596,7 @@ class LaunchConfig:
     ahead: int = 1  # GEMV: chunks of words loaded ahead of their use (1 or 2)
     fused_reduce: bool = False
     fast_unpack: bool = True  # half-shift unpacking where it is exact enough (16-bit x, group % 128 == 0)
-    prefetch: bool = False  # GEMV: scales, zero points and x come ahead with the words (group % 128 == 0)
+    prefetch: bool = False  # scales and zero points (GEMV: and x) come a chunk ahead (group % 128 == 0)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -788,7 +810,9 @@ def int4_matmul_triton(
     elif cfg.kind == "gemv":
         _int4_gemv_kernel[grid](*args, AHEAD=cfg.ahead, PAIRS=False, BF16=False, PREFETCH=prefetch, **common)
     else:
-        _int4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, **common)
+        _int4_gemm_kernel[grid](
+            *args, BLOCK_M=cfg.block_m, IEEE=x.dtype == torch.float32, PREFETCH=prefetch, **common
+        )
     if split > 1 and not cfg.fused_reduce:
         block = 512
         _split_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -473,6 +473,7 @@ for m, n, k, g in [(1, 40, 264, 8), (2, 40, 384, 128), (17, 24, 256, 256), (3, 7
     x = torch.randn(m, k); b = torch.randn(n)
     ref = x @ qw.dequantize().t() + b
     cfgs = [L("gemm", 16, 32, 1, 4, 2), L("gemm", 16, 32, 3, 4, 2), L("gemm", 16, 32, 3, 4, 2, 1, True), L("dequant")]
+    cfgs += [L("gemm", 16, 32, 3, 4, 2, 1, True, prefetch=True)]
     cfgs += [L("gemv", 1, 16, 1, 4, 2), L("gemv", 1, 32, 3, 4, 2, 2), L("gemv", 1, 32, 3, 4, 2, 1, True)]
     cfgs += [L("gemv", 1, 16, 3, 4, 2, 1, True, prefetch=True), L("gemv", 1, 32, 2, 4, 2, 2, prefetch=True)]
     for cfg in cfgs:
@@ -489,6 +490,7 @@ for m, n, k, g in [(1, 40, 384, 128), (5, 72, 512, 256), (1, 24, 256, 128)]:
     x = torch.randn(m, k).half(); b = torch.randn(n).half()
     ref = x.float() @ qw.dequantize().t() + b.float()
     cfgs = [L("gemm", 16, 32, 2, 4, 2, 1, True), L("gemm", 16, 32, 1, 4, 2, 1, False, False)]
+    cfgs += [L("gemm", 16, 32, 2, 4, 2, 1, True, prefetch=True)]
     if m == 1:
         cfgs += [L("gemv", 1, 16, 2, 4, 2, 1, True), L("gemv", 1, 32, 1, 1, 2, 2)]
         cfgs += [L("gemv", 1, 16, 2, 4, 2, 1, True, prefetch=True), L("gemv", 1, 32, 3, 1, 2, 2, prefetch=True)]
