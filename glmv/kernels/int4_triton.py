@@ -36,6 +36,12 @@ layout of the weight tile. The `gemv_pairs` launch reads words permuted within e
 loaded straight into that layout; it is checked and swept by the device benchmark but not yet
 timed, so `Int4Linear` does not store that order and the defaults do not choose it.
 
+The scales and zero points of a chunk are read in the chunk's own step by default (in the GEMV
+after its barriers; in the GEMM outside the compiler's pipelining, being too narrow for
+asynchronous copies), so each step waits for them. The `prefetch` launch option loads them (and
+the GEMV's activations) a chunk ahead with the words; like `gemv_pairs` it is checked, not yet
+timed, and not a default.
+
 When the output alone gives too few programs, K is split between programs and the partial sums
 are added in a fixed order (the same bits every run), plus the bias: by a second small kernel,
 or by the last program of each output tile to finish, counted with an atomic.
