@@ -481,15 +481,15 @@ def decode_variants(dev: torch.device) -> None:
 
         return choose
 
-    def step(label: str, choose) -> None:
+    def step(label: str, choose, batch: int = 1) -> None:
         K.choose_config = choose
         try:
-            t4 = lm_step_ms(q, decode_inputs(q, 1, 512, dev), graph=True)
+            t4 = lm_step_ms(q, decode_inputs(q, batch, 512, dev), graph=True)
         finally:
             K.choose_config = default
         row(
-            f"LM decode step, batch 1, lm_head int4 ({label}): int4 / bf16 ms",
-            f"{t4:.2f} / {t16:.2f} = {t4 / t16:.2f}x",
+            f"LM decode step, batch {batch}, lm_head int4 ({label}): int4 / bf16 ms",
+            f"{t4:.2f} / {t16[batch]:.2f} = {t4 / t16[batch]:.2f}x",
         )
 
     # (BLOCK_N, warps, chunks ahead, waves, prefetch of scales/zeros/x with the words)
@@ -517,7 +517,7 @@ def decode_variants(dev: torch.device) -> None:
         (128, 2, 2, 8, True),
     )
     with torch.inference_mode():
-        t16 = lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)
+        t16 = {1: lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)}
         step("defaults", default)
         for bn, warps, ahead, waves, pf in gemv:
             step(
@@ -525,22 +525,14 @@ def decode_variants(dev: torch.device) -> None:
                 rule("gemv", bn, warps, ahead, waves, pf),
             )
         # Batch 64 (the GEMM), with and without the scales and zero points a chunk ahead.
-        t16_64 = lm_step_ms(ref, decode_inputs(ref, 64, 512, dev), graph=True)
+        t16[64] = lm_step_ms(ref, decode_inputs(ref, 64, 512, dev), graph=True)
         for pf in (False, True):
 
             def choose64(m: int, n: int, k: int, sm_count: int, pf: bool = pf) -> K.LaunchConfig:
                 cfg = default(m, n, k, sm_count)
                 return dataclasses.replace(cfg, prefetch=pf) if cfg.kind == "gemm" else cfg
 
-            K.choose_config = choose64
-            try:
-                t4 = lm_step_ms(q, decode_inputs(q, 64, 512, dev), graph=True)
-            finally:
-                K.choose_config = default
-            row(
-                f"LM decode step, batch 64, lm_head int4 (GEMM defaults{', prefetch' if pf else ''}): int4 / bf16 ms",
-                f"{t4:.2f} / {t16_64:.2f} = {t4 / t16_64:.2f}x",
-            )
+            step(f"GEMM defaults{', prefetch' if pf else ''}", choose64, batch=64)
         # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
         # meets the permuted order).
         for module in q.modules():
