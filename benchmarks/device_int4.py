@@ -456,10 +456,11 @@ def full_lm(dev: torch.device) -> None:
     )
 
 
-def decode_variants(dev: torch.device) -> None:
-    """The whole 40-layer batch-1 decode step (weights cold in L2, as in serving) under several
-    GEMV launch rules, against bf16: what the per-shape sweep, whose small weights stay in L2,
-    cannot show."""
+def decode_variants(dev: torch.device, quick: bool = False) -> None:
+    """The whole 40-layer decode step (weights cold in L2, as in serving) under several launch
+    rules, against bf16: what the per-shape sweep, whose small weights stay in L2, cannot show.
+    Most telling first (the defaults with and without `prefetch`, batch 1 and 64); `quick` stops
+    after those and two `gemv_pairs` launches."""
     cfg = full_config()
     ref = build_model(cfg, torch.bfloat16, dev)
     random_init(ref, seed=0, branch_scale=0.2)
@@ -469,6 +470,7 @@ def decode_variants(dev: torch.device) -> None:
     q = build_quantized_model(cfg, torch.bfloat16, dev, names, 128)
     quantize_into(ref, q)
     default = K.choose_config
+    t16: dict[int, float] = {}
 
     def rule(kind: str, bn: int, warps: int, ahead: int, waves: int, prefetch: bool):
         """One-row products take `kind` with these tiles; more rows keep the defaults."""
@@ -481,7 +483,18 @@ def decode_variants(dev: torch.device) -> None:
 
         return choose
 
+    def changed(kind: str, **fields):
+        """The defaults, with `fields` replaced in the launches of `kind`."""
+
+        def choose(m: int, n: int, k: int, sm_count: int) -> K.LaunchConfig:
+            cfg = default(m, n, k, sm_count)
+            return dataclasses.replace(cfg, **fields) if cfg.kind == kind else cfg
+
+        return choose
+
     def step(label: str, choose, batch: int = 1) -> None:
+        if batch not in t16:
+            t16[batch] = lm_step_ms(ref, decode_inputs(ref, batch, 512, dev), graph=True)
         K.choose_config = choose
         try:
             t4 = lm_step_ms(q, decode_inputs(q, batch, 512, dev), graph=True)
@@ -497,7 +510,6 @@ def decode_variants(dev: torch.device) -> None:
         (128, 2, 2, 4, False),
         (64, 2, 2, 4, False),
         (32, 1, 2, 4, False),
-        (128, 2, 1, 4, True),
         (128, 2, 2, 4, True),
         (64, 2, 2, 4, True),
         (64, 1, 2, 4, True),
@@ -507,38 +519,32 @@ def decode_variants(dev: torch.device) -> None:
         (64, 2, 2, 8, True),
     )
     pairs = (
-        (128, 2, 1, 4, False),
-        (64, 2, 2, 4, False),
         (128, 2, 1, 4, True),
         (128, 2, 2, 4, True),
+        (128, 2, 1, 4, False),
+        (64, 2, 2, 4, False),
         (64, 2, 2, 4, True),
         (128, 4, 2, 4, True),
         (64, 1, 2, 4, True),
         (128, 2, 2, 8, True),
     )
     with torch.inference_mode():
-        t16 = {1: lm_step_ms(ref, decode_inputs(ref, 1, 512, dev), graph=True)}
         step("defaults", default)
-        for bn, warps, ahead, waves, pf in gemv:
+        step("defaults, prefetch", changed("gemv", prefetch=True))
+        step("defaults, prefetch, 2 ahead", changed("gemv", prefetch=True, ahead=2))
+        step("GEMM defaults", default, batch=64)
+        step("GEMM defaults, prefetch", changed("gemm", prefetch=True), batch=64)
+        for bn, warps, ahead, waves, pf in () if quick else gemv:
             step(
                 f"BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves{', prefetch' if pf else ''}",
                 rule("gemv", bn, warps, ahead, waves, pf),
             )
-        # Batch 64 (the GEMM), with and without the scales and zero points a chunk ahead.
-        t16[64] = lm_step_ms(ref, decode_inputs(ref, 64, 512, dev), graph=True)
-        for pf in (False, True):
-
-            def choose64(m: int, n: int, k: int, sm_count: int, pf: bool = pf) -> K.LaunchConfig:
-                cfg = default(m, n, k, sm_count)
-                return dataclasses.replace(cfg, prefetch=pf) if cfg.kind == "gemm" else cfg
-
-            step(f"GEMM defaults{', prefetch' if pf else ''}", choose64, batch=64)
         # The same step on pair-permuted words (a batch-1 step only runs the GEMV, so nothing else
         # meets the permuted order).
         for module in q.modules():
             if isinstance(module, Int4Linear):
                 module.qweight.copy_(K.permute_for_pairs(module.qweight))
-        for bn, warps, ahead, waves, pf in pairs:
+        for bn, warps, ahead, waves, pf in pairs[:2] if quick else pairs:
             label = f"gemv_pairs, BLOCK_N {bn}, {warps} warps, {ahead} ahead, {waves} waves"
             step(label + (", prefetch" if pf else ""), rule("gemv_pairs", bn, warps, ahead, waves, pf))
 
@@ -685,10 +691,9 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also serve bf16 and int4 through the engine")
     ap.add_argument("--engine-only", action="store_true", help="only the engine comparison")
     ap.add_argument(
-        "--decode-variants",
-        action="store_true",
-        help="only the batch-1 LM step under several GEMV launch rules",
+        "--decode-variants", action="store_true", help="only the LM decode step under several launch rules"
     )
+    ap.add_argument("--quick", action="store_true", help="--decode-variants, the most telling few only")
     ap.add_argument(
         "--lm-only", action="store_true", help="kernel checks and the full-size LM, no per-shape table"
     )
@@ -712,8 +717,8 @@ def main() -> None:
         sections.append(engine_int4)
     if args.engine_only:
         sections = [engine_int4]
-    if args.decode_variants:
-        sections = [decode_variants]
+    if args.decode_variants or args.quick:
+        sections = [lambda d: decode_variants(d, quick=args.quick)]
     for section in sections:
         try:
             section(dev)
