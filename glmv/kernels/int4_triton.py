@@ -721,6 +721,7 @@ def dequantize_triton(
         GROUP=group_size,
         BLOCK_N=block_n,
         num_warps=4,
+        enable_fp_fusion=True,
     )
     return out.t()
 
@@ -799,6 +800,7 @@ def int4_matmul_triton(
         FAST=fast,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        enable_fp_fusion=True,  # the "one FMA per weight" above; not left to Triton's default
     )
     if cfg.kind == "gemv_pairs":  # words from `permute_for_pairs`
         if x.dtype not in (torch.bfloat16, torch.float16) or k % CHUNK_K or group_size % CHUNK_K:
@@ -832,6 +834,7 @@ def int4_matmul_triton(
             HAS_BIAS=bias is not None,
             BLOCK=block,
             num_warps=4,
+            enable_fp_fusion=True,
         )
     return out
 

@@ -155,7 +155,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
         BLOCK_SIZE=block_size, TILE=block_size * blocks_per_tile, NUM_SPLITS=num_splits,
         BLOCKS_PER_TILE=blocks_per_tile, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     out = torch.empty_like(q)
     _decode_merge_kernel[(batch, heads)](
@@ -164,5 +164,6 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=dim,
+        enable_fp_fusion=True,
     )  # fmt: skip
     return out

@@ -42,6 +42,7 @@ def rms_norm(
     _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, res, out, x2.stride(0), res.stride(0), out.stride(0), n, eps,
         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 2048 else 4,
+        enable_fp_fusion=True,
     )  # fmt: skip
     return out.view(shape)
 
@@ -64,7 +65,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, inner, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(n, triton.cdiv(inner, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block
+        gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, enable_fp_fusion=True
     )
     return out
 
@@ -97,5 +98,7 @@ def mrope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     n, heads, _ = x.shape
     rot = cos.shape[-1]
     if n:
-        _mrope_kernel[(n, heads)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=rot // 2)
+        _mrope_kernel[(n, heads)](
+            x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=rot // 2, enable_fp_fusion=True
+        )
     return x
