@@ -178,13 +178,18 @@ def _load_chunk_k(qw_ptr, offs_n, c, K, stride_qn, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
-    """Scale and zero point (float32, `[BLOCK_N]`) of the group holding chunk `c` (groups of whole
-    chunks)."""
+def _scale_zero_raw(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
+    """Scale and zero point (`[BLOCK_N]`, as stored: float16, uint8) of the group holding chunk `c`
+    (groups of whole chunks)."""
     g = (c * 128) // GROUP
-    s = tl.load(s_ptr + g * N + offs_nc).to(tl.float32)
-    z = tl.load(z_ptr + g * N + offs_nc).to(tl.float32)
-    return s, z
+    return tl.load(s_ptr + g * N + offs_nc), tl.load(z_ptr + g * N + offs_nc)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
+    """`_scale_zero_raw` as float32."""
+    s, z = _scale_zero_raw(s_ptr, z_ptr, c, N, offs_nc, GROUP)
+    return s.to(tl.float32), z.to(tl.float32)
 
 
 @triton.jit
@@ -286,10 +291,21 @@ def _plain_terms(w, x, mant_mask, one_bits):
 
 
 @triton.jit
-def _scale_zero_raw(s_ptr, z_ptr, c, N, offs_nc, GROUP: tl.constexpr):
-    """`_scale_zero` as stored (float16, uint8), to be converted where it is used."""
-    g = (c * 128) // GROUP
-    return tl.load(s_ptr + g * N + offs_nc), tl.load(z_ptr + g * N + offs_nc)
+def _fetch_step(
+    qw_ptr, s_ptr, z_ptr, x_row, offs_nc, c, last, N, K, stride_qn,
+    GROUP: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr,
+):  # fmt: skip
+    """PREFETCH: what step `c` of the GEMV reads, as loaded (converted where it is used, so that
+    issuing the loads waits for nothing): its words, scale and zero point, and its activations
+    (PAIRS reads those in the step itself: `_pairs_step`)."""
+    cc = tl.minimum(c, last)  # the last split may run past K: x is zero there
+    w = _load_chunk_k(qw_ptr, offs_nc, cc, K, stride_qn, EVEN_K)
+    s, z = _scale_zero_raw(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
+    if PAIRS:
+        x = 0.0
+    else:
+        x = _load_x_raw(x_row, c, K)
+    return w, s, z, x
 
 
 @triton.jit
@@ -350,38 +366,31 @@ def _int4_gemv_kernel(
     c0 = pid_s * chunks_per_split
     last = chunks - 1
     if PREFETCH:  # GROUP % 128 == 0
-        nw = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, last), K, stride_qn, EVEN_K)
-        ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c0, last), N, offs_nc, GROUP)
-        nx = _load_x_raw(x_row, c0, K)  # PAIRS: x is read in the step itself (_pairs_step)
+        nxt = _fetch_step(
+            qw_ptr, s_ptr, z_ptr, x_row, offs_nc, c0, last, N, K, stride_qn, GROUP, EVEN_K, PAIRS
+        )
         if AHEAD == 2:
-            nw2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0 + 1, last), K, stride_qn, EVEN_K)
-            ns2, nz2 = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c0 + 1, last), N, offs_nc, GROUP)
-            nx2 = _load_x_raw(x_row, c0 + 1, K)
+            nxt2 = _fetch_step(
+                qw_ptr, s_ptr, z_ptr, x_row, offs_nc, c0 + 1, last, N, K, stride_qn, GROUP, EVEN_K, PAIRS
+            )
         for it in range(0, chunks_per_split):
             c = c0 + it
-            w = nw
-            s = ns
-            z = nz
-            x = nx
+            w, s, z, x = nxt
             if AHEAD == 2:
-                nw = nw2
-                ns = ns2
-                nz = nz2
-                nx = nx2
-                nw2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, last), K, stride_qn, EVEN_K)
-                ns2, nz2 = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c + 2, last), N, offs_nc, GROUP)
-                nx2 = _load_x_raw(x_row, c + 2, K)
+                nxt = nxt2
+                nxt2 = _fetch_step(
+                    qw_ptr, s_ptr, z_ptr, x_row, offs_nc, c + 2, last, N, K, stride_qn, GROUP, EVEN_K, PAIRS
+                )
             else:
-                nw = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, last), K, stride_qn, EVEN_K)
-                ns, nz = _scale_zero_raw(s_ptr, z_ptr, tl.minimum(c + 1, last), N, offs_nc, GROUP)
-                nx = _load_x_raw(x_row, c + 1, K)
+                nxt = _fetch_step(
+                    qw_ptr, s_ptr, z_ptr, x_row, offs_nc, c + 1, last, N, K, stride_qn, GROUP, EVEN_K, PAIRS
+                )
             if PAIRS:
                 t, xs = _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N, BF16)
+            elif FAST:
+                t, xs = _fast_terms(w, x.to(tl.float32), mant_mask, one_bits)
             else:
-                if FAST:
-                    t, xs = _fast_terms(w, x.to(tl.float32), mant_mask, one_bits)
-                else:
-                    t, xs = _plain_terms(w, x.to(tl.float32), mant_mask, one_bits)
+                t, xs = _plain_terms(w, x.to(tl.float32), mant_mask, one_bits)
             acc += s.to(tl.float32) * (t - z.to(tl.float32) * xs)
     else:
         w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c0, last), K, stride_qn, EVEN_K)
@@ -396,16 +405,13 @@ def _int4_gemv_kernel(
                 w_next2 = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 2, last), K, stride_qn, EVEN_K)
             else:
                 w_next = _load_chunk_k(qw_ptr, offs_nc, tl.minimum(c + 1, last), K, stride_qn, EVEN_K)
-            if PAIRS:
-                t, xs = _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N, BF16)
-                s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
-                acc += s * (t - z * xs)
-            elif FAST:  # GROUP % 128 == 0
-                t, xs = _fast_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
-                s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
-                acc += s * (t - z * xs)
-            elif GROUP % 128 == 0:
-                t, xs = _plain_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
+            if GROUP % 128 == 0:
+                if PAIRS:
+                    t, xs = _pairs_step(w, x_row, c, chunks, mant_mask, one_bits, BLOCK_N, BF16)
+                elif FAST:
+                    t, xs = _fast_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
+                else:
+                    t, xs = _plain_terms(w, _load_x_chunk(x_row, c, K), mant_mask, one_bits)
                 s, z = _scale_zero(s_ptr, z_ptr, cc, N, offs_nc, GROUP)
                 acc += s * (t - z * xs)
             else:

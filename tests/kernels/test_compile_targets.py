@@ -108,8 +108,7 @@ def _packed(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, tor
 def _int4_launches() -> None:
     from glmv.kernels import int4_triton as T
 
-    for arch, sms in SM_COUNT.items():
-        del arch
+    for sms in SM_COUNT.values():
         for n, k in [*SHAPES.values(), LM_HEAD]:
             qw, z, s = _packed(n, k, 128)
             for m in (1, 16, 17, 64, 127):
