@@ -82,6 +82,7 @@ class AsyncEngine:
         self._stopping = False
         self.dead: BaseException | None = None
         self._stats = engine.stats()
+        self.info = engine.info()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -108,6 +109,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def core_stats(self) -> list[EngineStats]:
+        return [self._stats]
+
+    def validate(self, request: EngineRequest) -> None:
+        self.engine.validate(request)
+
     # --- requests -------------------------------------------------------------------------------
 
     def check_admission(self) -> None:
@@ -125,7 +132,7 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the request finishes; closing the iterator aborts it."""
         self.check_admission()
-        self.engine.validate(request)
+        self.validate(request)
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[RequestOutput | GlmvError] = asyncio.Queue()
         with self._lock:

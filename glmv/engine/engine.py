@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, Gl
 from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
 from glmv.processing.detok import IncrementalDetokenizer, StopStringMatcher
+
+if TYPE_CHECKING:
+    from glmv.engine.client import EngineInfo
 
 
 @dataclass(slots=True)
@@ -116,9 +119,9 @@ class LLMEngine:
             model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
         )
         if tokenizer is None:
-            from glmv.engine.inputs import load_processors
+            from glmv.processing.loader import load_tokenizer
 
-            tokenizer = load_processors(config.model)[0]
+            tokenizer = load_tokenizer(config.model)
         self.tokenizer = tokenizer
         m = self.model
         self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
@@ -268,6 +271,23 @@ class LLMEngine:
         side = int((cfg.max_pixels / cfg.temporal_patch_size) ** 0.5)
         h, w = smart_resize(side, side, cfg.factor, cfg.min_pixels, cfg.max_pixels)
         return (1, h // cfg.patch_size, w // cfg.patch_size)
+
+    def info(self) -> EngineInfo:
+        from glmv.engine.client import EngineInfo
+
+        m = self.model
+        return EngineInfo(
+            model_dir=str(self.config.model),
+            model_type=str(getattr(m.config, "model_type", "")),
+            device=m.device.type,
+            max_model_len=self.max_model_len,
+            vocab_size=m.vocab_size,
+            image_token_id=m.image_token_id,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            num_blocks=self.block_manager.num_blocks,
+            block_size=self.config.block_size,
+            memory=self.memory.describe() if self.memory is not None else None,
+        )
 
     @property
     def preprocess_key(self) -> str:

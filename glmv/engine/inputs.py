@@ -8,7 +8,7 @@ sit together with its content hash (the key of the prefix and embedding caches).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,9 @@ from PIL import Image
 
 from glmv.engine.request import EngineRequest, ImageInput
 from glmv.engine.sampling import SamplingParams
-from glmv.models.registry import model_type_of
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor
-from glmv.processing.tokenizer import Tokenizer
+from glmv.processing.loader import checkpoint_model_type, load_image_processor, load_tokenizer
 
 
 class InputBuilder:
@@ -85,32 +84,15 @@ class InputBuilder:
         return EngineRequest(request_id, prompt.token_ids, params, inputs, prompt_text=prompt.text)
 
 
-# Per architecture (`config.json` model_type): checkpoint dir -> (tokenizer, input builder).
-ProcessorFactory = Callable[[Path], tuple[Any, InputBuilder]]
-
-
-def _glm4v_processors(path: Path) -> tuple[Any, InputBuilder]:
-    tokenizer = Tokenizer.from_pretrained(path)
-    return tokenizer, InputBuilder(ChatProcessor(tokenizer), ImageProcessor.from_pretrained(path))
-
-
-def _chatglm_processors(path: Path) -> tuple[Any, InputBuilder]:
-    """GLM-4v-9b: tiktoken-format tokenizer, rule-based prompt, fixed-size square images."""
-    from glmv.processing.chatglm_prompt import ChatGLMPromptBuilder
-    from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
-    from glmv.processing.image_9b import ImageProcessor9b
-
-    tokenizer = ChatGLMTokenizer.from_pretrained(path)
-    builder = InputBuilder(ChatGLMPromptBuilder(tokenizer), ImageProcessor9b.from_pretrained(path))  # type: ignore[arg-type]
-    return tokenizer, builder
-
-
-PROCESSORS: dict[str, ProcessorFactory] = {"glm4v": _glm4v_processors, "chatglm": _chatglm_processors}
-
-
 def load_processors(path: str | Path) -> tuple[Any, InputBuilder]:
     """The tokenizer and input builder for a checkpoint directory, by its model_type."""
     path = Path(path)
-    kind = model_type_of(path)
-    factory = PROCESSORS.get(kind, _glm4v_processors)
-    return factory(path)
+    tokenizer = load_tokenizer(path)
+    if checkpoint_model_type(path) == "chatglm":
+        # GLM-4v-9b: tiktoken-format tokenizer, rule-based prompt, fixed-size square images.
+        from glmv.processing.chatglm_prompt import ChatGLMPromptBuilder
+
+        chat: Any = ChatGLMPromptBuilder(tokenizer)
+    else:
+        chat = ChatProcessor(tokenizer)
+    return tokenizer, InputBuilder(chat, load_image_processor(path))

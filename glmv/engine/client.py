@@ -1,0 +1,79 @@
+"""The one way the API process reaches an engine: the `EngineClient` surface and `start_engine`.
+
+Everything above the engine (the service in `glmv.tasks`, hence the server, the offline `LLM`
+and `glmv extract`) holds an `EngineClient` and nothing else of the engine: it submits
+`EngineRequest`s and iterates `RequestOutput`s. Whether the engine core runs in this process (a
+thread, for tests and debugging) or in its own process(es) is a choice of `start_engine`.
+`EngineInfo` is what the front end may know about the served model without touching it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from glmv.engine.engine import EngineConfig, EngineStats
+from glmv.engine.request import EngineRequest, RequestOutput
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Facts about the served model and the core's capacity, fixed once the core has started."""
+
+    model_dir: str
+    model_type: str
+    device: str  # "cpu" / "cuda"
+    max_model_len: int
+    vocab_size: int
+    image_token_id: int
+    eos_token_ids: tuple[int, ...]
+    num_blocks: int
+    block_size: int
+    memory: str | None = None  # the core's memory report (GPU), one line
+
+
+class EngineClient(Protocol):
+    """What the front end may call. Implemented by the in-process `AsyncEngine` and the
+    multi-process client; both pass the same tests."""
+
+    info: EngineInfo
+    max_pending: int  # admitted-but-unfinished requests beyond which `check_admission` answers 503
+    dead: BaseException | None  # set when the engine (or a core) died
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def num_pending(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+    def check_admission(self) -> None:
+        """Raise `OverloadedError` when the engine cannot take a request now (cheap)."""
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise a client error for a request that can never run (cheap, no side effects)."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Incremental outputs until the request finishes; closing the iterator aborts it."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats:
+        """The engine's counters, summed over its cores."""
+
+    def core_stats(self) -> list[EngineStats]:
+        """Per core (one entry in-process)."""
+
+
+def start_engine(config: EngineConfig) -> EngineClient:
+    """Load the model of `config` and start its engine; the caller owns (and shuts down) the client."""
+    from glmv.engine.async_engine import AsyncEngine
+    from glmv.engine.engine import LLMEngine
+
+    engine = AsyncEngine(LLMEngine(config))
+    engine.start()
+    return engine
