@@ -116,19 +116,12 @@ def tiny_gpu_vs_cpu(tmp: Path) -> None:
     row("tiny checkpoint greedy tokens, CUDA (graphs + Triton) == CPU reference", str(same))
 
 
-_PROCESSOR = None
 
 
 def image_request(
     rid: str, seed: int, text_tokens: int, max_tokens: int, image_id: int, follow_up: bool = False
 ) -> EngineRequest:
     """A prompt with one 1120x1120 image as the server builds it: uint8 pixels, normalised on the GPU."""
-    global _PROCESSOR
-    from glmv.processing.image import ImageProcessor
-
-    if _PROCESSOR is None:
-        _PROCESSOR = ImageProcessor()
-    proc = _PROCESSOR
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (1120, 1120, 3), generator=gen, dtype=torch.uint8).numpy()
     prefix = [3, 4, 5, 6]  # stand-ins for [gMASK]<sop><|user|>\n (token values do not change speed)
@@ -149,7 +142,7 @@ def image_request(
         content_hash=f"img{seed}",
         grid_thw=(1, 80, 80),
         pixel_values=None,
-        pixels_fn=lambda device, dtype: proc.to_patches(pixels, device=device, dtype=dtype),
+        pixels=pixels,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     return EngineRequest(rid, ids, params, [image])

@@ -97,7 +97,6 @@ def speed(ckpt: Path, quick: bool) -> None:
     engine = LLMEngine(
         EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=32 if quick else 64), tokenizer=tokenizer
     )
-    engine.runner.preprocess_key = builder.image_processor.config.cache_key()
     row("engine start-up (random init + profile + graph capture)", f"{time.perf_counter() - t0:.1f} s")
     if engine.memory is not None:
         row("memory", engine.memory.describe())

@@ -109,7 +109,6 @@ def main() -> None:
         EngineConfig(model=str(model), dtype=args.dtype, max_num_seqs=max(args.batches), max_model_len=4096),
         tokenizer=tokenizer,
     )
-    engine.runner.preprocess_key = builder.image_processor.config.cache_key()
     fill = _Timed(runner_module.fill_masks)
     apply = _Timed(runner_module.apply_masks)
     advance = _Timed(structured_module.GrammarState.advance)

@@ -106,6 +106,16 @@ class _RequestState:
     pending: dict[int, CompletionDelta] = field(default_factory=dict)
 
 
+def _image_processor(model_dir: str) -> Any:
+    """The checkpoint's image processor, or None for a model directory without one (text-only tests)."""
+    from glmv.processing.loader import load_image_processor
+
+    try:
+        return load_image_processor(model_dir)
+    except GlmvError:
+        return None
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -144,6 +154,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             block_size=config.block_size,
             encoder_cache=self.encoder_cache,
+            image_processor=_image_processor(config.model),
         )
         vocab = getattr(self.tokenizer, "vocab_size", None)
         self.runner.vocab_limit = int(vocab) if isinstance(vocab, int) and vocab > 0 else None

@@ -39,16 +39,12 @@ class InputBuilder:
     def preprocess(self, images: Sequence[Image.Image]) -> list[Any]:
         return [self.preprocess_one(im) for im in images]
 
-    def _pixels(self, image: Any) -> tuple[Any, Any]:
+    @staticmethod
+    def _pixels(image: Any) -> tuple[Any, Any]:
+        """(float rows, None) from processors that make rows on the CPU, else (None, uint8 pixels)."""
         if getattr(image, "pixel_values", None) is not None:
             return image.pixel_values, None
-        proc = self.image_processor
-        pixels = image.pixels
-
-        def build(device: Any, dtype: Any) -> Any:
-            return proc.to_patches(pixels, device=device, dtype=dtype)
-
-        return None, build
+        return None, image.pixels
 
     def build(
         self,
@@ -70,7 +66,7 @@ class InputBuilder:
         )
         inputs = []
         for span, im in zip(prompt.image_spans, images, strict=True):
-            values, build = self._pixels(im)
+            values, pixels = self._pixels(im)
             inputs.append(
                 ImageInput(
                     offset=span.offset,
@@ -78,7 +74,7 @@ class InputBuilder:
                     content_hash=span.content_hash,
                     grid_thw=im.grid_thw,
                     pixel_values=values,
-                    pixels_fn=build,
+                    pixels=pixels,
                 )
             )
         return EngineRequest(request_id, prompt.token_ids, params, inputs, prompt_text=prompt.text)

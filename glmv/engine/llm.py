@@ -56,7 +56,9 @@ def _load_image(value: Any) -> Image.Image:
             from glmv.processing.media import ImageLimits, decode_data_url, load_image
 
             limits = ImageLimits()
-            return load_image(decode_data_url(text, param="image", limits=limits), param="image", limits=limits)
+            return load_image(
+                decode_data_url(text, param="image", limits=limits), param="image", limits=limits
+            )
         with Image.open(text) as im:
             im.load()
             return im.copy()
@@ -92,7 +94,6 @@ class LLM:
     def __init__(self, model: str | Path, **engine_kwargs: Any) -> None:
         tokenizer, self.inputs = load_processors(model)  # the checkpoint's own architecture
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs), tokenizer=tokenizer)
-        self.engine.runner.preprocess_key = self.inputs.image_processor.config.cache_key()
         self._ids = itertools.count()
 
     def chat(
@@ -115,7 +116,11 @@ class LLM:
             rid = f"offline-{next(self._ids)}"
             messages, images = split_images(conv)
             request = self.inputs.build(
-                rid, messages, self.inputs.preprocess(images), params, chat_template_kwargs=chat_template_kwargs
+                rid,
+                messages,
+                self.inputs.preprocess(images),
+                params,
+                chat_template_kwargs=chat_template_kwargs,
             )
             self.engine.add_request(request)
             results[rid] = ChatResult(

@@ -8,9 +8,9 @@ token ids of each choice, logprobs, finish reasons and usage.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from glmv.engine.sampling import SamplingParams
@@ -25,9 +25,10 @@ class ImageInput:
     length: int  # number of placeholder tokens (= merged patches)
     content_hash: str  # identity of the pixels + preprocessing settings (cache key)
     grid_thw: tuple[int, int, int]  # patch grid before the 2×2 merge
-    pixel_values: torch.Tensor | None  # [t*h*w, patch_dim]; may be None once cached embeddings exist
-    # Or built on demand on the device (uint8 pixels travel, normalisation runs there): (device, dtype) -> rows.
-    pixels_fn: Callable[[torch.device, torch.dtype], torch.Tensor] | None = None
+    pixel_values: torch.Tensor | None  # [t*h*w, patch_dim] rows, for processors that make them on the CPU
+    # Or the resized uint8 (H, W, 3) pixels: the engine normalises and patchifies them on its
+    # device with the checkpoint's image processor (4x fewer bytes travel than float32 rows).
+    pixels: np.ndarray | None = None
 
 
 @dataclass(slots=True)

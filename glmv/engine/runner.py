@@ -69,13 +69,16 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         encoder_cache: EncoderCache,
-        preprocess_key: str = "",
+        image_processor: Any = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.encoder_cache = encoder_cache
-        self.preprocess_key = preprocess_key
+        # The checkpoint's image processor: makes patch rows from uint8 pixels on this device, and
+        # its settings are part of every embedding's cache key.
+        self.image_processor = image_processor
+        self.preprocess_key = image_processor.config.cache_key() if image_processor is not None else ""
         # One extra block at the end: the scratch slot that padded rows of a CUDA-graph batch write to.
         shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
@@ -178,8 +181,10 @@ class ModelRunner:
         for _, image in items:
             if image.pixel_values is not None:
                 parts.append(image.pixel_values.to(self.device, non_blocking=True))
-            elif image.pixels_fn is not None:
-                parts.append(image.pixels_fn(self.device, self.model.dtype))
+            elif image.pixels is not None and self.image_processor is not None:
+                parts.append(
+                    self.image_processor.to_patches(image.pixels, device=self.device, dtype=self.model.dtype)
+                )
             else:
                 raise ValueError("image pixels are no longer available and its embeddings were evicted")
         pixels = parts[0] if len(parts) == 1 else torch.cat(parts)

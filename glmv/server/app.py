@@ -186,7 +186,6 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
             )
         else:
             log.warning("--chat-template is ignored: this model's prompt format is built in")
-    core.runner.preprocess_key = builder.image_processor.config.cache_key()
     names = list(settings.served_model_name) or [Path(model_dir).name or "glmv"]
     metrics = ServerMetrics(engine.stats, names[0])
     state = ServerState(

@@ -24,7 +24,6 @@ _ids = itertools.count()
 def make_engine(path: Path, **kw: Any) -> tuple[LLMEngine, InputBuilder]:
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", **kw))
     builder = InputBuilder(ChatProcessor(engine.tokenizer), ImageProcessor.from_pretrained(path))
-    engine.runner.preprocess_key = builder.image_processor.config.cache_key()
     return engine, builder
 
 
@@ -279,9 +278,8 @@ def test_bad_request_fails_alone(tiny41_dir: Path) -> None:
         SamplingParams(max_tokens=5, **GREEDY),
     )
     rows = bad.images[0].grid_thw[1] * bad.images[0].grid_thw[2]
-    bad.images[0].pixels_fn = lambda device, dtype: torch.full(
-        (rows, 1176), float("nan"), dtype=dtype, device=device
-    )
+    bad.images[0].pixels = None
+    bad.images[0].pixel_values = torch.full((rows, 1176), float("nan"))
     bad.images[0].content_hash = "poisoned"
     res = run(engine, [good, bad])
     assert res[good.request_id]["finish"][0] == "length" and len(res[good.request_id]["tokens"][0]) == 5
