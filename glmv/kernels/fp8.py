@@ -2,10 +2,13 @@
 
 `fp8_linear(x, weight, weight_scale, bias)` computes `x @ (weight * weight_scale[:, None]).T + b`.
 
-* On a CUDA device with FP8 tensor cores (compute capability 8.9: Ada, 9.0: Hopper) the
-  activations are quantized per row to e4m3 on the fly and the product runs in cuBLASLt through
-  `torch._scaled_mm` with row-wise scales on both sides, accumulating in float32 and writing the
-  activation dtype. The weight bytes read per step are half of bf16's.
+* On a CUDA device with FP8 tensor cores (compute capability 8.9: Ada, 9.0: Hopper):
+  decode-sized batches (up to 64 rows) run a Triton kernel that widens the e4m3 weight tile in
+  registers (only the weight's bytes stream, half of bf16's; activations are not rounded);
+  larger batches quantize the activations per row to e4m3 in one Triton launch and multiply in
+  cuBLASLt through `torch._scaled_mm` with row-wise scales on both sides (FP8 tensor-core
+  throughput). Measured on an H200: cuBLASLt's FP8 GEMM with unfused activation rounding was
+  1.1-4x slower than bf16 below 64 rows (benchmarks/RESULTS.md).
 * Elsewhere (the CPU, and the reference the tests compare to) the weight is dequantized to the
   activation dtype and multiplied with a plain `F.linear`.
 """
@@ -54,7 +57,11 @@ def fp8_linear(
     """`x` [M, K] (bf16/fp16/fp32), `weight` [N, K] e4m3, `weight_scale` [N] float32 -> [M, N]."""
     if not supports_fp8(x.device):
         return fp8_linear_reference(x, weight, weight_scale, bias)
-    x_codes, x_scale = quantize_rows(x)  # pragma: no cover - CUDA
+    from glmv.kernels.fp8_triton import SMALL_M, fp8_weight_matmul, quantize_rows_fp8  # pragma: no cover
+
+    if x.shape[0] <= SMALL_M:  # pragma: no cover - CUDA
+        return fp8_weight_matmul(x, weight, weight_scale, bias)
+    x_codes, x_scale = quantize_rows_fp8(x)  # pragma: no cover - CUDA
     # Row-wise scales want a bf16 result; the bias is added after (cuBLASLt's epilogue would
     # take it in bf16 only).
     out = torch._scaled_mm(  # pragma: no cover - CUDA
