@@ -181,9 +181,7 @@ class BodyReadMiddleware:
         except _BodyTimedOut:
             await _send_error(
                 send,
-                RequestReadTimeoutError(
-                    f"The request body did not arrive within {self.body_timeout:g} s."
-                ),
+                RequestReadTimeoutError(f"The request body did not arrive within {self.body_timeout:g} s."),
                 close=True,
             )
             return
