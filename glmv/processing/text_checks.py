@@ -20,6 +20,7 @@ enough for the event loop) and `check` (proof, then the bounded count; for a wor
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 from glmv.errors import ContextLengthExceededError
 
 __all__ = [
+    "BodyScreen",
     "PromptLimit",
     "TokenBound",
     "count_tokens_upto",
@@ -93,6 +95,51 @@ def invalid_text_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+class BodyScreen:
+    """`first_invalid_text` fed chunk by chunk as a body arrives, so that no single step scans the
+    whole body: UTF-8 is validated incrementally and surrogate escapes are looked for in each
+    chunk (with the end of the previous one); only a body holding one is parsed, at `finish`."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._bad_encoding = False
+        self._escape_seen = False
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self._bad_encoding:
+            try:
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self._bad_encoding = True
+        if not self._escape_seen:
+            window = self._tail + chunk
+            self._escape_seen = _SURROGATE_ESCAPE.search(window) is not None
+            self._tail = window[-3:]  # an escape is four bytes: three may end the previous chunk
+
+    def finish(self, chunks: Sequence[bytes]) -> tuple[str, str | None] | None:
+        """The verdict on the body made of `chunks` (those fed): as `first_invalid_text`."""
+        if not self._bad_encoding:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self._bad_encoding = True
+        if self._bad_encoding:
+            return ("encoding", None)
+        if not self._escape_seen:
+            return None
+        return _surrogate_path(b"".join(chunks))
+
+
+def _surrogate_path(body: bytes) -> tuple[str, str | None] | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    where = invalid_text_path(parsed)
+    return None if where is None else ("surrogate", where)
+
+
 def first_invalid_text(body: bytes) -> tuple[str, str | None] | None:
     """Screen a raw JSON request body: None when its text is valid, else (reason, param).
 
@@ -105,12 +152,7 @@ def first_invalid_text(body: bytes) -> tuple[str, str | None] | None:
         return ("encoding", None)
     if _SURROGATE_ESCAPE.search(body) is None:
         return None
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    where = invalid_text_path(parsed)
-    return None if where is None else ("surrogate", where)
+    return _surrogate_path(body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,12 @@ half a body holds its socket forever. Two pieces close those gaps:
   **connection cap** (a connection beyond `max_connections` gets a 503 and is closed at once).
 * `BodyReadMiddleware`: reads the body of every request that has one before the app sees it,
   within `body_timeout` seconds of the headers (else 408 and the connection closes), and hands the
-  bytes to `glmv.processing.text_checks.first_invalid_text`, so that a body that is not UTF-8, or
+  bytes to `glmv.processing.text_checks.BodyScreen`, so that a body that is not UTF-8, or
   whose JSON holds a lone surrogate in any field, is a 400 naming the field before any route,
   model-name lookup or tokenizer sees it.
+
+The screen runs chunk by chunk as the body arrives (`BodyScreen`), so a 30 MB body is never
+scanned in one step that would stall the requests beside it.
 
 `HttpLimits` carries the four settings (`--header-timeout`, `--body-timeout`,
 `--keep-alive-timeout`, `--max-connections`).
@@ -30,7 +33,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmv.errors import GlmvError, InvalidRequestError, OverloadedError, RequestReadTimeoutError
-from glmv.processing.text_checks import first_invalid_text
+from glmv.processing.text_checks import BodyScreen
 
 __all__ = ["BodyReadMiddleware", "HttpLimits", "limited_protocol", "raise_open_file_limit"]
 
@@ -176,8 +179,9 @@ class BodyReadMiddleware:
         if scope["type"] != "http" or scope.get("method") not in _METHODS_WITH_BODY:
             await self.app(scope, receive, send)
             return
+        screen = BodyScreen()
         try:
-            body = await self._read(receive)
+            chunks = await self._read(receive, screen)
         except _BodyTimedOut:
             await _send_error(
                 send,
@@ -185,9 +189,9 @@ class BodyReadMiddleware:
                 close=True,
             )
             return
-        if body is None:  # the client left before its body was complete
+        if chunks is None:  # the client left before its body was complete
             return
-        problem = first_invalid_text(body)
+        problem = screen.finish(chunks)
         if problem is not None:
             reason, param = problem
             if reason == "encoding":
@@ -203,18 +207,20 @@ class BodyReadMiddleware:
                 )
             await _send_error(send, error)
             return
-        replayed = False
+        # Replayed as it came (the app joins the chunks once, as it would have anyway).
+        pending = chunks or [b""]
+        sent = 0
 
         async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            nonlocal sent
+            if sent < len(pending):
+                sent += 1
+                return {"type": "http.request", "body": pending[sent - 1], "more_body": sent < len(pending)}
             return await receive()
 
         await self.app(scope, replay, send)
 
-    async def _read(self, receive: Receive) -> bytes | None:
+    async def _read(self, receive: Receive, screen: BodyScreen) -> list[bytes] | None:
         chunks: list[bytes] = []
         try:
             async with asyncio.timeout(self.body_timeout if self.body_timeout > 0 else None):
@@ -225,11 +231,12 @@ class BodyReadMiddleware:
                     chunk = message.get("body", b"")
                     if chunk:
                         chunks.append(chunk)
+                        screen.feed(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             raise _BodyTimedOut from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return chunks
 
 
 async def _send_error(send: Send, exc: GlmvError, *, close: bool = False) -> None:

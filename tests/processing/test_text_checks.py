@@ -94,3 +94,22 @@ def test_count_tokens_upto_is_close_to_the_whole_count(tiny41_dir: Path) -> None
     whole = len(tokenizer.encode(text))
     counted = count_tokens_upto(tokenizer.encode, [text], 10**9)
     assert whole - 20 <= counted <= whole
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64])
+def test_body_screen_fed_in_chunks_agrees_with_the_whole_body(size: int) -> None:
+    from glmv.processing.text_checks import BodyScreen
+
+    bodies = [
+        b'{"a": "x\\ud800y", "b": "ok"}',
+        b'{"a": "\\ud83d\\ude00", "b": "\xe4\xbd\xa0\xe5\xa5\xbd"}',
+        b'{"a": "caf\xe9"}',
+        b'{"a": "\\\\ud800"}',
+        '{"m": ["你好", "\\udc00"]}'.encode(),
+    ]
+    for body in bodies:
+        screen = BodyScreen()
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        for chunk in chunks:
+            screen.feed(chunk)
+        assert screen.finish(chunks) == first_invalid_text(body), body
