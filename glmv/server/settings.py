@@ -576,7 +576,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not server.started:
         return 1
     print("glmv: stopped", flush=True)
-    return 0
+    # Everything is closed (server, engine thread, logs below): skip the interpreter's teardown of
+    # torch and tokenizers, which takes seconds, so that the process ends when the shutdown
+    # timeout says it does.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 __all__ = ["Settings", "add_serve_arguments", "run_serve"]
