@@ -38,8 +38,10 @@ __all__ = [
     "Document",
     "add_extract_arguments",
     "collect_files",
+    "display_path",
     "load_done",
     "render_document",
+    "resume_key",
     "run_extract",
 ]
 
@@ -65,6 +67,18 @@ class Document:
 # --- inputs and the output file ---------------------------------------------------------------------
 
 
+def display_path(path: str | Path) -> str:
+    """`path` as text that JSON and the terminal can carry: bytes of a file name that are not
+    UTF-8 are written as `\\xNN` escapes (the name as typed is kept otherwise)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def resume_key(path: str | Path) -> str:
+    """What a file is matched on when a run resumes: its absolute, normalised path, so that
+    `imgs/a.png` and `/home/me/imgs/a.png` are the same file."""
+    return display_path(os.path.abspath(path))
+
+
 def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     """The files named, and the images and PDFs inside named folders (recursively, sorted)."""
     out: list[Path] = []
@@ -80,7 +94,7 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             found = [path]
         for p in found:
-            key = str(p)
+            key = resume_key(p)
             if key not in seen:
                 seen.add(key)
                 out.append(p)
@@ -123,7 +137,10 @@ class _Writer:
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        if _text(line) != line:  # text without a UTF-8 form (e.g. from an error message): escape it
+            line = json.dumps(record)
+        self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -134,15 +151,17 @@ class _Writer:
 def render_document(path: Path, *, max_pages: int, dpi: float) -> Document:
     """The pages of `path` as RGB images: an image file, or each page of a PDF rendered at `dpi`."""
     if path.suffix.lower() == PDF_SUFFIX:
-        return Document(str(path), _render_pdf(path, max_pages=max_pages, dpi=dpi))
+        return Document(display_path(path), _render_pdf(path, max_pages=max_pages, dpi=dpi))
     try:
         with Image.open(path) as im:
             im.load()
-            return Document(str(path), [im.convert("RGB")])
+            return Document(display_path(path), [im.convert("RGB")])
     except FileNotFoundError:
-        raise ExtractFileError("not_found", f"{path} does not exist") from None
+        raise ExtractFileError("not_found", f"{display_path(path)} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ExtractFileError("invalid_image", f"{path} is not a readable image: {exc}") from None
+        raise ExtractFileError(
+            "invalid_image", f"{display_path(path)} is not a readable image: {_text(str(exc))}"
+        ) from None
 
 
 def _render_pdf(path: Path, *, max_pages: int, dpi: float) -> list[Image.Image]:
@@ -173,6 +192,15 @@ def _render_pdf(path: Path, *, max_pages: int, dpi: float) -> list[Image.Image]:
         return pages
     finally:
         pdf.close()
+
+
+def _text(value: str) -> str:
+    """`value` with anything that has no UTF-8 form (lone surrogates) escaped."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _error_record(source: str, schema: str, kind: str, message: str) -> dict[str, Any]:
@@ -248,7 +276,7 @@ def _embedded(
     def submit_next() -> bool:
         nonlocal failures, counter
         for path in queue:
-            source = str(path)
+            source = display_path(path)
             try:
                 doc = render_document(path, max_pages=args.max_pages, dpi=args.pdf_dpi)
                 content: list[dict[str, Any]] = [{"type": "image"} for _ in doc.images]
@@ -389,7 +417,7 @@ async def _remote(
 
     async def one(client: httpx.AsyncClient, path: Path, bar: Any) -> None:
         nonlocal failures
-        source = str(path)
+        source = display_path(path)
         async with semaphore:
             start = time.monotonic()
             try:
@@ -484,7 +512,8 @@ def run_extract(args: argparse.Namespace) -> int:
     label, schema = _schema_arg(args.schema)
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
-    todo = [p for p in files if str(p) not in done]
+    done_keys = {resume_key(source) for source in done}
+    todo = [p for p in files if resume_key(p) not in done_keys]
     skipped = len(files) - len(todo)
     if skipped:
         print(f"{skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr)

@@ -185,24 +185,52 @@ class _Run:
         self._closed = False
         timeout = state.settings.request_timeout
         self.deadline = http_arrival + timeout if timeout and timeout > 0 else None
+        # Set when the server stops this run at the end of its shutdown timeout.
+        self.stopped = state.stopping
+        self._waiting: Any = None  # the asyncio.timeout of the await in progress, if any
+        state.runs.add(self)
+
+    def stop(self) -> None:
+        """End this run with a 503 `overloaded` error (the server is going away): the stream sends
+        the error event and `[DONE]`, a waiting non-streaming request answers 503."""
+        self.stopped = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
+
+    def _shutdown_error(self) -> OverloadedError:
+        self.outcome = "error"
+        return OverloadedError(
+            "The server is shutting down and stopped this request before it finished; retry it.",
+            retry_after=5,
+        )
 
     async def next(self) -> RequestOutput | None:
         """The next engine output, None at the end; raises the request's error or a timeout."""
+        if self.stopped:
+            raise self._shutdown_error()
         try:
-            if self.deadline is None:
+            if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token; `stop` can end the wait early
+                remaining = None if self.deadline is None else self.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise asyncio.TimeoutError
+                async with asyncio.timeout(remaining) as waiting:  # type: ignore[attr-defined]
+                    self._waiting = waiting
+                    try:
+                        out = await self.gen.__anext__()
+                    finally:
+                        self._waiting = None
+            elif self.deadline is None:  # pragma: no cover - Python 3.10
                 out = await self.gen.__anext__()
-            else:
+            else:  # pragma: no cover - Python 3.10
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token
-                    async with asyncio.timeout(remaining):  # type: ignore[attr-defined]
-                        out = await self.gen.__anext__()
-                else:  # pragma: no cover - Python 3.10
-                    out = await asyncio.wait_for(self.gen.__anext__(), remaining)
+                out = await asyncio.wait_for(self.gen.__anext__(), remaining)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
+            if self.stopped:
+                raise self._shutdown_error() from None
             self.outcome = "timeout"
             raise RequestTimeoutError(
                 f"The request did not finish within {self.state.settings.request_timeout:g} s and was stopped."
@@ -232,6 +260,7 @@ class _Run:
         if self._closed:
             return
         self._closed = True
+        self.state.runs.discard(self)
         try:
             await self.gen.aclose()
         except RuntimeError:  # pragma: no cover - closing while another task iterates it
@@ -319,6 +348,9 @@ class ChatHandler:
         params, top_logprobs = self._sampling_params(body)
         template_kwargs = self._template_kwargs(body)
         messages, image_refs = _convert_messages(body)
+        prompt_limit = getattr(state.builder.chat, "prompt_limit", None)
+        if prompt_limit is not None:  # text that cannot fit is refused before anything else runs
+            prompt_limit.check_bytes(_rendered_text(messages))
         limits = state.image_limits
         if len(image_refs) > limits.max_images:
             raise InvalidImageError(
@@ -446,8 +478,13 @@ class ChatHandler:
             skip_special_tokens=bool(body.skip_special_tokens),
             structured=_structured_output(body),
         )
+        core = self.state.engine.engine
         try:
-            params.validate(max_model_len=self.state.engine.engine.max_model_len)
+            params.validate(
+                max_model_len=core.max_model_len,
+                vocab_size=core.model.vocab_size,
+                max_sequences=core.config.max_waiting,
+            )
         except InvalidRequestError as exc:
             if exc.param == "max_tokens" and body.max_completion_tokens is not None:
                 exc.param = "max_completion_tokens"
@@ -566,6 +603,11 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
             converted = ""
         elif isinstance(content, str):
             converted = content
+        elif not content:
+            raise InvalidRequestError(
+                "A message's content must be a string or a non-empty list of content parts.",
+                param=f"messages[{i}].content",
+            )
         else:
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):
@@ -585,6 +627,21 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
             msg["reasoning_content"] = m.reasoning_content
         out.append(msg)
     return out, refs
+
+
+def _rendered_text(messages: list[dict[str, Any]]) -> list[str]:
+    """The text of the user and system turns: what every chat template renders in full (an
+    assistant turn's reasoning may be dropped), so its size is a lower bound on the prompt's."""
+    out: list[str] = []
+    for m in messages:
+        if m["role"] not in ("user", "system"):
+            continue
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out.extend(p["text"] for p in content if p.get("type") == "text")
+    return out
 
 
 async def _cancel_on_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:

@@ -107,8 +107,8 @@ def _param_map(item: _Input) -> Any:
             if index.isdigit() and int(index) < len(item.images):
                 return f"input[{index}].image_url"  # images come first in the chat request
             return "input" if item.index < 0 else f"input[{item.index}]"
-        if param.startswith("messages"):
-            return "input"
+        if param.startswith("messages"):  # the whole prompt: the input it was built from
+            return "input" if item.index < 0 else f"input[{item.index}]"
         return param
 
     return rename

@@ -50,6 +50,8 @@ except ImportError:  # the guard module is optional: without it the server runs 
 log = logging.getLogger("glmv.server")
 
 ENV_PREFIX = "GLMV_"
+# Seconds stopped requests get to send their last event once the shutdown timeout ran out.
+_STOP_GRACE_S = 2.0
 MiB = 1024 * 1024
 
 
@@ -113,6 +115,16 @@ class Settings:
         600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float"
     )
     shutdown_timeout: float = _opt(30.0, "seconds running requests get to finish on SIGTERM", "float")
+    header_timeout: float = _opt(
+        10.0, "seconds a client gets to send complete request headers (idle or partial: closed)", "float"
+    )
+    body_timeout: float = _opt(
+        60.0, "seconds a client gets to send the whole request body after its headers (408)", "float"
+    )
+    keep_alive_timeout: float = _opt(5.0, "seconds an idle kept-alive connection stays open", "float")
+    max_connections: int = _opt(
+        2048, "most open HTTP connections; more are answered 503 and closed", "int"
+    )
     log_level: str = _opt(
         "info", "log level", "str", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -170,6 +182,16 @@ class Settings:
             max_bytes=max(1, int(self.max_image_mb * MiB)),
         )
 
+    def http_limits(self) -> Any:
+        from glmv.server.http_limits import HttpLimits
+
+        return HttpLimits(
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            keep_alive_timeout=self.keep_alive_timeout,
+            max_connections=self.max_connections,
+        )
+
     def validate(self) -> None:
         """Raise `ConfigError` for a value out of range (the image settings are checked by media)."""
 
@@ -189,6 +211,10 @@ class Settings:
         need(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
         need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
         need(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
+        need(self.header_timeout > 0, "header_timeout", "must be > 0")
+        need(self.body_timeout > 0, "body_timeout", "must be > 0")
+        need(self.keep_alive_timeout > 0, "keep_alive_timeout", "must be > 0")
+        need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.remote_image_timeout > 0, "remote_image_timeout", "must be > 0")
         need(self.max_image_mb > 0, "max_image_mb", "must be > 0")
         need(all(n.strip() for n in self.served_model_name), "served_model_name", "must not hold empty names")
@@ -418,6 +444,7 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
         def __init__(self) -> None:
             super().__init__(config)
             self._drain_deadline: float | None = None
+            self._stop_deadline: float | None = None
             self._signals = 0
 
         async def startup(self, sockets: Any = None) -> None:
@@ -449,11 +476,19 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
                 self.force_exit = sig == signal.SIGINT
 
         async def on_tick(self, counter: int) -> bool:
-            draining = self._drain_deadline is not None and not self.should_exit
-            if draining and (state.inflight == 0 or time.monotonic() >= self._drain_deadline):  # type: ignore[operator]
-                if state.inflight:
-                    log.warning("shutdown timeout reached with %d request(s) still running", state.inflight)
-                self.should_exit = True
+            if self._drain_deadline is not None and not self.should_exit:
+                now = time.monotonic()
+                if state.inflight == 0:
+                    self.should_exit = True
+                elif self._stop_deadline is None and now >= self._drain_deadline:
+                    # Running requests are ended properly (an error event and [DONE] for a stream,
+                    # a 503 otherwise) rather than cut off mid-body when the server closes.
+                    stopped = state.stop_running()
+                    log.warning("shutdown timeout reached: stopping %d running request(s)", stopped)
+                    self._stop_deadline = now + _STOP_GRACE_S
+                elif self._stop_deadline is not None and now >= self._stop_deadline:
+                    log.warning("%d request(s) did not end after being stopped", state.inflight)
+                    self.should_exit = True
             return await super().on_tick(counter)
 
     return _Server()
@@ -474,6 +509,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from glmv.models.tiny import is_random_checkpoint
     from glmv.server.app import build_engine, create_app, resolve_model
+    from glmv.server.http_limits import limited_protocol, raise_open_file_limit
 
     try:
         model_dir, embedded = resolve_model(settings)
@@ -516,8 +552,12 @@ def run_serve(args: argparse.Namespace) -> int:
             )
         print("\n".join(lines), flush=True)
 
+    limits = settings.http_limits()
+    raise_open_file_limit(limits.max_connections + 256)
     uv_config = uvicorn.Config(
         app,
+        http=limited_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # float works
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -536,7 +576,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not server.started:
         return 1
     print("glmv: stopped", flush=True)
-    return 0
+    # Everything is closed (server, engine thread, logs below): skip the interpreter's teardown of
+    # torch and tokenizers, which takes seconds, so that the process ends when the shutdown
+    # timeout says it does.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 __all__ = ["Settings", "add_serve_arguments", "run_serve"]
