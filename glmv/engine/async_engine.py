@@ -16,42 +16,12 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from glmv.engine.engine import EngineStats, LLMEngine
-from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput
+from glmv.engine.engine import LLMEngine
+from glmv.engine.request import EngineRequest, RequestOutput, merge_outputs
+from glmv.engine.stats import EngineStats
 from glmv.errors import EngineError, GlmvError, OverloadedError
 
 log = logging.getLogger("glmv.engine")
-
-
-def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """One output carrying both steps' news: deltas joined per choice, the later counts and state."""
-    by_index: dict[int, CompletionDelta] = {}
-    for d in [*first.deltas, *second.deltas]:
-        cur = by_index.get(d.index)
-        if cur is None:
-            by_index[d.index] = CompletionDelta(
-                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
-                d.finish_reason, d.stop_reason,
-            )  # fmt: skip
-            continue
-        cur.text += d.text
-        cur.token_ids += d.token_ids
-        if d.logprobs is not None:
-            cur.logprobs = (cur.logprobs or []) + d.logprobs
-        if d.finish_reason is not None:
-            cur.finish_reason, cur.stop_reason = d.finish_reason, d.stop_reason
-    return RequestOutput(
-        request_id=second.request_id,
-        deltas=[by_index[i] for i in sorted(by_index)],
-        prompt_tokens=second.prompt_tokens,
-        cached_tokens=second.cached_tokens,
-        completion_tokens=second.completion_tokens,
-        finished=second.finished,
-        error=second.error or first.error,
-        arrival_time=first.arrival_time,
-        first_scheduled_time=first.first_scheduled_time or second.first_scheduled_time,
-        first_token_time=first.first_token_time or second.first_token_time,
-    )
 
 
 @dataclass(slots=True)

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from glmv.engine.engine import EngineConfig, EngineStats
+from glmv.engine.config import EngineConfig
 from glmv.engine.request import EngineRequest, RequestOutput
+from glmv.engine.stats import EngineStats
 
 
 @dataclass(frozen=True, slots=True)
