@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from glmv.engine.engine import LLMEngine
 from glmv.engine.request import EngineRequest, RequestOutput, merge_outputs
 from glmv.engine.stats import EngineStats
-from glmv.errors import EngineError, GlmvError, OverloadedError
+from glmv.errors import EngineError, GlmvError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger("glmv.engine")
 
@@ -152,6 +152,11 @@ class AsyncEngine:
     def _handle(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Add):
             rid = cmd.request.request_id
+            if rid in self._sinks:  # answer the duplicate alone; the running request keeps its sink
+                error = InvalidRequestError(f"Duplicate request id {rid!r}.")
+                with contextlib.suppress(RuntimeError):
+                    cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, error)
+                return
             self._sinks[rid] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request)

@@ -146,6 +146,7 @@ class EngineCore:
         self._requests: dict[str, _RequestState] = {}
         self._seqs: dict[int, _SeqState] = {}
         self.images_encoded = 0
+        self.num_generated_tokens = 0
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
         self._grammar_lock = threading.Lock()
 
@@ -394,6 +395,7 @@ class EngineCore:
             encoder_cache_hits=self.encoder_cache.hits,
             encoder_cache_misses=self.encoder_cache.misses,
             images_encoded=self.images_encoded,
+            num_generated_tokens=self.num_generated_tokens,
         )
 
     # --- one step: schedule → execute → update ------------------------------------------------
@@ -485,6 +487,7 @@ class EngineCore:
         out = self._pending(state, req)
         token = sampled.token_id
         out.token_ids.append(token)
+        self.num_generated_tokens += 1
         grammar = state.inputs.grammar
         if grammar is not None:  # structured output: the constraint follows the sampled token
             grammar.advance(token)

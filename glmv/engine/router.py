@@ -59,6 +59,7 @@ class PrefixRouter:
         self._turn = 0
         self.prefix_routed = 0  # requests sent to a core for its cached prefix
         self.load_routed = 0  # requests sent to the least-loaded core
+        self.routed = [0] * num_cores  # requests sent to each core
 
     def match(self, core: int, hashes: Sequence[int]) -> int:
         """How many leading blocks of `hashes` were sent to `core` (and are still remembered)."""
@@ -96,6 +97,7 @@ class PrefixRouter:
 
     def record(self, core: int, hashes: Sequence[int]) -> None:
         """Remember that `core` now holds these blocks (most recently used last)."""
+        self.routed[core] += 1
         seen = self._blocks[core]
         for h in hashes:
             seen[h] = None

@@ -20,6 +20,7 @@ class EngineStats:
     encoder_cache_hits: int
     encoder_cache_misses: int
     images_encoded: int
+    num_generated_tokens: int = 0  # tokens sampled over the core's life (all choices)
 
     @classmethod
     def empty(cls, num_blocks: int = 0) -> EngineStats:
@@ -33,6 +34,7 @@ COUNTERS = (
     "encoder_cache_hits",
     "encoder_cache_misses",
     "images_encoded",
+    "num_generated_tokens",
 )
 
 
