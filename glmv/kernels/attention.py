@@ -11,7 +11,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from glmv.kernels.metadata import AttentionMetadata
 
@@ -90,6 +89,10 @@ def _attend_each(
             # A chunk after a cached prefix: causal, aligned to the bottom-right corner. Expanding
             # the KV heads keeps this on the flash / memory-efficient kernels (a boolean mask with
             # GQA falls back to the slow math path on CUDA).
+            # Imported here: torch.nn.attention.bias pulls in torch._dynamo (seconds at start-up,
+            # paid by every engine core process otherwise).
+            from torch.nn.attention.bias import causal_lower_right
+
             group = qi.shape[1] // k.shape[1]
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
