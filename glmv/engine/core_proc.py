@@ -195,10 +195,12 @@ def run_core(config: EngineConfig, index: int, input_address: str, output_addres
         inbox.close(linger=0)
         outbox.close(linger=2000)  # let the last message (e.g. StartFailed) reach the client
         ctx.term()
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        if status:
-            os._exit(status)
+        # Nothing of this process needs tearing down (the client owns every shared resource);
+        # skipping the interpreter's teardown of torch saves a second or more per core.
+        os._exit(status)
 
 
 def _warm_up(core: EngineCore) -> None:
