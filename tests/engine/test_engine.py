@@ -254,7 +254,7 @@ def test_random_aborts_leave_nothing_behind(
     assert bm.num_used_blocks == 0
     assert bm.num_free_blocks == bm.num_blocks
     assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
-    assert not engine._requests and not engine._seqs
+    assert not engine.core._requests and not engine.core._seqs and len(engine.output_processor) == 0
 
 
 _ENGINES: dict[str, tuple[LLMEngine, InputBuilder]] = {}
