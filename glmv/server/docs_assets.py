@@ -77,14 +77,18 @@ def install_docs(app: FastAPI, docs_dir: Path | None = None) -> None:
     async def docs_asset(name: str) -> Response:
         media_type = _ASSETS.get(name)
         if media_type is None:
-            return JSONResponse(NotFoundError(f"No such file: /docs/assets/{name}").to_dict(), status_code=404)
+            return JSONResponse(
+                NotFoundError(f"No such file: /docs/assets/{name}").to_dict(), status_code=404
+            )
         return Response(
             (root / name).read_bytes(),
             media_type=media_type,
             headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
         )
 
-    app.add_api_route("/docs", docs_page, methods=["GET"], include_in_schema=False, response_class=HTMLResponse)
+    app.add_api_route(
+        "/docs", docs_page, methods=["GET"], include_in_schema=False, response_class=HTMLResponse
+    )
     app.add_api_route("/docs/assets/{name}", docs_asset, methods=["GET"], include_in_schema=False)
 
 

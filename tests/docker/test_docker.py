@@ -105,7 +105,9 @@ def test_every_compose_variable_has_a_default_or_an_example() -> None:
     )
     for match in re.finditer(r"\$\{([A-Z_]+)(:?[-?][^}]*)?\}", text):
         name, tail = match.group(1), match.group(2) or ""
-        assert tail.startswith((":-", "-")) or name in example, f"${{{name}}} has no default and is not in env.example"
+        assert tail.startswith((":-", "-")) or name in example, (
+            f"${{{name}}} has no default and is not in env.example"
+        )
 
 
 # --- nginx ------------------------------------------------------------------------------------------
@@ -128,17 +130,42 @@ def nginx_t(tmp_path: Path, tls: bool) -> subprocess.CompletedProcess[str]:
     conf = conf.replace("/var/log/nginx/", f"{tmp_path}/")
     if tls:
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-             "-keyout", str(certs / "privkey.pem"), "-out", str(certs / "fullchain.pem")],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                str(certs / "privkey.pem"),
+                "-out",
+                str(certs / "fullchain.pem"),
+            ],
+            check=True,
+            capture_output=True,
         )
         tls_conf = (DOCKER / "nginx" / "tls.conf.example").read_text().replace("/etc/nginx/certs", str(certs))
         (conf_dir / "tls.conf").write_text(tls_conf)
     (tmp_path / "nginx.conf").write_text(conf)
     return subprocess.run(
-        [nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-         "-g", f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"],
-        capture_output=True, text=True, timeout=60,
+        [
+            nginx_binary(),
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-g",
+            f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -155,12 +182,24 @@ def test_nginx_t_rejects_a_broken_config(tmp_path: Path) -> None:
     nginx_binary()
     (tmp_path / "glmv.d").mkdir()
     (tmp_path / "glmv.d" / "bad.conf").write_text("server { listen 6006; limit_req zone=nope; }\n")
-    conf = (DOCKER / "nginx" / "nginx.conf").read_text().replace("/etc/nginx/glmv.d", str(tmp_path / "glmv.d"))
+    conf = (
+        (DOCKER / "nginx" / "nginx.conf").read_text().replace("/etc/nginx/glmv.d", str(tmp_path / "glmv.d"))
+    )
     (tmp_path / "nginx.conf").write_text(conf.replace("/var/log/nginx/", f"{tmp_path}/"))
     result = subprocess.run(
-        [nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-         "-g", f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"],
-        capture_output=True, text=True, timeout=60,
+        [
+            nginx_binary(),
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-g",
+            f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0 and "nope" in result.stderr
 
@@ -169,7 +208,7 @@ def test_nginx_limits_match_glmv() -> None:
     from glmv.server.guard import GuardSettings
 
     conf = (DOCKER / "nginx" / "nginx.conf").read_text()
-    api = conf[conf.index("listen 6006;"):conf.index("listen 80;")]
+    api = conf[conf.index("listen 6006;") : conf.index("listen 80;")]
     assert "limit_req zone=glmv_api" in api and "limit_conn glmv_conn" in api
     assert "proxy_buffering off;" in api  # streamed answers
     cap = re.search(r"client_max_body_size (\d+)m;", api)
@@ -234,7 +273,11 @@ def test_install_script_installs_glmv_into_a_fresh_venv(tmp_path: Path) -> None:
     assert f"installed in {venv}" in result.stdout
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import glmv.server.docs_assets as m; print(m.DOCS_DIR)"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     # glmv comes from the venv (not the checkout), with its data files: the /docs assets.
     docs_dir = Path(where.stdout.strip())
@@ -247,7 +290,10 @@ def test_install_script_installs_glmv_into_a_fresh_venv(tmp_path: Path) -> None:
 def test_install_script_refuses_a_folder_that_is_not_a_checkout(tmp_path: Path) -> None:
     result = subprocess.run(
         ["sh", str(DOCKER / "install.sh"), str(tmp_path)],
-        env={**os.environ, "GLMV_VENV": str(tmp_path / "v")}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GLMV_VENV": str(tmp_path / "v")},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "not a glmv checkout" in result.stderr
     assert not (tmp_path / "v").exists()
