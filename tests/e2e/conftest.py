@@ -197,6 +197,6 @@ def live_glmv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlmvServePro
     model_dir = create_tiny_model(root / "tiny-glm41v", variant="glm41v", seed=0)
     server = GlmvServeProcess(model_dir, root / "serve.log")
     try:
-        yield server.wait_ready()
+        yield server.wait_ready(timeout=300)
     finally:
         server.stop()
