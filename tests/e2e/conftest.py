@@ -185,3 +185,18 @@ class GlmvServeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def live_glmv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlmvServeProcess]:
+    """One `glmv serve` on a tiny checkpoint named like the embedded default (served as
+    `tiny-glm41v`), shared by the README, notebook and /docs tests."""
+    from glmv.models.tiny import create_tiny_model
+
+    root = tmp_path_factory.mktemp("live-glmv")
+    model_dir = create_tiny_model(root / "tiny-glm41v", variant="glm41v", seed=0)
+    server = GlmvServeProcess(model_dir, root / "serve.log")
+    try:
+        yield server.wait_ready(timeout=300)
+    finally:
+        server.stop()

@@ -530,8 +530,10 @@ async def test_overload_is_503_before_images_are_decoded(
 async def test_capacity_counts_requests_still_preparing(
     shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
 ) -> None:
-    engine = ScriptedEngine(shared_engine, [5.0, ("late", "stop")], max_pending=1)
-    app = make_app(engine=engine, request_timeout=1.0)
+    # The first request holds the only slot until its timeout; the timeout is long enough that the
+    # second request is screened while the first is surely still in flight, even on a loaded box.
+    engine = ScriptedEngine(shared_engine, [60.0, ("late", "stop")], max_pending=1)
+    app = make_app(engine=engine, request_timeout=4.0)
     async with make_client(app) as c:
         first = asyncio.create_task(c.post("/v1/chat/completions", json={"messages": user("x")}))
         while app.state.glmv.inflight == 0:
@@ -628,7 +630,10 @@ async def test_metrics_count_requests_tokens_and_statuses(
     assert metric_value(text, "glmv_generation_tokens_total", labels) == 4.0
     assert metric_value(text, "glmv_prompt_tokens_total", labels) == r.json()["usage"]["prompt_tokens"]
     assert metric_value(text, "glmv_time_to_first_token_seconds_count", labels) == 1.0
-    assert metric_value(text, "glmv_inter_token_latency_seconds_count", labels) == 3.0
+    # One observation per stream update after the first; under load the engine hands several tokens
+    # over in one update, so only the bound is fixed: at most one gap per token after the first.
+    itl_count = metric_value(text, "glmv_inter_token_latency_seconds_count", labels)
+    assert itl_count is not None and 0.0 <= itl_count <= 3.0
     assert metric_value(text, "glmv_e2e_request_latency_seconds_count", labels) == 1.0
     assert metric_value(text, "glmv_request_queue_time_seconds_count", labels) == 1.0
     assert metric_value(text, "glmv_requests_finished_total", {"outcome": "length"}) == 1.0
@@ -675,13 +680,14 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
                     seen += 1
                 if seen >= 5:
                     break  # leaving the block closes the connection mid-stream
-        for _ in range(200):
+        deadline = time.monotonic() + 120  # generous: a loaded CI box may take seconds to notice
+        while True:
             text = (await c.get("/metrics")).text
             aborted = metric_value(text, "glmv_requests_finished_total", {"outcome": "aborted"}) or 0.0
             if (
                 aborted > before
                 and metric_value(text, "glmv_requests_running", {"model_name": "tiny-glm41v"}) == 0.0
-            ):
+            ) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         assert aborted == before + 1
@@ -711,7 +717,8 @@ def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[.
         server.process.send_signal(15)  # SIGTERM while the answer is streaming
         # New work is refused while the running stream goes on to its end.
         refused = None
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             if httpx.get(server.base_url + "/ready", timeout=5).status_code == 503:
                 refused = httpx.post(
                     server.api_url + "/chat/completions", json={"messages": user("x")}, timeout=5
