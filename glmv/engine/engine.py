@@ -50,6 +50,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_mb: int = 512
     seed: int | None = None
+    engine_mode: str = "process"  # "process": the core in its own process(es); "inprocess": a thread
+    data_parallel_size: int = 1  # engine cores, one per GPU
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from glmv.cli import build_parser
+from glmv.cli.serve import run_serve
 from glmv.errors import ConfigError
-from glmv.server.settings import Settings, add_serve_arguments, run_serve
+from glmv.server.settings import Settings, add_serve_arguments
 
 
 def parse(*argv: str) -> argparse.Namespace:
