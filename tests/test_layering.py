@@ -202,3 +202,53 @@ def test_the_reader_sees_relative_lazy_and_guarded_imports(tmp_path: Path) -> No
     assert ("glmv.server.metrics", "glmv.tasks.types") in found  # under TYPE_CHECKING
     guarded = {(i.module, i.target) for i in all_imports(type_checking=False)}
     assert ("glmv.server.metrics", "glmv.tasks.types") not in guarded
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """Module-level imports (not lazy ones, not TYPE_CHECKING) form no cycle anywhere in glmv."""
+    graph: dict[str, set[str]] = {}
+    for module, path in modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found, guarded = imports_of(module)
+        top_lines = {n.lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        top_lines |= {n.lineno for t in tree.body if isinstance(t, ast.Try) for n in t.body}
+        graph[module] = {
+            i.target
+            for i in found
+            if i.line in top_lines and i.line not in guarded and i.target in modules()
+            and not i.target.startswith(module + ".")  # a package importing its own parts
+        }  # fmt: skip
+    assert _cycles(graph) == []
+
+
+def test_the_server_modules_know_each_other_one_way() -> None:
+    """Not even a lazy or a type-only import closes a circle between the server's modules (the
+    routes once imported the app, which imported them)."""
+    graph = {
+        module: {i.target for i in imports_of(module)[0] if under(i.target, "glmv.server") and i.target != module}
+        for module in modules()
+        if under(module, "glmv.server") and module != "glmv.server"
+    }
+    assert _cycles(graph) == []
