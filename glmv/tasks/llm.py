@@ -109,7 +109,8 @@ class LLM:
             chat_template=chat_template,
             image_workers=image_workers,
         )
-        self.service: GenerationService = create_service(config)
+        # The image workers start with the first image: many offline jobs have none.
+        self.service: GenerationService = create_service(config, warm_up=False)
         self._finalizer = weakref.finalize(self, self.service.shutdown)
         self._ids = itertools.count()
 

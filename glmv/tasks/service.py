@@ -64,9 +64,12 @@ def is_random_checkpoint(path: str | Path) -> bool:
     return isinstance(data, dict) and bool(data.get(RANDOM_WEIGHTS_KEY, False))
 
 
-def create_service(config: ServiceConfig, *, client: EngineClient | None = None) -> GenerationService:
+def create_service(
+    config: ServiceConfig, *, client: EngineClient | None = None, warm_up: bool = True
+) -> GenerationService:
     """The service for `config`: starts its engine (unless `client`, a started engine of the same
-    checkpoint, is given; the service then leaves it running at shutdown)."""
+    checkpoint, is given; the service then leaves it running at shutdown). `warm_up` starts the
+    image workers now, in the background (else with the first image)."""
     owns_client = client is None
     engine = client if client is not None else start_engine(config.engine)
     try:
@@ -85,7 +88,7 @@ def create_service(config: ServiceConfig, *, client: EngineClient | None = None)
     service = GenerationService(
         engine, tokenizer, builder, images, random_weights=is_random_checkpoint(model_dir), owns_client=owns_client
     )
-    service.start()
+    service.start(warm_up=warm_up)
     return service
 
 
@@ -155,10 +158,11 @@ class GenerationService:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, warm_up: bool = True) -> None:
         if not self.client.running and self.client.dead is None:
             self.client.start()
-        self.images.start()
+        if warm_up:
+            self.images.start()
 
     def shutdown(self) -> None:
         self.images.shutdown()
