@@ -33,7 +33,15 @@ from typing import Any
 
 from PIL import Image
 
-from glmv.tasks.documents import PDF_SUFFIX, ExtractFileError, collect_files, render_document
+from glmv.tasks.documents import (
+    PDF_SUFFIX,
+    ExtractFileError,
+    collect_files,
+    display_path,
+    render_document,
+    resume_key,
+    text_of,
+)
 
 __all__ = ["add_extract_arguments", "add_parser", "load_done", "run_extract"]
 
@@ -74,7 +82,10 @@ class _Writer:
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        if text_of(line) != line:  # text without a UTF-8 form (e.g. from an error message): escape it
+            line = json.dumps(record)
+        self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -159,7 +170,7 @@ async def _run_embedded(
 
     async def one(path: Path, bar: Any) -> None:
         nonlocal failures
-        source = str(path)
+        source = display_path(path)
         start = time.monotonic()
         try:
             doc = await asyncio.to_thread(render_document, path, max_pages=args.max_pages, dpi=args.pdf_dpi)
@@ -252,7 +263,7 @@ async def _remote(
 
     async def one(client: httpx.AsyncClient, path: Path, bar: Any) -> None:
         nonlocal failures
-        source = str(path)
+        source = display_path(path)
         async with semaphore:
             start = time.monotonic()
             try:
@@ -359,7 +370,8 @@ def run_extract(args: argparse.Namespace) -> int:
     label, schema = _schema_arg(args.schema)
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
-    todo = [p for p in files if str(p) not in done]
+    done_keys = {resume_key(source) for source in done}
+    todo = [p for p in files if resume_key(p) not in done_keys]
     skipped = len(files) - len(todo)
     if skipped:
         print(f"{skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr)

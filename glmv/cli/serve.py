@@ -5,7 +5,7 @@
 prints where the web page and the API are, warns when the weights are random, and serves with
 uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work (new requests get 503 with
 `Retry-After`, `/ready` turns 503), lets running requests finish for up to `shutdown_timeout`
-seconds, then exits 0. When the engine dies (a core process killed, a crash in its loop), the
+seconds, ends those still running with a 503 (streams: an error event and `[DONE]`), then exits 0. When the engine dies (a core process killed, a crash in its loop), the
 requests in flight get their errors at once and `glmv serve` exits with status 1, so that a
 supervisor (systemd, Kubernetes) starts it again.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from glmv.server.state import ServerState
 
 log = logging.getLogger("glmv.server")
+
+# Seconds stopped requests get to send their last event once the shutdown timeout ran out.
+_STOP_GRACE_S = 2.0
 
 __all__ = ["add_parser", "resolve_model", "run_serve"]
 
@@ -61,6 +65,7 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
         def __init__(self) -> None:
             super().__init__(config)
             self._drain_deadline: float | None = None
+            self._stop_deadline: float | None = None
             self._signals = 0
             self.engine_died: BaseException | None = None
 
@@ -100,11 +105,19 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
                 state.draining = True
                 print(f"glmv: the engine stopped ({dead}); exiting", file=sys.stderr, flush=True)
                 self.should_exit = True
-            draining = self._drain_deadline is not None and not self.should_exit
-            if draining and (state.inflight == 0 or time.monotonic() >= self._drain_deadline):  # type: ignore[operator]
-                if state.inflight:
-                    log.warning("shutdown timeout reached with %d request(s) still running", state.inflight)
-                self.should_exit = True
+            if self._drain_deadline is not None and not self.should_exit:
+                now = time.monotonic()
+                if state.inflight == 0:
+                    self.should_exit = True
+                elif self._stop_deadline is None and now >= self._drain_deadline:
+                    # Running requests are ended properly (an error event and [DONE] for a stream,
+                    # a 503 otherwise) rather than cut off mid-body when the server closes.
+                    stopped = state.stop_running()
+                    log.warning("shutdown timeout reached: stopping %d running request(s)", stopped)
+                    self._stop_deadline = now + _STOP_GRACE_S
+                elif self._stop_deadline is not None and now >= self._stop_deadline:
+                    log.warning("%d request(s) did not end after being stopped", state.inflight)
+                    self.should_exit = True
             return await super().on_tick(counter)
 
     return _Server()
@@ -125,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from glmv.server.app import create_app
+    from glmv.server.http_limits import limited_protocol, raise_open_file_limit
     from glmv.tasks.service import create_service
 
     try:
@@ -172,8 +186,12 @@ def run_serve(args: argparse.Namespace) -> int:
             )
         print("\n".join(lines), flush=True)
 
+    limits = settings.http_limits()
+    raise_open_file_limit(limits.max_connections + 256)
     uv_config = uvicorn.Config(
         app,
+        http=limited_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # float works
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -195,7 +213,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print("glmv: stopped (engine failure)", file=sys.stderr, flush=True)
         return 1
     print("glmv: stopped", flush=True)
-    return 0
+    # Everything is closed (server, engine, logs below): skip the interpreter's teardown of torch
+    # and tokenizers, which takes seconds, so that the process ends when the shutdown timeout
+    # says it does.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def resolve_model(model: str | None) -> tuple[Path, bool]:

@@ -310,7 +310,11 @@ class LLMEngine:
 
     def validate(self, request: EngineRequest) -> None:
         """Raise a client error for a request that can never run; cheap, no side effects."""
-        request.params.validate(max_model_len=self.max_model_len)
+        request.params.validate(
+            max_model_len=self.max_model_len,
+            vocab_size=self.model.vocab_size,
+            max_sequences=self.config.max_waiting,
+        )
         n_prompt = len(request.prompt_token_ids)
         if n_prompt == 0:
             raise InvalidRequestError("The prompt is empty.", param="messages")

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import glmv
@@ -27,6 +28,7 @@ from glmv.errors import ModelNotFoundError
 from glmv.server.chat import ChatHandler
 from glmv.server.errors import install_error_handlers, internal_error_response
 from glmv.server.extract import install_extract_routes
+from glmv.server.http_limits import BodyReadMiddleware
 from glmv.server.metrics import CONTENT_TYPE, EngineSource, ServerMetrics
 from glmv.server.moderation import install_moderation_routes
 from glmv.server.protocol import (
@@ -59,13 +61,75 @@ def _web_installer() -> Callable[[FastAPI], Any] | None:
 
 
 class _ServerMiddleware:
-    """Counts responses by method, route template and status (streams count when they start),
-    and answers an exception that escaped the app with the generic OpenAI-shaped 500, so that
-    middleware outside it (the guard's access log) sees a normal response."""
+    """Answers an exception that escaped the app with the generic OpenAI-shaped 500, so that
+    middleware outside it (the guard's access log, the response counter) sees a normal response."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:
+            if started:  # the response had started: nothing more can be said to the client
+                raise
+            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await internal_error_response()(scope, receive, watching_send)
+
+
+class _HeadAsGet:
+    """Serves HEAD like GET (the server drops the body), as HTTP asks of every GET resource."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        inner = {**scope, "method": "GET"}  # a copy: the server must still see HEAD
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            if "route" in inner:
+                scope["route"] = inner["route"]
+
+
+class _CountingMiddleware:
+    """Counts every response by method, route template and status (streams count when they
+    start), outermost, so that the guard's 401/403/413/429 are counted too. Labels come from
+    closed sets: the route is the matched template, else the template the path would match, else
+    "unmatched"; `ServerMetrics.http_response` folds unknown methods."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: list[Any]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+
+    def _route(self, scope: Scope) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        probe = {**scope, "method": "GET"}
+        for route in self.routes:
+            try:
+                match, _ = route.matches(probe)
+            except Exception:  # a route that cannot judge this scope does not match it
+                continue
+            if match is not Match.NONE and isinstance(getattr(route, "path", None), str):
+                return str(route.path)
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,17 +144,8 @@ class _ServerMiddleware:
 
         try:
             await self.app(scope, receive, counting_send)
-        except Exception as exc:
-            if status:  # the response had started: nothing more can be said to the client
-                raise
-            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
-            await internal_error_response()(scope, receive, counting_send)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None)
-            if path is None:
-                path = "unmatched"
-            self.metrics.http_response(scope.get("method", ""), path, status[0] if status else 499)
+            self.metrics.http_response(scope.get("method", ""), self._route(scope), status[0] if status else 499)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -177,7 +232,7 @@ def create_app(
         return ModelCard(
             id=name,
             created=state.created,
-            root=model_dir,
+            root=Path(model_dir).name or name,  # the folder's name: the server's paths stay private
             max_model_len=info.max_model_len,
             glmv={
                 "random_weights": service.random_weights,
@@ -251,10 +306,14 @@ def create_app(
                 }
             )
 
-    app.add_middleware(_ServerMiddleware, metrics=metrics)
+    # Outermost last: counting → guard → body read and text screen → HEAD → 500s → routes.
+    app.add_middleware(_ServerMiddleware)
+    app.add_middleware(_HeadAsGet)
+    app.add_middleware(BodyReadMiddleware, body_timeout=settings.body_timeout)
     install = getattr(_guard_module, "install_guards", None)
     if install is not None and settings.guard is not None:
         install(app, settings.guard)
+    app.add_middleware(_CountingMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 
 

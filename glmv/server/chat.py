@@ -126,6 +126,8 @@ class ChatHandler:
         params, _ = self._sampling_params(body)
         template_kwargs = self._template_kwargs(body)
         messages, images = _convert_messages(body)
+        # Text that cannot fit is refused before anything else runs.
+        state.service.check_prompt_size(_rendered_text(messages))
         limits = state.service.images.limits
         if len(images) > limits.max_images:
             raise InvalidImageError(
@@ -283,6 +285,11 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
             converted = ""
         elif isinstance(content, str):
             converted = content
+        elif not content:
+            raise InvalidRequestError(
+                "A message's content must be a string or a non-empty list of content parts.",
+                param=f"messages[{i}].content",
+            )
         else:
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):
@@ -302,6 +309,22 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
             msg["reasoning_content"] = m.reasoning_content
         out.append(msg)
     return out, refs
+
+
+def _rendered_text(messages: list[dict[str, Any]]) -> list[str]:
+    """The text of the user and system turns: what every chat template renders in full (an
+    assistant turn's reasoning may be dropped), so its size is a lower bound on the prompt's."""
+    out: list[str] = []
+    for m in messages:
+        if m["role"] not in ("user", "system"):
+            continue
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out.extend(p["text"] for p in content if p.get("type") == "text")
+    return out
+
 
 # --- responses ----------------------------------------------------------------------------------
 

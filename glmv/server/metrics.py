@@ -43,6 +43,10 @@ _TTFT_BUCKETS = (
 )
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+# Label values come from closed sets only, so that no client can add series: a method outside
+# this set is counted as "other", a path no route matches as "unmatched".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -197,7 +201,11 @@ class ServerMetrics:
         self._finished.labels(self.model_name, outcome).inc()
 
     def http_response(self, method: str, route: str, status: int) -> None:
-        self._http.labels(method, route, str(status)).inc()
+        """Count one response. `route` must be a route template (or "unmatched"); the method is
+        folded into `HTTP_METHODS` and the status into 100..599, so labels form closed sets."""
+        label = method if method in HTTP_METHODS else OTHER_METHOD
+        code = status if 100 <= status <= 599 else 0
+        self._http.labels(label, route, str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

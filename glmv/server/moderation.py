@@ -161,6 +161,8 @@ class ModerationHandler:
             policy, task_input, thinking_toggle=state.service.supports_thinking_toggle
         )
         try:
+            # Text that cannot fit is refused before anything else runs.
+            state.service.check_prompt_size([item.text] if item.text else [])
             state.service.check_admission()
         except GlmvError as exc:
             raise _renamed(exc, item) from None

@@ -15,11 +15,11 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from glmv.errors import GlmvError, RequestTimeoutError
+from glmv.errors import GlmvError, OverloadedError, RequestTimeoutError
 from glmv.server.state import ServerState
 from glmv.tasks.types import Generation, GenerationChunk, GenerationRequest
 
@@ -91,24 +91,54 @@ class ServedRequest:
         self._texts: list[list[str]] | None = [[] for _ in range(self.n)] if state.settings.log_content else None
         timeout = state.settings.request_timeout
         self.deadline = http_arrival + timeout if timeout and timeout > 0 else None
+        # Set when the server stops this request at the end of its shutdown timeout.
+        self.stopped = state.stopping
+        self._waiting: Any = None  # the asyncio.timeout of the await in progress, if any
+        state.runs.add(self)
+
+    def stop(self) -> None:
+        """End this request with a 503 `overloaded` error (the server is going away): a stream
+        sends the error event and `[DONE]`, a waiting non-streaming request answers 503."""
+        self.stopped = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
+
+    def _shutdown_error(self) -> OverloadedError:
+        self.outcome = "error"
+        return OverloadedError(
+            "The server is shutting down and stopped this request before it finished; retry it.",
+            retry_after=5,
+        )
 
     # --- iterating --------------------------------------------------------------------------------
 
     async def _bounded(self, awaitable: Awaitable[T]) -> T:
-        """`awaitable` within what is left of the request timeout (504 after it)."""
+        """`awaitable` within what is left of the request timeout (504 after it); `stop` ends the
+        wait early (503)."""
+        if self.stopped:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise self._shutdown_error()
         try:
-            if self.deadline is None:
+            if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token; `stop` can end the wait early
+                remaining = None if self.deadline is None else self.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    if asyncio.iscoroutine(awaitable):
+                        awaitable.close()
+                    raise asyncio.TimeoutError
+                async with asyncio.timeout(remaining) as waiting:  # type: ignore[attr-defined]
+                    self._waiting = waiting
+                    try:
+                        return await awaitable
+                    finally:
+                        self._waiting = None
+            if self.deadline is None:  # pragma: no cover - Python 3.10
                 return await awaitable
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                if asyncio.iscoroutine(awaitable):
-                    awaitable.close()
-                raise asyncio.TimeoutError
-            if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token
-                async with asyncio.timeout(remaining):  # type: ignore[attr-defined]
-                    return await awaitable
-            return await asyncio.wait_for(awaitable, remaining)  # pragma: no cover - Python 3.10
+            remaining = self.deadline - time.monotonic()  # pragma: no cover - Python 3.10
+            return await asyncio.wait_for(awaitable, max(remaining, 0.0))  # pragma: no cover
         except asyncio.TimeoutError:
+            if self.stopped:
+                raise self._shutdown_error() from None
             self.outcome = "timeout"
             raise RequestTimeoutError(
                 f"The request did not finish within {self.state.settings.request_timeout:g} s and was stopped."
@@ -158,6 +188,7 @@ class ServedRequest:
         if self._closed:
             return
         self._closed = True
+        self.state.runs.discard(self)
         try:
             await self.stream.aclose()
         except RuntimeError:  # pragma: no cover - closing while another task iterates it

@@ -147,6 +147,16 @@ class Settings:
         600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float"
     )
     shutdown_timeout: float = _opt(30.0, "seconds running requests get to finish on SIGTERM", "float")
+    header_timeout: float = _opt(
+        10.0, "seconds a client gets to send complete request headers (idle or partial: closed)", "float"
+    )
+    body_timeout: float = _opt(
+        60.0, "seconds a client gets to send the whole request body after its headers (408)", "float"
+    )
+    keep_alive_timeout: float = _opt(5.0, "seconds an idle kept-alive connection stays open", "float")
+    max_connections: int = _opt(
+        2048, "most open HTTP connections; more are answered 503 and closed", "int"
+    )
     log_level: str = _opt(
         "info", "log level", "str", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -222,6 +232,16 @@ class Settings:
             image_workers=self.image_workers,
         )
 
+    def http_limits(self) -> Any:
+        from glmv.server.http_limits import HttpLimits
+
+        return HttpLimits(
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            keep_alive_timeout=self.keep_alive_timeout,
+            max_connections=self.max_connections,
+        )
+
     def validate(self) -> None:
         """Raise `ConfigError` for a value out of range (the image settings are checked by media)."""
 
@@ -247,6 +267,10 @@ class Settings:
                 need(False, f.name, f"must be one of {', '.join(choices)}")
         need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
         need(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
+        need(self.header_timeout > 0, "header_timeout", "must be > 0")
+        need(self.body_timeout > 0, "body_timeout", "must be > 0")
+        need(self.keep_alive_timeout > 0, "keep_alive_timeout", "must be > 0")
+        need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.remote_image_timeout > 0, "remote_image_timeout", "must be > 0")
         need(self.max_image_mb > 0, "max_image_mb", "must be > 0")
         need(all(n.strip() for n in self.served_model_name), "served_model_name", "must not hold empty names")

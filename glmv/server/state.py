@@ -1,7 +1,8 @@
 """What the routes of one app share (`app.state.glmv`), and the checks every generating route makes.
 
 `ServerState` holds the settings, the generation service, the metrics and the served model
-names; `draining` is set on SIGTERM (new requests get 503, `/ready` turns 503). `inflight` counts
+names; `draining` is set on SIGTERM (new requests get 503, `/ready` turns 503), and
+`stop_running()` ends the generations still running when the shutdown timeout runs out. `inflight` counts
 the requests the service has admitted and not yet finished, whichever route sent them.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import glmv
 from glmv.errors import ModelNotFoundError, OverloadedError
@@ -29,11 +31,22 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     system_fingerprint: str = f"glmv-{glmv.__version__}"
     draining: bool = False  # set on SIGTERM: new requests get 503, /ready turns 503
+    stopping: bool = False  # set when the shutdown timeout ran out: running requests are stopped
+    runs: set[Any] = field(default_factory=set)  # the generations in progress (`ServedRequest`)
 
     @property
     def inflight(self) -> int:
         """Requests admitted and not yet answered (streams: until their end)."""
         return self.service.num_inflight
+
+    def stop_running(self) -> int:
+        """Stop every generation in progress with a 503 error (streams end with the error event
+        and `[DONE]`); later ones stop at once. Returns how many were running."""
+        self.stopping = True
+        runs = list(self.runs)
+        for run in runs:
+            run.stop()
+        return len(runs)
 
     def check_model(self, model: str | None) -> str:
         """The served name a request asked for (the first one when it named none), else 404."""

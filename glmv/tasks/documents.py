@@ -9,13 +9,24 @@ images raises `ExtractFileError` with a stable `kind` (`not_found`, `invalid_ima
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "PDF_SUFFIX", "Document", "ExtractFileError", "collect_files", "render_document"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PDF_SUFFIX",
+    "Document",
+    "ExtractFileError",
+    "collect_files",
+    "display_path",
+    "render_document",
+    "resume_key",
+    "text_of",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PDF_SUFFIX = ".pdf"
@@ -37,6 +48,27 @@ class Document:
 
 
 
+def display_path(path: str | Path) -> str:
+    """`path` as text that JSON and the terminal can carry: bytes of a file name that are not
+    UTF-8 are written as `\\xNN` escapes (the name as typed is kept otherwise)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def resume_key(path: str | Path) -> str:
+    """What a file is matched on when a run resumes: its absolute, normalised path, so that
+    `imgs/a.png` and `/home/me/imgs/a.png` are the same file."""
+    return display_path(os.path.abspath(path))
+
+
+def text_of(value: str) -> str:
+    """`value` with anything that has no UTF-8 form (lone surrogates) escaped."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     """The files named, and the images and PDFs inside named folders (recursively, sorted)."""
     out: list[Path] = []
@@ -52,7 +84,7 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             found = [path]
         for p in found:
-            key = str(p)
+            key = resume_key(p)
             if key not in seen:
                 seen.add(key)
                 out.append(p)
@@ -62,15 +94,17 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
 def render_document(path: Path, *, max_pages: int, dpi: float) -> Document:
     """The pages of `path` as RGB images: an image file, or each page of a PDF rendered at `dpi`."""
     if path.suffix.lower() == PDF_SUFFIX:
-        return Document(str(path), _render_pdf(path, max_pages=max_pages, dpi=dpi))
+        return Document(display_path(path), _render_pdf(path, max_pages=max_pages, dpi=dpi))
     try:
         with Image.open(path) as im:
             im.load()
-            return Document(str(path), [im.convert("RGB")])
+            return Document(display_path(path), [im.convert("RGB")])
     except FileNotFoundError:
-        raise ExtractFileError("not_found", f"{path} does not exist") from None
+        raise ExtractFileError("not_found", f"{display_path(path)} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ExtractFileError("invalid_image", f"{path} is not a readable image: {exc}") from None
+        raise ExtractFileError(
+            "invalid_image", f"{display_path(path)} is not a readable image: {text_of(str(exc))}"
+        ) from None
 
 
 def _render_pdf(path: Path, *, max_pages: int, dpi: float) -> list[Image.Image]:

@@ -75,6 +75,8 @@ def create_service(
     try:
         model_dir = engine.info.model_dir or config.model
         tokenizer, builder = load_processors(model_dir, chat_template=config.chat_template)
+        # Prompts that cannot fit the context are refused before they are tokenised.
+        builder.chat.limit_prompt(engine.info.max_model_len)
         images = ImagePreparer(
             builder.image_processor,
             limits=config.image_limits,
@@ -86,7 +88,13 @@ def create_service(
             engine.shutdown()
         raise
     service = GenerationService(
-        engine, tokenizer, builder, images, random_weights=is_random_checkpoint(model_dir), owns_client=owns_client
+        engine,
+        tokenizer,
+        builder,
+        images,
+        random_weights=is_random_checkpoint(model_dir),
+        owns_client=owns_client,
+        max_sequences=config.engine.max_waiting,
     )
     service.start(warm_up=warm_up)
     return service
@@ -110,6 +118,7 @@ class GenerationService:
         *,
         random_weights: bool = False,
         owns_client: bool = True,
+        max_sequences: int | None = None,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
@@ -117,6 +126,7 @@ class GenerationService:
         self.images = images
         self.random_weights = random_weights
         self.owns_client = owns_client
+        self.max_sequences = max_sequences  # the most sequences the engine can ever queue at once
         self.token_bytes = TokenBytes(tokenizer)
         self._inflight = 0  # admitted requests not yet finished (including those still preparing)
 
@@ -173,7 +183,18 @@ class GenerationService:
 
     def validate_params(self, params: SamplingParams) -> None:
         """Raise `InvalidRequestError` for sampling parameters this engine cannot honour."""
-        params.validate(max_model_len=self.max_model_len)
+        params.validate(
+            max_model_len=self.max_model_len,
+            vocab_size=int(self.client.info.vocab_size),
+            max_sequences=self.max_sequences,
+        )
+
+    def check_prompt_size(self, texts: list[str]) -> None:
+        """Raise `ContextLengthExceededError` when text that every chat template renders in full
+        (user and system turns) already cannot fit the context; cheap, before any tokenising."""
+        limit = getattr(self.builder.chat, "prompt_limit", None)
+        if limit is not None:
+            limit.check_bytes(texts)
 
     def check_admission(self) -> None:
         """Raise `OverloadedError` when a request cannot be taken now (cheap; before any work)."""
