@@ -147,6 +147,8 @@ class GlmvServeProcess:
         repo = Path(__file__).resolve().parents[2]
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
         env["GLMV_CACHE_DIR"] = str(log_path.parent / "cache")
+        if os.environ.get("GLMV_ENGINE_MODE"):  # where the engine core runs, as for the other tests
+            env["GLMV_ENGINE_MODE"] = os.environ["GLMV_ENGINE_MODE"]
         env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", "4096", "--kv-cache-gb", "0.1",

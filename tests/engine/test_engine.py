@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder
 from glmv.engine.request import EngineRequest
 from glmv.engine.sampling import SamplingParams
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor
+from glmv.tasks.inputs import InputBuilder
 from tests.models.reference import hf_inputs, hf_model, noise_image
 
 _ids = itertools.count()

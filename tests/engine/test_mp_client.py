@@ -25,7 +25,6 @@ import pytest
 
 from glmv.engine.client import EngineClient, start_engine
 from glmv.engine.config import EngineConfig
-from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.engine.mp_client import MPEngineClient
 from glmv.engine.request import EngineRequest, TokenLogprob
 from glmv.engine.sampling import SamplingParams
@@ -39,6 +38,7 @@ from glmv.errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from glmv.tasks.inputs import InputBuilder, load_processors
 from tests.models.reference import noise_image
 
 REPO = Path(__file__).resolve().parents[2]

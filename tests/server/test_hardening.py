@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glmv.server.app import build_engine
+from glmv.server.app import create_app
 from glmv.server.guard import GuardSettings
 
-from .conftest import asgi_client, make_settings
+from .conftest import asgi_client, build_engine, make_settings
 
 CHAT = "/v1/chat/completions"
 MODERATIONS = "/v1/moderations"
@@ -249,8 +249,6 @@ async def test_n_larger_than_max_waiting_is_400(server_model_dir: Path) -> None:
     settings = make_settings(server_model_dir, max_waiting=2)
     engine = build_engine(settings)
     try:
-        from glmv.server.app import create_app
-
         async with asgi_client(create_app(settings, engine)) as c:
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             r = await c.post(CHAT, json={**body, "n": 3})
