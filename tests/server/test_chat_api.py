@@ -761,6 +761,6 @@ def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[.
                 events.append(json.loads(line[6:]))
     assert done
     finishes = [e["choices"][0]["finish_reason"] for e in events if e.get("choices")]
-    assert finishes[-1] == "length"
+    assert finishes[-1] == "length", (events[-3:], server.log()[-3000:])
     assert server.process.wait(60) == 0
     assert "glmv: stopped" in server.log()
