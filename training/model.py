@@ -1,0 +1,139 @@
+"""The transformers GLM-4.1V model as the demo model is trained and graded on the device.
+
+`Batch.build` right-pads sequences (causal attention alone keeps padding out of every real
+token's view, so no attention mask is needed) and gathers the image rows. `hidden_states` runs
+the vision tower once per image, scatters its embeddings into the `<|image|>` slots and runs the
+language model with glmv's own M-RoPE positions. `greedy` decodes a batch without a KV cache:
+each step re-runs the prompt plus what was generated, which is simple and fast enough for a
+model of this size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmv.processing.image import ImageProcessor
+
+__all__ = ["Batch", "greedy", "hidden_states", "image_rows"]
+
+
+def image_rows(processor: ImageProcessor, pixels: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.cat(
+        [processor.to_patches(torch.from_numpy(np.ascontiguousarray(p)), device=device) for p in pixels]
+    )
+
+
+@dataclass(slots=True)
+class Batch:
+    ids: torch.Tensor  # (B, L) int64
+    positions: torch.Tensor  # (3, B, L) int64
+    targets: torch.Tensor  # (B, L) bool
+    lengths: list[int]
+    rows: torch.Tensor  # float32 pixel rows of every image, in sequence order
+    grids: torch.Tensor  # (B, 3)
+    tasks: list[str]
+
+    @staticmethod
+    def build(
+        seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray, tuple[int, int, int]]],
+        processor: ImageProcessor,
+        pad_id: int,
+        device: torch.device,
+    ) -> Batch:
+        """`seqs`: (ids, targets, positions, task, pixels, grid) per sequence."""
+        b = len(seqs)
+        length = max(len(s[0]) for s in seqs)
+        ids = np.full((b, length), pad_id, np.int64)
+        targets = np.zeros((b, length), bool)
+        pos = np.zeros((3, b, length), np.int64)
+        for i, (s_ids, s_tg, s_pos, *_rest) in enumerate(seqs):
+            n = len(s_ids)
+            ids[i, :n] = s_ids
+            targets[i, :n] = s_tg
+            pos[:, i, :n] = s_pos
+            pos[:, i, n:] = s_pos[:, -1:] + np.arange(1, length - n + 1)
+        rows = image_rows(processor, [s[4] for s in seqs], device)
+        return Batch(
+            torch.from_numpy(ids).to(device, non_blocking=True),
+            torch.from_numpy(pos).to(device, non_blocking=True),
+            torch.from_numpy(targets).to(device, non_blocking=True),
+            [len(s[0]) for s in seqs],
+            rows,
+            torch.tensor([s[5] for s in seqs], dtype=torch.long, device=device),
+            [s[3] for s in seqs],
+        )
+
+
+def _image_embeddings(model: Any, rows: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    out = model.model.get_image_features(rows, grids)
+    parts = getattr(out, "pooler_output", out)
+    return torch.cat(list(parts)) if isinstance(parts, (list, tuple)) else parts
+
+
+def hidden_states(
+    model: Any,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    grids: torch.Tensor,
+    image_token_id: int,
+    image_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    embeds = model.model.get_input_embeddings()(ids)
+    if image_embeds is None:
+        image_embeds = _image_embeddings(model, rows, grids)
+    mask = (ids == image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def greedy(
+    model: Any,
+    batch: Batch,
+    image_token_id: int,
+    stop_ids: set[int],
+    max_new_tokens: int,
+    pad_id: int,
+    deadline: float | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of every sequence of `batch` (its prompts), stop ids left out. Decoding
+    stops early at `deadline` (time.monotonic())."""
+    device = batch.ids.device
+    image_embeds = _image_embeddings(model, batch.rows, batch.grids)
+    b = batch.ids.shape[0]
+    lengths = list(batch.lengths)
+    total = max(lengths) + max_new_tokens
+    ids = torch.full((b, total), pad_id, dtype=torch.long, device=device)
+    ids[:, : batch.ids.shape[1]] = batch.ids
+    pos = torch.zeros((3, b, total), dtype=torch.long, device=device)
+    pos[:, :, : batch.positions.shape[2]] = batch.positions
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for _ in range(max_new_tokens):
+        width = max(lengths)
+        hidden = hidden_states(
+            model, ids[:, :width], pos[:, :, :width], batch.rows, batch.grids, image_token_id, image_embeds
+        )
+        last = hidden[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]
+        nxt = model.lm_head(last).float().argmax(-1).tolist()
+        for i, tok in enumerate(nxt):
+            if done[i]:
+                continue
+            if tok in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(tok)
+            n = lengths[i]
+            ids[i, n] = tok
+            pos[:, i, n] = pos[:, i, n - 1] + 1
+            lengths[i] = n + 1
+        if all(done) or (deadline is not None and time.monotonic() > deadline):
+            break
+    return out
