@@ -11,6 +11,7 @@ model of this size.
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,68 @@ import torch
 
 from glmv.processing.image import ImageProcessor
 
-__all__ = ["Batch", "greedy", "hidden_states", "image_rows"]
+__all__ = ["Batch", "VisionPadding", "greedy", "hidden_states", "image_rows", "install_padded_vision_attention"]
+
+
+@dataclass(slots=True)
+class VisionPadding:
+    """Where each image patch goes in a padded (images, longest, ...) batch, for one forward."""
+
+    images: int
+    longest: int
+    index: torch.Tensor  # (patches,) int64: image * longest + patch
+    keys: torch.Tensor  # (images, 1, 1, longest) bool: real patches
+
+    @staticmethod
+    def build(grids: list[tuple[int, int, int]], device: torch.device) -> VisionPadding:
+        sizes = [t * h * w for t, h, w in grids]
+        longest = max(sizes)
+        index = np.concatenate([np.arange(n) + i * longest for i, n in enumerate(sizes)])
+        keys = np.zeros((len(sizes), longest), bool)
+        for i, n in enumerate(sizes):
+            keys[i, :n] = True
+        return VisionPadding(len(sizes), longest, torch.from_numpy(index).to(device),
+                             torch.from_numpy(keys).to(device).view(len(sizes), 1, 1, longest))
+
+
+_CURRENT: dict[str, VisionPadding | None] = {"padding": None}
+
+
+def install_padded_vision_attention(model: Any) -> None:
+    """Run each vision block's attention over all images at once (padded, with a key mask) instead
+    of transformers' loop over images: one kernel per layer rather than one per image. Same result;
+    used only while `hidden_states` has set the padding of the batch."""
+    from transformers.models.glm4v import modeling_glm4v as hf
+
+    def forward(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        pad = _CURRENT["padding"]
+        if pad is None:
+            return self._glmv_loop_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        assert position_embeddings is not None
+        cos, sin = position_embeddings
+        q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        d = q.shape[-1]
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            buf = x.new_zeros(pad.images * pad.longest, self.num_heads, d)
+            buf[pad.index] = x.to(buf.dtype)
+            return buf.view(pad.images, pad.longest, self.num_heads, d).transpose(1, 2)
+
+        v = v.to(q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            padded(q), padded(k), padded(v), attn_mask=pad.keys, scale=self.scaling
+        )
+        out = out.transpose(1, 2).reshape(pad.images * pad.longest, self.num_heads, d)[pad.index]
+        return self.proj(out.reshape(n, -1))
+
+    for block in model.model.visual.blocks:
+        attn = block.attn
+        if not hasattr(attn, "_glmv_loop_forward"):
+            attn._glmv_loop_forward = attn.forward
+            attn.forward = types.MethodType(forward, attn)
 
 
 def image_rows(processor: ImageProcessor, pixels: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -70,7 +132,12 @@ class Batch:
 
 
 def _image_embeddings(model: Any, rows: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-    out = model.model.get_image_features(rows, grids)
+    if hasattr(model.model.visual.blocks[0].attn, "_glmv_loop_forward"):
+        _CURRENT["padding"] = VisionPadding.build([tuple(g) for g in grids.tolist()], rows.device)
+    try:
+        out = model.model.get_image_features(rows, grids)
+    finally:
+        _CURRENT["padding"] = None
     parts = getattr(out, "pooler_output", out)
     return torch.cat(list(parts)) if isinstance(parts, (list, tuple)) else parts
 

@@ -35,7 +35,11 @@ from torch.utils.data import DataLoader
 from glmv.processing.image import ImageProcessor
 from training.data import DocumentStream
 from training.demo_checkpoint import save_weights, write_skeleton
-from training.model import Batch, hidden_states
+from training.model import Batch, hidden_states, install_padded_vision_attention
+
+
+def _keep(item: Any) -> Any:
+    return item
 
 
 def _log(msg: str) -> None:
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     config = AutoConfig.from_pretrained(ckpt)
     config._attn_implementation = "sdpa"
     model = Glm4vForConditionalGeneration(config).to(device)
+    install_padded_vision_attention(model)
     n_params = sum(t.numel() for t in model.parameters())
     _log(f"model: {n_params / 1e6:.2f} M parameters on {device}")
     decay = [t for n, t in model.named_parameters() if t.ndim >= 2]
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         stream,
         batch_size=None,
         num_workers=args.workers,
+        collate_fn=_keep,  # numpy arrays through the worker pipes: no shared-memory tensors
         prefetch_factor=16 if args.workers else None,
         persistent_workers=bool(args.workers),
     )
@@ -212,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=100, desc="train", unit="%", mininterval=5, file=sys.stdout)
     last_save = time.monotonic()
-    window: dict[str, list[float]] = {"all": [], "extract": [], "qa": [], "read": []}
+    task_index = {"extract": 0, "extract_other": 0, "qa": 1, "read": 2}
+    # loss sums and token counts per task (extract, qa, read) and of the batch means, kept on the
+    # device and read every 25 steps, so the loop does not wait on the GPU each step
+    sums = torch.zeros(3, device=device)
+    counts = torch.zeros(3, device=device)
+    batch_loss = torch.zeros((), device=device)
+    n_logged = 0
     seen_tokens = 0
     wait_time = 0.0
     while progress() < 1.0:
@@ -237,33 +249,35 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         step += 1
         seen_tokens += int(batch.ids.numel())
-        elapsed += time.monotonic() - t0
-        # per-task losses, from the rows' task labels
         with torch.no_grad():
-            per_row = select.sum(1).tolist()
-            parts = torch.split(token_loss.detach(), per_row)
-            window["all"].append(float(loss))
-            for task, part in zip(batch.tasks, parts, strict=True):
-                if part.numel():
-                    window["extract" if task.startswith("extract") else task].append(float(part.mean()))
+            rows = torch.tensor([task_index[t] for t in batch.tasks], device=device)
+            token_task = rows.unsqueeze(1).expand_as(select)[select]
+            sums.scatter_add_(0, token_task, token_loss.detach())
+            counts.scatter_add_(0, token_task, torch.ones_like(token_loss))
+            batch_loss += loss.detach()
+            n_logged += 1
+        elapsed += time.monotonic() - t0
         if step % 25 == 0 or progress() >= 1.0:
-            row: dict[str, Any] = {
-                "step": step,
-                "elapsed": round(elapsed, 1),
-                "lr": opt.param_groups[0]["lr"],
-                "loss": float(np.mean(window["all"])),
-                "batch": len(seqs),
-                "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
-                "data_wait_s": round(wait_time, 1),
-            }
-            for task in ("extract", "qa", "read"):
-                row[f"loss_{task}"] = float(np.mean(window[task])) if window[task] else None
-            window = {k: [] for k in window}
+            per_task = (sums / counts.clamp(min=1)).tolist()
+            have = counts.tolist()
+            row: dict[str, Any] = {"step": step, "elapsed": round(elapsed, 1), "lr": opt.param_groups[0]["lr"],
+                                   "loss": float(batch_loss) / max(1, n_logged), "batch": len(seqs),
+                                   "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
+                                   "data_wait_s": round(wait_time, 1)}
+            for i, task in enumerate(("extract", "qa", "read")):
+                row[f"loss_{task}"] = per_task[i] if have[i] else None
+            sums.zero_()
+            counts.zero_()
+            batch_loss.zero_()
+            n_logged = 0
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", step=step)
+            if step % 100 == 0:
+                _log(json.dumps(row))
         bar.n = min(100, int(100 * progress()))
-        bar.refresh() if step % 25 == 0 else None
+        if step % 25 == 0:
+            bar.refresh()
         if time.monotonic() - last_save > args.save_every:
             torch.save(
                 {

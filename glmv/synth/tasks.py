@@ -33,7 +33,7 @@ __all__ = [
     "training_examples",
 ]
 
-TASK_WEIGHTS: dict[str, float] = {"extract": 0.42, "qa": 0.40, "read": 0.15, "extract_other": 0.03}
+TASK_WEIGHTS: dict[str, float] = {"extract": 0.45, "qa": 0.42, "read": 0.10, "extract_other": 0.03}
 SYSTEM_PROMPTS: tuple[str, ...] = (
     "You are a helpful assistant.",
     "You are a helpful assistant that reads documents.",
