@@ -26,21 +26,24 @@ install-dev: $(DEV)
 serve: $(BASE)
 	$(VENV)/bin/glmv serve $(ARGS)
 
-# Browser and Redis for the end-to-end tests (Debian packages; skipped when already present).
+# Browser, Redis and fonts for the end-to-end tests and the document generator (Debian packages;
+# skipped when already present).
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1; then \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1 \
+			|| [ ! -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
 		if [ "$$(id -u)" = "0" ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server fonts-wqy-microhei >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server \
+				fonts-wqy-microhei fonts-dejavu-core fonts-liberation >/dev/null; \
 		else \
-			echo "note: chromium/redis-server missing and not root; their tests will be skipped"; \
+			echo "note: chromium/redis-server/fonts missing and not root; their tests will be skipped"; \
 		fi; \
 	fi
 
 lint: $(DEV)
-	$(PY) -m ruff check glmv tests benchmarks
+	$(PY) -m ruff check glmv tests benchmarks training
 
 test: $(DEV) system-deps
-	$(PY) -m ruff check glmv tests benchmarks
+	$(PY) -m ruff check glmv tests benchmarks training
 	$(PY) -m pytest -q
 
 clean:

@@ -27,6 +27,7 @@ from glmv.engine.async_engine import AsyncEngine
 from glmv.engine.engine import EngineConfig, LLMEngine
 from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.errors import ModelNotFoundError
+from glmv.models.demo import demo_note
 from glmv.models.tiny import is_random_checkpoint
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.media import ImageLimits, RemoteImagePolicy
@@ -81,6 +82,7 @@ class ServerState:
     system_fingerprint: str = f"glmv-{glmv.__version__}" if hasattr(glmv, "__version__") else "glmv"
     inflight: int = 0  # chat requests admitted and not yet answered (streams: until their end)
     draining: bool = False  # set on SIGTERM: new chat requests get 503, /ready turns 503
+    demo_note: str | None = None  # set when serving glmv's demo model (glmv.models.demo)
 
 
 def resolve_model(settings: Settings) -> tuple[Path, bool]:
@@ -196,6 +198,7 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
         model_names=names,
         model_dir=model_dir,
         random_weights=is_random_checkpoint(model_dir),
+        demo_note=demo_note(model_dir),
         image_limits=settings.image_limits(),
         remote_policy=settings.remote_image_policy(),
         token_bytes=TokenBytes(core.tokenizer),
@@ -254,7 +257,8 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
             max_model_len=core.max_model_len,
             glmv={
                 "random_weights": state.random_weights,
-                "note": "random weights: answers are random text" if state.random_weights else None,
+                "demo_model": state.demo_note is not None,
+                "note": "random weights: answers are random text" if state.random_weights else state.demo_note,
                 "model_type": getattr(cfg, "model_type", None),
                 "supports_thinking_toggle": builder.chat.supports_thinking_toggle,
                 "max_images_per_request": state.image_limits.max_images,

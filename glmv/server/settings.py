@@ -472,16 +472,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from glmv.models.demo import demo_note
     from glmv.models.tiny import is_random_checkpoint
     from glmv.server.app import build_engine, create_app, resolve_model
 
     try:
         model_dir, embedded = resolve_model(settings)
         settings.model = str(model_dir)
-        print(
-            f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
-            flush=True,
-        )
+        note = demo_note(model_dir)
+        what = "model"
+        if embedded:
+            what = "the embedded demo model" if note else "the embedded tiny model"
+        print(f"glmv: loading {what} from {model_dir} ...", flush=True)
         engine = build_engine(settings)
         app = create_app(settings, engine)
     except GlmvError as exc:
@@ -500,6 +502,8 @@ def run_serve(args: argparse.Namespace) -> int:
         memory = engine.engine.memory
         if memory is not None:
             lines.append(f"  {memory.describe()}")
+        if note:
+            lines.append(f"  NOTE: {note} Pass --model DIR to serve a GLM-V checkpoint.")
         if random_weights:
             lines.append(
                 "  WARNING: this model has random weights; its answers are random text. "
