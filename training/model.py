@@ -20,7 +20,15 @@ import torch
 
 from glmv.processing.image import ImageProcessor
 
-__all__ = ["Batch", "VisionPadding", "greedy", "hidden_states", "image_rows", "install_padded_vision_attention"]
+__all__ = [
+    "Batch",
+    "VisionPadding",
+    "greedy",
+    "hidden_states",
+    "image_rows",
+    "install_cached_position_embeddings",
+    "install_padded_vision_attention",
+]
 
 
 @dataclass(slots=True)
@@ -40,8 +48,12 @@ class VisionPadding:
         keys = np.zeros((len(sizes), longest), bool)
         for i, n in enumerate(sizes):
             keys[i, :n] = True
-        return VisionPadding(len(sizes), longest, torch.from_numpy(index).to(device),
-                             torch.from_numpy(keys).to(device).view(len(sizes), 1, 1, longest))
+        return VisionPadding(
+            len(sizes),
+            longest,
+            torch.from_numpy(index).to(device),
+            torch.from_numpy(keys).to(device).view(len(sizes), 1, 1, longest),
+        )
 
 
 _CURRENT: dict[str, VisionPadding | None] = {"padding": None}
@@ -53,11 +65,18 @@ def install_padded_vision_attention(model: Any) -> None:
     used only while `hidden_states` has set the padding of the batch."""
     from transformers.models.glm4v import modeling_glm4v as hf
 
-    def forward(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self: Any,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         pad = _CURRENT["padding"]
         if pad is None:
-            return self._glmv_loop_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+            return self._glmv_loop_forward(
+                hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs
+            )
         n = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         assert position_embeddings is not None
@@ -129,6 +148,62 @@ class Batch:
             torch.tensor([s[5] for s in seqs], dtype=torch.long, device=device),
             [s[3] for s in seqs],
         )
+
+
+def install_cached_position_embeddings(model: Any) -> None:
+    """Replace the vision tower's per-patch bicubic `grid_sample` of the learned position table by a
+    matrix product with a cached interpolation matrix per image grid (the interpolation is linear
+    in the table). Same values; the backward pass becomes a matrix product instead of scattered
+    atomic adds of every patch into the small table."""
+    embeddings = model.model.visual.embeddings
+    if hasattr(embeddings, "_glmv_grid_forward"):
+        return
+    cache: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+    def weights(t: int, h: int, w: int, hc: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+        key = (t, h, w, str(hc.device))
+        found = cache.get(key)
+        if found is None:
+            side = int(embeddings.position_embedding.weight.shape[0] ** 0.5)
+            basis = torch.eye(side * side, device=hc.device, dtype=torch.float32).view(
+                1, side * side, side, side
+            )
+            norm_w = ((wc.float() + 0.5) / w) * 2 - 1
+            norm_h = ((hc.float() + 0.5) / h) * 2 - 1
+            grid = torch.stack((norm_w, norm_h), dim=-1).view(1, -1, 1, 2)
+            sampled = torch.nn.functional.grid_sample(
+                basis, grid, mode=embeddings.interpolated_method, align_corners=False, padding_mode="border"
+            )
+            found = cache[key] = sampled[0, :, :, 0].T.contiguous()  # (patches, side * side)
+        return found
+
+    def forward(
+        self: Any,
+        x: torch.Tensor,
+        lengths: Any,
+        image_shapes: torch.Tensor,
+        h_coords: torch.Tensor,
+        w_coords: torch.Tensor,
+    ) -> torch.Tensor:
+        table = self.position_embedding.weight.float()
+        sizes = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        shapes = [tuple(int(v) for v in s) for s in image_shapes.tolist()]
+        per_shape: dict[tuple[int, ...], torch.Tensor] = {}
+        parts = []
+        start = 0
+        for shape, n in zip(shapes, sizes, strict=True):
+            if shape not in per_shape:
+                t, h, w = shape
+                per_shape[shape] = (
+                    weights(t, h, w, h_coords[start : start + n], w_coords[start : start + n]) @ table
+                )
+            parts.append(per_shape[shape])
+            start += n
+        adapted = torch.cat(parts).to(self.position_embedding.weight.dtype)
+        return x + adapted.to(x.device)
+
+    embeddings._glmv_grid_forward = embeddings.forward
+    embeddings.forward = types.MethodType(forward, embeddings)
 
 
 def _image_embeddings(model: Any, rows: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,25 @@ from torch.utils.data import DataLoader
 from glmv.processing.image import ImageProcessor
 from training.data import DocumentStream
 from training.demo_checkpoint import save_weights, write_skeleton
-from training.model import Batch, hidden_states, install_padded_vision_attention
+from training.model import (
+    Batch,
+    hidden_states,
+    install_cached_position_embeddings,
+    install_padded_vision_attention,
+)
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Copy a checkpoint folder's safetensors (one file or shards) into `model` (tied lm_head kept)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise SystemExit(f"--init-from {folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _keep(item: Any) -> Any:
@@ -134,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--eval-max-new", type=int, default=0, help="cap on generated tokens in that check (0: none)"
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from the weights of this checkpoint folder (same shapes and tokenizer)",
+    )
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
+    p.add_argument("--profile-start", type=int, default=20, help="first profiled step")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -159,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     config._attn_implementation = "sdpa"
     model = Glm4vForConditionalGeneration(config).to(device)
     install_padded_vision_attention(model)
+    install_cached_position_embeddings(model)
+    if args.init_from and not (args.resume and (out / "state.pt").is_file()):
+        load_weights(model, args.init_from)
+        _log(f"weights from {args.init_from}")
     n_params = sum(t.numel() for t in model.parameters())
     _log(f"model: {n_params / 1e6:.2f} M parameters on {device}")
     decay = [t for n, t in model.named_parameters() if t.ndim >= 2]
@@ -227,7 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     n_logged = 0
     seen_tokens = 0
     wait_time = 0.0
+    profiler: Any = None
     while progress() < 1.0:
+        if args.profile and step == args.profile_start:
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
+            profiler.__enter__()
+        if profiler is not None and step == args.profile_start + 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            profiler.__exit__(None, None, None)
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            _log(profiler.key_averages().table(sort_by=sort, row_limit=25))
+            profiler = None
         t0 = time.monotonic()
         seqs = next(feed)
         t_data = time.monotonic()
@@ -260,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         if step % 25 == 0 or progress() >= 1.0:
             per_task = (sums / counts.clamp(min=1)).tolist()
             have = counts.tolist()
-            row: dict[str, Any] = {"step": step, "elapsed": round(elapsed, 1), "lr": opt.param_groups[0]["lr"],
-                                   "loss": float(batch_loss) / max(1, n_logged), "batch": len(seqs),
-                                   "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
-                                   "data_wait_s": round(wait_time, 1)}
+            row: dict[str, Any] = {
+                "step": step,
+                "elapsed": round(elapsed, 1),
+                "lr": opt.param_groups[0]["lr"],
+                "loss": float(batch_loss) / max(1, n_logged),
+                "batch": len(seqs),
+                "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
+                "data_wait_s": round(wait_time, 1),
+            }
             for i, task in enumerate(("extract", "qa", "read")):
                 row[f"loss_{task}"] = per_task[i] if have[i] else None
             sums.zero_()
