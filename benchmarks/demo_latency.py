@@ -33,13 +33,15 @@ def main() -> int:
     p.add_argument("--url")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--model", help="serve this checkpoint instead of the embedded default")
     args = p.parse_args()
     proc = None
     url = args.url
     if url is None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "glmv", "serve", "--port", str(args.port), "--log-level", "warning"],
+            [sys.executable, "-m", "glmv", "serve", "--port", str(args.port), "--log-level", "warning"]
+            + (["--model", args.model] if args.model else []),
             env=env,
             cwd=REPO,
         )
