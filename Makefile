@@ -26,23 +26,26 @@ install-dev: $(DEV)
 serve: $(BASE)
 	$(VENV)/bin/glmv serve $(ARGS)
 
-# Browser, Redis and nginx for the end-to-end and deployment tests (Debian packages; skipped
-# when already present). nginx is only used for `nginx -t` on docker/nginx/nginx.conf.
+# Browser, Redis, nginx and fonts for the end-to-end and deployment tests and the document generator
+# (Debian packages; skipped when already present). nginx is only used for `nginx -t` on
+# docker/nginx/nginx.conf.
 system-deps:
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1 \
-			|| ! { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; }; then \
+			|| ! { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } \
+			|| [ ! -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
 		if [ "$$(id -u)" = "0" ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server nginx fonts-wqy-microhei >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server nginx \
+				fonts-wqy-microhei fonts-dejavu-core fonts-liberation >/dev/null; \
 		else \
-			echo "note: chromium/redis-server/nginx missing and not root; their tests will be skipped"; \
+			echo "note: chromium/redis-server/nginx/fonts missing and not root; their tests will be skipped"; \
 		fi; \
 	fi
 
 lint: $(DEV)
-	$(PY) -m ruff check glmv tests benchmarks
+	$(PY) -m ruff check glmv tests benchmarks training
 
 test: $(DEV) system-deps
-	$(PY) -m ruff check glmv tests benchmarks
+	$(PY) -m ruff check glmv tests benchmarks training
 	$(PY) -m pytest -q
 
 clean:

@@ -1,4 +1,10 @@
-"""Where the embedded default checkpoint lives, and creating it on first use."""
+"""Where the embedded default checkpoint lives.
+
+The default is the demo model shipped in the package (`glmv/checkpoints/glmv-demo`, trained on
+synthetic documents, see its README.md). Where that folder has no weights (a source tree without
+them), the tiny random-weight checkpoint is created once (seeded) under the user's cache directory
+instead, as before.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import shutil
 from pathlib import Path
 
 DEFAULT_VARIANT = "glm41v"
+DEMO_MODEL_NAME = "glmv-demo"
 
 
 def cache_dir() -> Path:
@@ -14,8 +21,15 @@ def cache_dir() -> Path:
     return Path(base) / "glmv" if "GLMV_CACHE_DIR" not in os.environ else Path(base)
 
 
-def default_model_dir() -> Path:
-    """The embedded tiny checkpoint, created once (seeded) under the user's cache directory."""
+def demo_model_dir() -> Path | None:
+    """The shipped demo checkpoint, or None when its weights are not there."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / DEMO_MODEL_NAME
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return path if has_weights and (path / "config.json").is_file() else None
+
+
+def tiny_model_dir() -> Path:
+    """The tiny random-weight checkpoint, created once (seeded) under the user's cache directory."""
     from glmv.models.tiny import create_tiny_model
 
     path = cache_dir() / f"tiny-{DEFAULT_VARIANT}"
@@ -26,3 +40,8 @@ def default_model_dir() -> Path:
             shutil.rmtree(path)
         tmp.replace(path)
     return path
+
+
+def default_model_dir() -> Path:
+    """The checkpoint served when no --model is given: the demo model, else the tiny random one."""
+    return demo_model_dir() or tiny_model_dir()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -238,11 +239,17 @@ def _corpus_lines(seed: int) -> list[str]:
     return [line + "\n" for line in lines]
 
 
-def _train_bpe(seed: int, vocab_size: int) -> Tokenizer:
+def _train_bpe(
+    seed: int,
+    vocab_size: int,
+    corpus: Iterable[str] | None = None,
+    split_regex: str = GLM_PRETOKENIZE_REGEX,
+    max_token_length: int = 12,
+) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(GLM_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ]
     )
@@ -250,12 +257,13 @@ def _train_bpe(seed: int, vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        max_token_length=12,
+        max_token_length=max_token_length,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_corpus_lines(seed), trainer=trainer)
+    lines = _corpus_lines(seed) if corpus is None else corpus
+    tokenizer.train_from_iterator(lines, trainer=trainer)
     return tokenizer
 
 
@@ -266,7 +274,14 @@ def _added_token(content: str, special: bool) -> AddedToken:
 
 
 def write_tiny_tokenizer(
-    out_dir: Path, *, template: str = "glm41v", seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
+    out_dir: Path,
+    *,
+    template: str = "glm41v",
+    seed: int = 0,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    corpus: Iterable[str] | None = None,
+    split_regex: str = GLM_PRETOKENIZE_REGEX,
+    max_token_length: int = 12,
 ) -> TinyTokenizerInfo:
     """Train the tiny BPE and write ``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json`` and ``chat_template.jinja`` into `out_dir`.
@@ -274,6 +289,8 @@ def write_tiny_tokenizer(
     The same arguments always produce byte-identical files. `template` picks both the chat
     template and the added-token layout (``glm41v`` or ``glm46v``). `seed` orders the training
     lines; BPE counts pairs over the whole corpus, so in practice every seed gives the same merges.
+    `corpus` replaces the built-in training text and `split_regex` the GLM-4 pre-tokenizer split
+    (the demo model's tokenizer uses both: its own documents, and one digit per token).
     """
     if template not in _LAYOUTS:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
@@ -281,7 +298,7 @@ def write_tiny_tokenizer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _train_bpe(seed, vocab_size)
+    tokenizer = _train_bpe(seed, vocab_size, corpus, split_regex, max_token_length)
     base_size = tokenizer.get_vocab_size(with_added_tokens=True)
     for content, special in layout:
         if special:

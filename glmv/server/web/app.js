@@ -613,6 +613,8 @@
     const card = modelCard();
     if (card && card.glmv && card.glmv.random_weights) notice('random', t('randomWeights', { model: card.id }), 'warn', true);
     else clearNotice('random');
+    if (card && card.glmv && card.glmv.demo_model) notice('demo', t('demoModel', { model: card.id }), 'info', true);
+    else clearNotice('demo');
     const toggle = $('thinking-toggle');
     const switchable = thinkingSwitchable();
     toggle.disabled = !switchable;

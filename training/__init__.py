@@ -1,0 +1,1 @@
+"""Training and evaluation of glmv's demo model (not imported by glmv at run time)."""

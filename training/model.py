@@ -1,0 +1,281 @@
+"""The transformers GLM-4.1V model as the demo model is trained and graded on the device.
+
+`Batch.build` right-pads sequences (causal attention alone keeps padding out of every real
+token's view, so no attention mask is needed) and gathers the image rows. `hidden_states` runs
+the vision tower once per image, scatters its embeddings into the `<|image|>` slots and runs the
+language model with glmv's own M-RoPE positions. `greedy` decodes a batch without a KV cache:
+each step re-runs the prompt plus what was generated, which is simple and fast enough for a
+model of this size.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmv.processing.image import ImageProcessor
+
+__all__ = [
+    "Batch",
+    "VisionPadding",
+    "greedy",
+    "hidden_states",
+    "image_rows",
+    "install_cached_position_embeddings",
+    "install_padded_vision_attention",
+]
+
+
+@dataclass(slots=True)
+class VisionPadding:
+    """Where each image patch goes in a padded (images, longest, ...) batch, for one forward."""
+
+    images: int
+    longest: int
+    index: torch.Tensor  # (patches,) int64: image * longest + patch
+    keys: torch.Tensor  # (images, 1, 1, longest) bool: real patches
+
+    @staticmethod
+    def build(grids: list[tuple[int, int, int]], device: torch.device) -> VisionPadding:
+        sizes = [t * h * w for t, h, w in grids]
+        longest = max(sizes)
+        index = np.concatenate([np.arange(n) + i * longest for i, n in enumerate(sizes)])
+        keys = np.zeros((len(sizes), longest), bool)
+        for i, n in enumerate(sizes):
+            keys[i, :n] = True
+        return VisionPadding(
+            len(sizes),
+            longest,
+            torch.from_numpy(index).to(device),
+            torch.from_numpy(keys).to(device).view(len(sizes), 1, 1, longest),
+        )
+
+
+_CURRENT: dict[str, VisionPadding | None] = {"padding": None}
+
+
+def install_padded_vision_attention(model: Any) -> None:
+    """Run each vision block's attention over all images at once (padded, with a key mask) instead
+    of transformers' loop over images: one kernel per layer rather than one per image. Same result;
+    used only while `hidden_states` has set the padding of the batch."""
+    from transformers.models.glm4v import modeling_glm4v as hf
+
+    def forward(
+        self: Any,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        pad = _CURRENT["padding"]
+        if pad is None:
+            return self._glmv_loop_forward(
+                hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs
+            )
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        assert position_embeddings is not None
+        cos, sin = position_embeddings
+        q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        d = q.shape[-1]
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            buf = x.new_zeros(pad.images * pad.longest, self.num_heads, d)
+            buf[pad.index] = x.to(buf.dtype)
+            return buf.view(pad.images, pad.longest, self.num_heads, d).transpose(1, 2)
+
+        v = v.to(q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            padded(q), padded(k), padded(v), attn_mask=pad.keys, scale=self.scaling
+        )
+        out = out.transpose(1, 2).reshape(pad.images * pad.longest, self.num_heads, d)[pad.index]
+        return self.proj(out.reshape(n, -1))
+
+    for block in model.model.visual.blocks:
+        attn = block.attn
+        if not hasattr(attn, "_glmv_loop_forward"):
+            attn._glmv_loop_forward = attn.forward
+            attn.forward = types.MethodType(forward, attn)
+
+
+def image_rows(processor: ImageProcessor, pixels: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.cat(
+        [processor.to_patches(torch.from_numpy(np.ascontiguousarray(p)), device=device) for p in pixels]
+    )
+
+
+@dataclass(slots=True)
+class Batch:
+    ids: torch.Tensor  # (B, L) int64
+    positions: torch.Tensor  # (3, B, L) int64
+    targets: torch.Tensor  # (B, L) bool
+    lengths: list[int]
+    rows: torch.Tensor  # float32 pixel rows of every image, in sequence order
+    grids: torch.Tensor  # (B, 3)
+    tasks: list[str]
+
+    @staticmethod
+    def build(
+        seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray, tuple[int, int, int]]],
+        processor: ImageProcessor,
+        pad_id: int,
+        device: torch.device,
+    ) -> Batch:
+        """`seqs`: (ids, targets, positions, task, pixels, grid) per sequence."""
+        b = len(seqs)
+        length = max(len(s[0]) for s in seqs)
+        ids = np.full((b, length), pad_id, np.int64)
+        targets = np.zeros((b, length), bool)
+        pos = np.zeros((3, b, length), np.int64)
+        for i, (s_ids, s_tg, s_pos, *_rest) in enumerate(seqs):
+            n = len(s_ids)
+            ids[i, :n] = s_ids
+            targets[i, :n] = s_tg
+            pos[:, i, :n] = s_pos
+            pos[:, i, n:] = s_pos[:, -1:] + np.arange(1, length - n + 1)
+        rows = image_rows(processor, [s[4] for s in seqs], device)
+        return Batch(
+            torch.from_numpy(ids).to(device, non_blocking=True),
+            torch.from_numpy(pos).to(device, non_blocking=True),
+            torch.from_numpy(targets).to(device, non_blocking=True),
+            [len(s[0]) for s in seqs],
+            rows,
+            torch.tensor([s[5] for s in seqs], dtype=torch.long, device=device),
+            [s[3] for s in seqs],
+        )
+
+
+def install_cached_position_embeddings(model: Any) -> None:
+    """Replace the vision tower's per-patch bicubic `grid_sample` of the learned position table by a
+    matrix product with a cached interpolation matrix per image grid (the interpolation is linear
+    in the table). Same values; the backward pass becomes a matrix product instead of scattered
+    atomic adds of every patch into the small table."""
+    embeddings = model.model.visual.embeddings
+    if hasattr(embeddings, "_glmv_grid_forward"):
+        return
+    cache: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+    def weights(t: int, h: int, w: int, hc: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+        key = (t, h, w, str(hc.device))
+        found = cache.get(key)
+        if found is None:
+            side = int(embeddings.position_embedding.weight.shape[0] ** 0.5)
+            basis = torch.eye(side * side, device=hc.device, dtype=torch.float32).view(
+                1, side * side, side, side
+            )
+            norm_w = ((wc.float() + 0.5) / w) * 2 - 1
+            norm_h = ((hc.float() + 0.5) / h) * 2 - 1
+            grid = torch.stack((norm_w, norm_h), dim=-1).view(1, -1, 1, 2)
+            sampled = torch.nn.functional.grid_sample(
+                basis, grid, mode=embeddings.interpolated_method, align_corners=False, padding_mode="border"
+            )
+            found = cache[key] = sampled[0, :, :, 0].T.contiguous()  # (patches, side * side)
+        return found
+
+    def forward(
+        self: Any,
+        x: torch.Tensor,
+        lengths: Any,
+        image_shapes: torch.Tensor,
+        h_coords: torch.Tensor,
+        w_coords: torch.Tensor,
+    ) -> torch.Tensor:
+        table = self.position_embedding.weight.float()
+        sizes = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        shapes = [tuple(int(v) for v in s) for s in image_shapes.tolist()]
+        per_shape: dict[tuple[int, ...], torch.Tensor] = {}
+        parts = []
+        start = 0
+        for shape, n in zip(shapes, sizes, strict=True):
+            if shape not in per_shape:
+                t, h, w = shape
+                per_shape[shape] = (
+                    weights(t, h, w, h_coords[start : start + n], w_coords[start : start + n]) @ table
+                )
+            parts.append(per_shape[shape])
+            start += n
+        adapted = torch.cat(parts).to(self.position_embedding.weight.dtype)
+        return x + adapted.to(x.device)
+
+    embeddings._glmv_grid_forward = embeddings.forward
+    embeddings.forward = types.MethodType(forward, embeddings)
+
+
+def _image_embeddings(model: Any, rows: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    if hasattr(model.model.visual.blocks[0].attn, "_glmv_loop_forward"):
+        _CURRENT["padding"] = VisionPadding.build([tuple(g) for g in grids.tolist()], rows.device)
+    try:
+        out = model.model.get_image_features(rows, grids)
+    finally:
+        _CURRENT["padding"] = None
+    parts = getattr(out, "pooler_output", out)
+    return torch.cat(list(parts)) if isinstance(parts, (list, tuple)) else parts
+
+
+def hidden_states(
+    model: Any,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    grids: torch.Tensor,
+    image_token_id: int,
+    image_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    embeds = model.model.get_input_embeddings()(ids)
+    if image_embeds is None:
+        image_embeds = _image_embeddings(model, rows, grids)
+    mask = (ids == image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def greedy(
+    model: Any,
+    batch: Batch,
+    image_token_id: int,
+    stop_ids: set[int],
+    max_new_tokens: int,
+    pad_id: int,
+    deadline: float | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of every sequence of `batch` (its prompts), stop ids left out. Decoding
+    stops early at `deadline` (time.monotonic())."""
+    device = batch.ids.device
+    image_embeds = _image_embeddings(model, batch.rows, batch.grids)
+    b = batch.ids.shape[0]
+    lengths = list(batch.lengths)
+    total = max(lengths) + max_new_tokens
+    ids = torch.full((b, total), pad_id, dtype=torch.long, device=device)
+    ids[:, : batch.ids.shape[1]] = batch.ids
+    pos = torch.zeros((3, b, total), dtype=torch.long, device=device)
+    pos[:, :, : batch.positions.shape[2]] = batch.positions
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for _ in range(max_new_tokens):
+        width = max(lengths)
+        hidden = hidden_states(
+            model, ids[:, :width], pos[:, :, :width], batch.rows, batch.grids, image_token_id, image_embeds
+        )
+        last = hidden[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]
+        nxt = model.lm_head(last).float().argmax(-1).tolist()
+        for i, tok in enumerate(nxt):
+            if done[i]:
+                continue
+            if tok in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(tok)
+            n = lengths[i]
+            ids[i, n] = tok
+            pos[:, i, n] = pos[:, i, n - 1] + 1
+            lengths[i] = n + 1
+        if all(done) or (deadline is not None and time.monotonic() > deadline):
+            break
+    return out

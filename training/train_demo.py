@@ -1,0 +1,404 @@
+"""Train glmv's demo model (GLM-4.1V architecture, ~9.3 M parameters) on synthetic documents.
+
+    python -m training.train_demo --out runs/demo --time-budget 450          # on a GPU
+    python -m training.train_demo --out /tmp/t --max-steps 3 --workers 1 --device cpu --tokens 3000  # smoke run
+
+Writes into `--out`: `checkpoint/` (the skeleton from `training.demo_checkpoint` plus bf16 weights),
+`state.pt` (model, optimiser, step and elapsed time: `--resume` continues from it), `log.jsonl`
+(loss per logged step), `loss.png`, and, unless `--eval-seconds 0`, `eval.json` from
+`training.evaluate`'s held-out set graded with transformers on the training device.
+
+Documents are rendered on the fly by `--workers` DataLoader processes; each gives two sequences.
+Sequences are grouped by length into batches of at most `--tokens` padded tokens. The learning
+rate warms up over `--warmup` steps and then follows a cosine over the time budget (or the step
+budget), so a run ends on schedule on any machine. Seeds are fixed by `--seed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from glmv.processing.image import ImageProcessor
+from training.data import DocumentStream
+from training.demo_checkpoint import save_weights, write_skeleton
+from training.model import (
+    Batch,
+    hidden_states,
+    install_cached_position_embeddings,
+    install_padded_vision_attention,
+)
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Copy a checkpoint folder's safetensors (one file or shards) into `model` (tied lm_head kept)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise SystemExit(f"--init-from {folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _keep(item: Any) -> Any:
+    return item
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def batches(loader_iter: Any, pool_size: int, max_tokens: int, rng: random.Random) -> Any:
+    """Length-grouped batches of sequences from the document stream (each sequence keeps its image)."""
+    while True:
+        pool: list[tuple[Any, ...]] = []
+        while len(pool) < pool_size:
+            item = next(loader_iter)
+            pixels = np.asarray(item["pixels"])
+            grid = tuple(int(g) for g in item["grid"])
+            for ids, targets, positions, task in item["seqs"]:
+                pool.append((np.asarray(ids), np.asarray(targets), np.asarray(positions), task, pixels, grid))
+        pool.sort(key=lambda s: len(s[0]))
+        groups: list[list[tuple[Any, ...]]] = [[]]
+        for s in pool:
+            longest = max(len(s[0]), *(len(t[0]) for t in groups[-1])) if groups[-1] else len(s[0])
+            if groups[-1] and longest * (len(groups[-1]) + 1) > max_tokens:
+                groups.append([])
+            groups[-1].append(s)
+        rng.shuffle(groups)
+        yield from groups
+
+
+def plot_loss(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="all", lw=1.2)
+    for task in ("extract", "qa", "read"):
+        pts = [(r["step"], r[f"loss_{task}"]) for r in rows if r.get(f"loss_{task}") is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=task, lw=0.8, alpha=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_title("glmv demo model: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train_demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--skeleton",
+        type=Path,
+        help="reuse this checkpoint skeleton (tokenizer, configs) instead of building one",
+    )
+    p.add_argument(
+        "--time-budget", type=float, default=450.0, help="seconds of training (the schedule follows it)"
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=0, help="stop after this many steps (0: time budget only)"
+    )
+    p.add_argument("--tokens", type=int, default=65536, help="padded tokens per batch")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--save-every", type=float, default=120.0, help="seconds between state.pt saves")
+    p.add_argument("--shard-mb", type=float, default=12.0, help="split weight files above this size")
+    p.add_argument(
+        "--eval-seconds",
+        type=float,
+        default=90.0,
+        help="time for the held-out check after training (0: none)",
+    )
+    p.add_argument(
+        "--eval-scale", type=float, default=1.0, help="fraction of the default held-out set to grade"
+    )
+    p.add_argument(
+        "--eval-max-new", type=int, default=0, help="cap on generated tokens in that check (0: none)"
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from the weights of this checkpoint folder (same shapes and tokenizer)",
+    )
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
+    p.add_argument("--profile-start", type=int, default=20, help="first profiled step")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = torch.device(args.device)
+    out: Path = args.out
+    ckpt = out / "checkpoint"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m training.train_demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.skeleton:
+        if ckpt.resolve() != args.skeleton.resolve():
+            shutil.copytree(args.skeleton, ckpt, dirs_exist_ok=True)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg.setdefault("glmv_demo_model", {})["command"] = command
+        (ckpt / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    elif not (ckpt / "tokenizer.json").is_file():
+        _log("building the tokenizer and configs ...")
+        write_skeleton(ckpt, command=command)
+
+    from transformers import AutoConfig, Glm4vForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(ckpt)
+    config._attn_implementation = "sdpa"
+    model = Glm4vForConditionalGeneration(config).to(device)
+    install_padded_vision_attention(model)
+    install_cached_position_embeddings(model)
+    if args.init_from and not (args.resume and (out / "state.pt").is_file()):
+        load_weights(model, args.init_from)
+        _log(f"weights from {args.init_from}")
+    n_params = sum(t.numel() for t in model.parameters())
+    _log(f"model: {n_params / 1e6:.2f} M parameters on {device}")
+    decay = [t for n, t in model.named_parameters() if t.ndim >= 2]
+    no_decay = [t for n, t in model.named_parameters() if t.ndim < 2]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=fused,
+    )
+    step, elapsed = 0, 0.0
+    state_path = out / "state.pt"
+    log_path = out / "log.jsonl"
+    if args.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        _log(f"resumed at step {step} ({elapsed:.0f} s trained)")
+    elif log_path.exists():
+        log_path.unlink()
+
+    image_id = int(config.image_token_id)
+    pad_id = int(config.text_config.pad_token_id or 0)
+    processor = ImageProcessor.from_pretrained(ckpt)
+    stream = DocumentStream(ckpt, seed=args.seed, start=step)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=args.workers,
+        collate_fn=_keep,  # numpy arrays through the worker pipes: no shared-memory tensors
+        prefetch_factor=16 if args.workers else None,
+        persistent_workers=bool(args.workers),
+    )
+    feed = batches(
+        iter(loader),
+        pool_size=384 if device.type == "cuda" else 8,
+        max_tokens=args.tokens,
+        rng=random.Random(f"batches:{args.seed}:{step}"),
+    )
+    amp = device.type == "cuda"
+    model.train()
+
+    def lr_at(step: int, frac: float) -> float:
+        warm = min(1.0, (step + 1) / args.warmup)
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    def progress() -> float:
+        fracs = [elapsed / args.time_budget] if args.time_budget > 0 else []
+        if args.max_steps:
+            fracs.append(step / args.max_steps)
+        return max(fracs) if fracs else 1.0
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc="train", unit="%", mininterval=5, file=sys.stdout)
+    last_save = time.monotonic()
+    task_index = {"extract": 0, "extract_other": 0, "qa": 1, "read": 2}
+    # loss sums and token counts per task (extract, qa, read) and of the batch means, kept on the
+    # device and read every 25 steps, so the loop does not wait on the GPU each step
+    sums = torch.zeros(3, device=device)
+    counts = torch.zeros(3, device=device)
+    batch_loss = torch.zeros((), device=device)
+    n_logged = 0
+    seen_tokens = 0
+    wait_time = 0.0
+    profiler: Any = None
+    while progress() < 1.0:
+        if args.profile and step == args.profile_start:
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
+            profiler.__enter__()
+        if profiler is not None and step == args.profile_start + 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            profiler.__exit__(None, None, None)
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            _log(profiler.key_averages().table(sort_by=sort, row_limit=25))
+            profiler = None
+        t0 = time.monotonic()
+        seqs = next(feed)
+        t_data = time.monotonic()
+        wait_time += t_data - t0
+        batch = Batch.build(seqs, processor, pad_id, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, progress())
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            hidden = hidden_states(model, batch.ids, batch.positions, batch.rows, batch.grids, image_id)
+            select = batch.targets[:, 1:]
+            h = hidden[:, :-1][select]
+            logits = model.lm_head(h).float()
+        labels = batch.ids[:, 1:][select]
+        token_loss = F.cross_entropy(logits, labels, reduction="none")
+        loss = token_loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen_tokens += int(batch.ids.numel())
+        with torch.no_grad():
+            rows = torch.tensor([task_index[t] for t in batch.tasks], device=device)
+            token_task = rows.unsqueeze(1).expand_as(select)[select]
+            sums.scatter_add_(0, token_task, token_loss.detach())
+            counts.scatter_add_(0, token_task, torch.ones_like(token_loss))
+            batch_loss += loss.detach()
+            n_logged += 1
+        elapsed += time.monotonic() - t0
+        if step % 25 == 0 or progress() >= 1.0:
+            per_task = (sums / counts.clamp(min=1)).tolist()
+            have = counts.tolist()
+            row: dict[str, Any] = {
+                "step": step,
+                "elapsed": round(elapsed, 1),
+                "lr": opt.param_groups[0]["lr"],
+                "loss": float(batch_loss) / max(1, n_logged),
+                "batch": len(seqs),
+                "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
+                "data_wait_s": round(wait_time, 1),
+            }
+            for i, task in enumerate(("extract", "qa", "read")):
+                row[f"loss_{task}"] = per_task[i] if have[i] else None
+            sums.zero_()
+            counts.zero_()
+            batch_loss.zero_()
+            n_logged = 0
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", step=step)
+            if step % 100 == 0:
+                _log(json.dumps(row))
+        bar.n = min(100, int(100 * progress()))
+        if step % 25 == 0:
+            bar.refresh()
+        if time.monotonic() - last_save > args.save_every:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "elapsed": elapsed,
+                },
+                state_path,
+            )
+            save_weights(model.state_dict(), ckpt, shard_bytes=int(args.shard_mb * 2**20))
+            last_save = time.monotonic()
+    bar.close()
+    _log(
+        f"trained {step} steps in {elapsed:.0f} s ({seen_tokens / max(elapsed, 1e-6):.0f} padded tokens/s, "
+        f"{wait_time:.0f} s waiting for data)"
+    )
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed},
+        state_path,
+    )
+    save_weights(model.state_dict(), ckpt, shard_bytes=int(args.shard_mb * 2**20))
+    plot_loss(log_path, out / "loss.png")
+    summary = {
+        "steps": step,
+        "train_seconds": round(elapsed, 1),
+        "parameters": n_params,
+        "final_loss": json.loads(log_path.read_text().splitlines()[-1])["loss"],
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "command": command,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _log(json.dumps(summary))
+    del loader, feed
+
+    if args.eval_seconds > 0:
+        from training.evaluate import eval_items, report, run_hf, score
+
+        model.eval()
+        s = args.eval_scale
+        items = eval_items(
+            max(1, round(48 * s)), max(1, round(16 * s)), max(5, round(160 * s)), max(1, round(35 * s))
+        )
+        t0 = time.monotonic()
+        dtype = "bfloat16" if amp else "float32"
+        answers = run_hf(
+            items,
+            model,
+            str(ckpt),
+            str(device),
+            dtype,
+            deadline=time.monotonic() + args.eval_seconds,
+            max_new_cap=args.eval_max_new or None,
+        )
+        # items whose batch was never started (deadline) are left out of the scores
+        done = [i for i, a in enumerate(answers) if a is not None]
+        meta = {
+            "backend": "hf",
+            "dtype": dtype,
+            "device": str(device),
+            "items": len(items),
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        report(
+            score([items[i] for i in done], [answers[i] or "" for i in done]),
+            [items[i] for i in done],
+            [answers[i] or "" for i in done],
+            meta,
+            out / "eval.json",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
