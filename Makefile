@@ -44,9 +44,12 @@ system-deps:
 lint: $(DEV)
 	$(PY) -m ruff check glmv tests benchmarks training
 
+# The whole suite with the engine core in its own process (the default), then the engine, server
+# and task suites again with the core in a thread of the server (`--engine-mode inprocess`).
 test: $(DEV) system-deps
 	$(PY) -m ruff check glmv tests benchmarks training
 	$(PY) -m pytest -q
+	GLMV_ENGINE_MODE=inprocess $(PY) -m pytest -q tests/engine tests/server tests/tasks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
