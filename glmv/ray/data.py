@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -109,8 +110,10 @@ def run_extract_ray(args: argparse.Namespace) -> int:
     import ray
     from tqdm import tqdm
 
-    init: dict[str, Any] = {"address": args.ray_address, "include_dashboard": False, "log_to_driver": False}
-    if not args.ray_address and args.ray_num_cpus is not None:
+    # No address: RAY_ADDRESS when set, else a new local instance (never a stray cluster found on disk).
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    init: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+    if address == "local" and args.ray_num_cpus is not None:
         init["num_cpus"] = args.ray_num_cpus
     ray.init(**init)
     try:

@@ -288,7 +288,7 @@ def build_app(args: dict[str, Any]) -> Application:
     `args` holds `glmv serve` settings by field name (`model`, `max_num_seqs`, `config`,
     `rate_limit_storage`, `api_key`, ...; `GLMV_*` variables apply too) and `RayServeOptions`
     fields (`replicas`, `min_replicas`, `max_replicas`, `target_ongoing_requests`, ...)."""
-    values = dict(args or {})
+    values = {k: v for k, v in (args or {}).items() if v is not None}  # null in YAML: the default
     options = RayServeOptions.from_mapping(values)
     settings = _settings_from(values)
     return build_application(settings, options)
@@ -390,15 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GlmvError as exc:
         print(f"glmv: {exc.message}", file=sys.stderr)
         return 2
-    if args.detach and not options.ray_address:
+    if args.detach and not (options.ray_address or os.environ.get("RAY_ADDRESS")):
         print("glmv: --detach needs --ray-address (a cluster that outlives this command)", file=sys.stderr)
         return 2
 
     import ray
     from ray import serve
 
-    started_here = not options.ray_address
-    init_kwargs: dict[str, Any] = {"address": options.ray_address, "include_dashboard": False}
+    # No address: RAY_ADDRESS when set, else a new local instance (never a stray cluster found on disk).
+    address = options.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    started_here = address == "local"
+    init_kwargs: dict[str, Any] = {"address": address, "include_dashboard": False}
     if started_here and options.num_cpus is not None:
         init_kwargs["num_cpus"] = options.num_cpus
     ray.init(**init_kwargs)

@@ -1,0 +1,65 @@
+"""Fixtures for the Ray tests: one small local Ray instance per test session (loopback only).
+
+`ray_cluster` starts it on first use (2 logical CPUs, no dashboard) and stops it at the end of the
+session; the Serve and Ray Data tests share it. Modules that need Ray skip when it is missing, so
+the rest of the suite runs without the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from glmv.models.tiny import create_tiny_model
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("ray-model") / "glmv-tiny", variant="glm41v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A local Ray instance for the whole session; yields its address (for drivers in subprocesses)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        address="local",  # never a cluster some other process left running
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def png_data_url(seed: int, size: tuple[int, int] = (112, 112)) -> str:
+    """A small picture of its own per seed (coloured blocks), as a PNG data URL."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    for _ in range(6):
+        x, y = rng.randrange(size[0] - 8), rng.randrange(size[1] - 8)
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        image.paste(colour, (x, y, x + rng.randrange(4, 40), y + rng.randrange(4, 40)))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
