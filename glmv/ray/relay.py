@@ -168,8 +168,9 @@ class RelayApp:
             if attempt < self.max_attempts:
                 self.retried += 1
                 log.warning(
-                    "%s %s: replica failed before answering (%s); sending it again (%d/%d)",
-                    scope.get("method"), scope.get("path"), outcome, attempt + 1, self.max_attempts,
+                    "%s %s: replica failed before answering (%s: %s); sending it again (%d/%d)",
+                    scope.get("method"), scope.get("path"), type(outcome).__name__, outcome,
+                    attempt + 1, self.max_attempts,
                 )  # fmt: skip
         for message in _json_error(
             OverloadedError("No replica could serve the request; retry later.", code="no_replica"),

@@ -52,6 +52,16 @@ def ray_cluster() -> Iterator[str]:
             ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster: str) -> int:
+    """Serve's HTTP proxy on a free loopback port, started once for the session."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def png_data_url(seed: int, size: tuple[int, int] = (112, 112)) -> str:
     """A small picture of its own per seed (coloured blocks), as a PNG data URL."""
     rng = random.Random(seed)

@@ -96,7 +96,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
 
 @pytest.fixture(scope="module")
 def deployed(
-    ray_cluster: str, ray_model_dir: Path, redis_url: str | None, tmp_path_factory: pytest.TempPathFactory
+    serve_port: int, ray_model_dir: Path, redis_url: str | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployed]:
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
     keys_file.write_text(
@@ -115,11 +115,9 @@ def deployed(
     options = RayServeOptions(
         replicas=2, num_cpus_per_replica=0.5, ingress_num_cpus=0.25, max_ongoing_requests=32, app_name=APP
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_application(settings, options), name=APP, route_prefix="/", blocking=False)
     try:
-        yield Deployed(f"http://127.0.0.1:{port}", shared_limits=redis_url is not None)
+        yield Deployed(f"http://127.0.0.1:{serve_port}", shared_limits=redis_url is not None)
     finally:
         serve.delete(APP)
 

@@ -1,0 +1,101 @@
+"""`python -m glmv.ray.serve` (the command behind `glmv serve --ray`) against the session's Ray
+instance: it deploys, answers under its route prefix, and removes its application on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.ray.test_data import driver_env
+
+ray = pytest.importorskip("ray")
+
+from ray import serve  # noqa: E402
+
+from glmv.ray.serve import RayServeOptions, main  # noqa: E402
+
+
+def test_bad_flags_exit_2_without_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--replicas", "0"]) == 2
+    assert "--replicas must be >= 1" in capsys.readouterr().err
+    assert main(["--min-replicas", "3", "--max-replicas", "2"]) == 2
+    env = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        assert main(["--detach"]) == 2
+    finally:
+        if env is not None:
+            os.environ["RAY_ADDRESS"] = env
+    assert "--detach needs --ray-address" in capsys.readouterr().err
+    assert main(["--max-num-seqs", "0"]) == 2  # glmv serve's own settings are checked too
+
+
+def test_autoscaling_options() -> None:
+    fixed = RayServeOptions(replicas=3)
+    assert not fixed.autoscaling and fixed.autoscaling_config() is None
+    auto = RayServeOptions(min_replicas=1, max_replicas=6, target_ongoing_requests=12, upscale_delay_s=5)
+    assert auto.autoscaling_config() == {
+        "min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 12, "upscale_delay_s": 5,
+    }  # fmt: skip
+    only_max = RayServeOptions(max_replicas=4)
+    assert only_max.autoscaling_config() == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16.0,
+    }
+    assert RayServeOptions.from_mapping(
+        {"replicas": 2, "model": "x", "max_replicas": None}
+    ) == RayServeOptions(replicas=2)
+
+
+def test_one_command_deploys_serves_and_stops(serve_port: int, ray_cluster: str, ray_model_dir: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "glmv.ray.serve", "--model", str(ray_model_dir), "--served-model-name", "cli-tiny",
+        "--max-model-len", "1024", "--kv-cache-gb", "0.02", "--replicas", "1",
+        "--ray-address", ray_cluster, "--host", "127.0.0.1", "--port", str(serve_port),
+        "--app-name", "glmv-cli", "--route-prefix", "/cli",
+        "--num-cpus-per-replica", "0.25", "--ingress-num-cpus", "0.1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving on Ray Serve" in line:
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(400) and proc.poll() is None, "".join(lines)
+        base = f"http://127.0.0.1:{serve_port}/cli"
+        assert f"API: {base}/v1" in "".join(lines)
+        with httpx.Client(base_url=base, timeout=120) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["cli-tiny"]
+            body = {"model": "cli-tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hello"}]}
+            answer = client.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(180) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        reader.join(30)
+    deadline = time.monotonic() + 120
+    while "glmv-cli" in serve.status().applications:  # deleted on the way out
+        assert time.monotonic() < deadline, "the application was not removed"
+        time.sleep(0.5)
