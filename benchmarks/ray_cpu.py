@@ -1,7 +1,8 @@
 """glmv on Ray Serve on the CPU: 1 vs 2 engine replicas, and the cost of the Ray path per request.
 
 On the tiny checkpoint (created in a temp dir), in one run:
-  * `glmv serve` directly (a subprocess): latency of small requests, then throughput;
+  * `glmv serve` directly (a subprocess): latency of small requests, then throughput; once as it
+    starts by default and once with OMP_NUM_THREADS=1 (what Ray gives a 1-CPU replica);
   * the Ray Serve application (local Ray instance, the relaying front + engine replicas) with 1
     replica: the same latency and throughput workloads; then redeployed with 2 replicas.
 Latency: `--latency-requests` sequential non-streaming requests, 1 output token, short text
@@ -128,13 +129,17 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes] | None = None, timeout: 
     raise RuntimeError(f"{base} did not become ready")
 
 
-def bench_direct(ckpt: Path, args: argparse.Namespace, images: list[str]) -> tuple[Latency, Throughput]:
+def bench_direct(
+    ckpt: Path, args: argparse.Namespace, images: list[str], threads: int | None = None
+) -> tuple[Latency, Throughput]:
     port = free_port()
     cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(ckpt), "--port", str(port),
            "--served-model-name", MODEL, "--no-access-log", "--log-level", "warning"]  # fmt: skip
     for key, value in ENGINE_FLAGS.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if threads is not None:  # as Ray does for its workers (OMP_NUM_THREADS from the actor's CPUs)
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -194,8 +199,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = create_tiny_model(Path(tmp) / "tiny", variant="glm41v", seed=0)
         direct = bench_direct(ckpt, args, images)
+        direct_1 = bench_direct(ckpt, args, images, threads=1)
         on_ray = bench_ray(ckpt, args, images)
-    rows = [("glmv serve (direct)", *direct)] + [(f"Ray Serve, {n} replica(s)", *on_ray[n]) for n in (1, 2)]
+    rows = [("glmv serve (direct)", *direct), ("glmv serve (direct, OMP_NUM_THREADS=1)", *direct_1)]
+    rows += [(f"Ray Serve, {n} replica(s)", *on_ray[n]) for n in (1, 2)]
     print(f"\n{args.requests} requests x {args.tokens} tokens, {args.image}px images, concurrency {args.concurrency}; "
           f"latency: {args.latency_requests} sequential 1-token requests")  # fmt: skip
     print("| setup | latency median ms | p90 ms | req/s | output tok/s |")
@@ -204,7 +211,9 @@ def main() -> int:
         print(f"| {name} | {lat.median_ms:.1f} | {lat.p90_ms:.1f} | {thr.req_s:.2f} | {thr.tok_s:.1f} |")
     one, two = on_ray[1][1], on_ray[2][1]
     print(f"2 vs 1 replicas: {two.tok_s / one.tok_s:.2f}x output tok/s")
-    print(f"routing overhead per request (median): {on_ray[1][0].median_ms - direct[0].median_ms:+.1f} ms")
+    for name, base in (("direct", direct), ("direct, 1 thread", direct_1)):
+        overhead = on_ray[1][0].median_ms - base[0].median_ms
+        print(f"routing overhead per request (median, vs {name}): {overhead:+.1f} ms")
     return 0
 
 

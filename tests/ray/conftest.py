@@ -1,7 +1,8 @@
-"""Fixtures for the Ray tests: one small local Ray instance per test session (loopback only).
+"""Fixtures for the Ray tests: one small local Ray instance for this folder (loopback only).
 
-`ray_cluster` starts it on first use (2 logical CPUs, no dashboard) and stops it at the end of the
-session; the Serve and Ray Data tests share it. Modules that need Ray skip when it is missing, so
+`ray_cluster` starts it on first use (2 logical CPUs, no dashboard) and stops it after the last
+test of this folder (package scope), so it does not idle beside the rest of the suite; the
+Serve and Ray Data tests share it. Modules that need Ray skip when it is missing, so
 the rest of the suite runs without the `ray` extra.
 """
 
@@ -26,14 +27,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_tiny_model(tmp_path_factory.mktemp("ray-model") / "glmv-tiny", variant="glm41v", seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[str]:
-    """A local Ray instance for the whole session; yields its address (for drivers in subprocesses)."""
+    """A local Ray instance for the Ray tests; yields its address (for drivers in subprocesses)."""
     ray = pytest.importorskip("ray")
     ray.init(
         address="local",  # never a cluster some other process left running
@@ -52,9 +53,9 @@ def ray_cluster() -> Iterator[str]:
             ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_port(ray_cluster: str) -> int:
-    """Serve's HTTP proxy on a free loopback port, started once for the session."""
+    """Serve's HTTP proxy on a free loopback port, started once for the Ray tests."""
     from ray import serve
 
     port = free_port()

@@ -109,7 +109,11 @@ def deployed(
     )
     settings = Settings(model=str(ray_model_dir), served_model_name=[MODEL], **ENGINE)  # type: ignore[arg-type]
     settings.guard = GuardSettings(
-        api_keys_file=str(keys_file), rate_limit_storage=redis_url or "memory://", access_log=False
+        api_keys_file=str(keys_file),
+        rate_limit_storage=redis_url or "memory://",
+        # the client's own address reaches the replica's guard through the proxy and the front
+        allowed_ips=["127.0.0.0/8"],
+        access_log=False,
     )
     settings.validate()
     options = RayServeOptions(
