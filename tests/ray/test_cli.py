@@ -73,7 +73,7 @@ def test_one_command_deploys_serves_and_stops(serve_port: int, ray_cluster: str,
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "serving on Ray Serve" in line:
+            if "API: " in line:  # the last line printed once the application runs
                 ready.set()
         ready.set()
 
