@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -74,3 +75,27 @@ def png_data_url(seed: int, size: tuple[int, int] = (112, 112)) -> str:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+REPO = Path(__file__).resolve().parents[2]
+# A small extraction schema: a short prompt keeps the tiny model's extraction quick.
+SCHEMA = '{"type": "object", "properties": {"total": {"type": "integer"}}, "required": ["total"]}'
+
+
+def make_documents(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` small PNG files of their own colour, named doc000.png, doc001.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"doc{i:03d}.png"
+        Image.new("RGB", (40, 32), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(path)
+        paths.append(path)
+    return paths
+
+
+def driver_env() -> dict[str, str]:
+    """The environment for a glmv command in a subprocess: this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ray.test_data import driver_env
+from tests.ray.conftest import driver_env
 
 ray = pytest.importorskip("ray")
 

@@ -13,23 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray.test_extract_worker import SCHEMA, make_documents
+from tests.ray.conftest import SCHEMA, driver_env, make_documents
 
 pytest.importorskip("ray")
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def complete_lines(path: Path) -> int:
     if not path.exists():
         return 0
     return path.read_bytes().count(b"\n")
-
-
-def driver_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def test_extraction_on_two_actors_every_file_once_and_resumable_after_kill(

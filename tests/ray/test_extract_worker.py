@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
-
-from PIL import Image
 
 from glmv.extract_cli import add_extract_arguments, run_extract
 from glmv.ray.extract_worker import DocumentExtractor, ExtractJob
-
-SCHEMA = '{"type": "object", "properties": {"total": {"type": "integer"}}, "required": ["total"]}'
-
-
-def make_documents(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for i in range(count):
-        path = folder / f"doc{i:03d}.png"
-        Image.new("RGB", (40, 32), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(path)
-        paths.append(path)
-    return paths
+from tests.ray.conftest import SCHEMA, make_documents
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
