@@ -99,3 +99,33 @@ def test_one_command_deploys_serves_and_stops(serve_port: int, ray_cluster: str,
     while "glmv-cli" in serve.status().applications:  # deleted on the way out
         assert time.monotonic() < deadline, "the application was not removed"
         time.sleep(0.5)
+
+
+def test_application_wiring() -> None:
+    """What `build_application` hands to Serve (read from the bound application, before any deploy)."""
+    from glmv.ray.serve import build_application
+    from glmv.server.guard import GuardSettings
+    from glmv.server.settings import Settings
+
+    settings = Settings(model="/models/x")
+    settings.guard = GuardSettings(max_body_bytes=1234)
+    options = RayServeOptions(
+        min_replicas=1, max_replicas=3, target_ongoing_requests=5, num_gpus_per_replica=1,
+        num_cpus_per_replica=2, max_ongoing_requests=40, imbalance_threshold=3, max_attempts=2,
+    )  # fmt: skip
+    front = build_application(settings, options)._bound_deployment
+    server = front.init_args[0]._bound_deployment
+    assert front.name == "GlmvIngress" and front.init_args[1:] == (1234, 2)
+    assert server.name == "GlmvServer" and server.init_args[0] is settings
+    assert server.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+    assert server.max_ongoing_requests == 40
+    config = server._deployment_config
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 3)
+    assert config.autoscaling_config.target_ongoing_requests == 5
+    router = config.request_router_config
+    assert router.request_router_class == "glmv.ray.router.ConversationAffinityRouter"
+    assert router.request_router_kwargs == {"imbalance_threshold": 3}
+    # without GPUs in the (absent) cluster, replicas take none
+    cpu_only = build_application(settings, RayServeOptions(replicas=2))._bound_deployment.init_args[0]
+    assert cpu_only._bound_deployment.ray_actor_options["num_gpus"] == 0
+    assert cpu_only._bound_deployment.num_replicas == 2
