@@ -1,14 +1,14 @@
 """glmv on Ray Serve on the CPU: 1 vs 2 engine replicas, and the cost of the Ray path per request.
 
-On the tiny checkpoint (created in a temp dir), in one run:
-  * `glmv serve` directly (a subprocess): latency of small requests, then throughput; once as it
-    starts by default and once with OMP_NUM_THREADS=1 (what Ray gives a 1-CPU replica);
-  * the Ray Serve application (local Ray instance, the relaying front + engine replicas) with 1
-    replica: the same latency and throughput workloads; then redeployed with 2 replicas.
-Latency: `--latency-requests` sequential non-streaming requests, 1 output token, short text
-prompt (median and p90 after warm-ups); the difference to `glmv serve` is the routing overhead
-(proxy → front → handle/router → replica and back). Throughput: `--requests` requests with their
-own image, `--tokens` output tokens each (`ignore_eos`), `--concurrency` in flight. Prints a table.
+On the tiny checkpoint (created in a temp dir), `glmv serve` (a subprocess) and the Ray Serve
+application (a local Ray instance: proxy, relaying front, engine replicas) run side by side:
+  * latency: `--latency-requests` pairs of small non-streaming requests (1 output token, short
+    text prompt), one to each server in turn, so that the machine's load hits both alike; the
+    median of the per-pair differences is the routing overhead (proxy -> front -> handle/router ->
+    replica and back), measured with 1 and with 2 replicas;
+  * throughput: `--requests` requests with their own image, `--tokens` output tokens each
+    (`ignore_eos`), `--concurrency` in flight, against `glmv serve`, then 1 and 2 replicas.
+Prints a table.
 
     .venv/bin/python benchmarks/ray_cpu.py [--requests 32] [--concurrency 16] [--tokens 32]
 """
@@ -76,19 +76,33 @@ class Throughput:
         return self.requests / self.seconds
 
 
-async def latency(base: str, n: int, warmup: int = 5) -> Latency:
-    times: list[float] = []
-    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+async def paired_latency(
+    direct: str, ray_base: str, n: int, warmup: int = 5
+) -> tuple[Latency, Latency, float]:
+    """Latency of `direct` and of `ray_base`, one request to each in turn; and the median difference."""
+    times: dict[str, list[float]] = {direct: [], ray_base: []}
+    async with httpx.AsyncClient(timeout=300) as client:
         for i in range(warmup + n):
-            body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"ping {i}"}]}
-            start = time.perf_counter()
-            r = await client.post("/v1/chat/completions", json=body)
-            elapsed = time.perf_counter() - start
-            r.raise_for_status()
-            if i >= warmup:
-                times.append(elapsed * 1000)
-    times.sort()
-    return Latency(statistics.median(times), times[int(0.9 * (len(times) - 1))])
+            order = (direct, ray_base) if i % 2 == 0 else (ray_base, direct)
+            for base in order:
+                body = {
+                    "model": MODEL,
+                    "max_tokens": 1,
+                    "messages": [{"role": "user", "content": f"ping {i}"}],
+                }
+                start = time.perf_counter()
+                r = await client.post(base + "/v1/chat/completions", json=body)
+                elapsed = time.perf_counter() - start
+                r.raise_for_status()
+                if i >= warmup:
+                    times[base].append(elapsed * 1000)
+    diffs = [b - a for a, b in zip(times[direct], times[ray_base], strict=True)]
+
+    def summary(values: list[float]) -> Latency:
+        ordered = sorted(values)
+        return Latency(statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))])
+
+    return summary(times[direct]), summary(times[ray_base]), statistics.median(diffs)
 
 
 async def throughput(base: str, images: list[str], tokens: int, concurrency: int) -> Throughput:
@@ -129,32 +143,27 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes] | None = None, timeout: 
     raise RuntimeError(f"{base} did not become ready")
 
 
-def bench_direct(
-    ckpt: Path, args: argparse.Namespace, images: list[str], threads: int | None = None
-) -> tuple[Latency, Throughput]:
+def start_direct(ckpt: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(ckpt), "--port", str(port),
            "--served-model-name", MODEL, "--no-access-log", "--log-level", "warning"]  # fmt: skip
     for key, value in ENGINE_FLAGS.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    if threads is not None:  # as Ray does for its workers (OMP_NUM_THREADS from the actor's CPUs)
-        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, proc)
-        lat = asyncio.run(latency(base, args.latency_requests))
-        thr = asyncio.run(throughput(base, images, args.tokens, args.concurrency))
-        return lat, thr
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc)
+    return base, proc
 
 
-def bench_ray(
-    ckpt: Path, args: argparse.Namespace, images: list[str]
-) -> dict[int, tuple[Latency, Throughput]]:
+@dataclass
+class Row:
+    name: str
+    latency: Latency | None
+    throughput: Throughput
+
+
+def run(ckpt: Path, args: argparse.Namespace, images: list[str]) -> tuple[list[Row], dict[int, float]]:
     import ray
     from ray import serve
 
@@ -162,28 +171,47 @@ def bench_ray(
     from glmv.server.guard import GuardSettings
     from glmv.server.settings import Settings
 
+    direct, proc = start_direct(ckpt)
     ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    ray_base = f"http://127.0.0.1:{port}"
     settings = Settings(model=str(ckpt), served_model_name=[MODEL], **ENGINE_FLAGS)  # type: ignore[arg-type]
     settings.guard = GuardSettings(access_log=False)
-    out: dict[int, tuple[Latency, Throughput]] = {}
+    rows: list[Row] = []
+    overhead: dict[int, float] = {}
     try:
         for replicas in (1, 2):
             options = RayServeOptions(
                 replicas=replicas, num_cpus_per_replica=1.0, ingress_num_cpus=0.0, max_ongoing_requests=64
             )
             serve.run(build_application(settings, options), name="glmv", route_prefix="/", blocking=False)
-            wait_ready(base)
-            lat = asyncio.run(latency(base, args.latency_requests))
-            thr = asyncio.run(throughput(base, images, args.tokens, args.concurrency))
-            out[replicas] = (lat, thr)
+            wait_ready(ray_base)
+            lat_direct, lat_ray, overhead[replicas] = asyncio.run(
+                paired_latency(direct, ray_base, args.latency_requests)
+            )
+            if replicas == 1:
+                rows.append(
+                    Row(
+                        "glmv serve (direct)",
+                        lat_direct,
+                        asyncio.run(throughput(direct, images, args.tokens, args.concurrency)),
+                    )
+                )
+            rows.append(
+                Row(
+                    f"Ray Serve, {replicas} replica(s)",
+                    lat_ray,
+                    asyncio.run(throughput(ray_base, images, args.tokens, args.concurrency)),
+                )
+            )
             serve.delete("glmv")
     finally:
         serve.shutdown()
         ray.shutdown()
-    return out
+        proc.terminate()
+        proc.wait(60)
+    return rows, overhead
 
 
 def main() -> int:
@@ -192,28 +220,31 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per throughput request")
     parser.add_argument("--image", type=int, default=224, help="image side in pixels")
-    parser.add_argument("--latency-requests", type=int, default=40)
+    parser.add_argument("--latency-requests", type=int, default=100, help="request pairs for the latency")
     parser.add_argument("--ray-num-cpus", type=float, default=2)
     args = parser.parse_args()
     images = [image_url(i, args.image) for i in range(args.requests + 1)]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = create_tiny_model(Path(tmp) / "tiny", variant="glm41v", seed=0)
-        direct = bench_direct(ckpt, args, images)
-        direct_1 = bench_direct(ckpt, args, images, threads=1)
-        on_ray = bench_ray(ckpt, args, images)
-    rows = [("glmv serve (direct)", *direct), ("glmv serve (direct, OMP_NUM_THREADS=1)", *direct_1)]
-    rows += [(f"Ray Serve, {n} replica(s)", *on_ray[n]) for n in (1, 2)]
+        rows, overhead = run(ckpt, args, images)
     print(f"\n{args.requests} requests x {args.tokens} tokens, {args.image}px images, concurrency {args.concurrency}; "
-          f"latency: {args.latency_requests} sequential 1-token requests")  # fmt: skip
+          f"latency: {args.latency_requests} request pairs (1 token), direct and Ray in turn")  # fmt: skip
     print("| setup | latency median ms | p90 ms | req/s | output tok/s |")
     print("|---|---|---|---|---|")
-    for name, lat, thr in rows:
-        print(f"| {name} | {lat.median_ms:.1f} | {lat.p90_ms:.1f} | {thr.req_s:.2f} | {thr.tok_s:.1f} |")
-    one, two = on_ray[1][1], on_ray[2][1]
-    print(f"2 vs 1 replicas: {two.tok_s / one.tok_s:.2f}x output tok/s")
-    for name, base in (("direct", direct), ("direct, 1 thread", direct_1)):
-        overhead = on_ray[1][0].median_ms - base[0].median_ms
-        print(f"routing overhead per request (median, vs {name}): {overhead:+.1f} ms")
+    for row in rows:
+        lat = row.latency
+        assert lat is not None
+        print(
+            f"| {row.name} | {lat.median_ms:.1f} | {lat.p90_ms:.1f} | {row.throughput.req_s:.2f} | {row.throughput.tok_s:.1f} |"
+        )
+    one, two = rows[1].throughput, rows[2].throughput
+    print(
+        f"2 vs 1 replicas: {two.tok_s / one.tok_s:.2f}x output tok/s; 1 replica vs direct: {one.tok_s / rows[0].throughput.tok_s:.2f}x"
+    )
+    for replicas, ms in overhead.items():
+        print(
+            f"routing overhead per request, {replicas} replica(s) (median of paired differences): {ms:+.1f} ms"
+        )
     return 0
 
 
