@@ -52,7 +52,8 @@ def add_ray_extract_arguments(parser: argparse.ArgumentParser) -> None:
     add_extract_arguments(parser)
     group = parser.add_argument_group("ray")
     group.add_argument(
-        "--ray-address", help="Ray cluster to use: 'auto' or HOST:PORT (default: start one here)"
+        "--ray-address",
+        help="Ray cluster to use: 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new local instance)",
     )
     group.add_argument("--ray-num-cpus", type=float, help="CPUs of a Ray instance started here")
     group.add_argument("--num-actors", type=int, help="engines (actors); default: the cluster's GPUs, else 1")

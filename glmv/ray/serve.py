@@ -80,7 +80,9 @@ class RayServeOptions:
     ray_access_log: bool = False  # Serve's own access log lines (glmv's guard writes one per request)
     app_name: str = "glmv"
     route_prefix: str = "/"
-    ray_address: str | None = None  # None: start a local Ray instance; "auto": the running cluster
+    ray_address: str | None = (
+        None  # None: $RAY_ADDRESS, else a new local instance; "auto": the running cluster
+    )
     num_cpus: float | None = None  # CPUs of a local Ray instance started here (default: Ray's)
 
     def validate(self) -> None:
@@ -302,7 +304,8 @@ def add_ray_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ray")
     d = RayServeOptions()
     group.add_argument(
-        "--ray-address", help="Ray cluster to use: 'auto' or HOST:PORT (default: start one here)"
+        "--ray-address",
+        help="Ray cluster to use: 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new local instance)",
     )
     group.add_argument(
         "--ray-num-cpus", dest="num_cpus", type=float, help="CPUs of a Ray instance started here"

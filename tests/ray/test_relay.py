@@ -38,6 +38,7 @@ class FakeReplicas:
     def __init__(self, *scripts: list[Any]) -> None:
         self.scripts = list(scripts)
         self.calls: list[tuple[dict[str, Any], bytes, AffinityKeys]] = []
+        self.app: RelayApp | None = None
 
     async def forward(
         self, scope: dict[str, Any], body: bytes, keys: AffinityKeys
@@ -50,8 +51,10 @@ class FakeReplicas:
 
 
 def relay(replicas: FakeReplicas, **kwargs: Any) -> httpx.AsyncClient:
-    app = RelayApp(replicas.forward, is_replica_failure=lambda e: isinstance(e, ReplicaDied), **kwargs)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
+    replicas.app = RelayApp(
+        replicas.forward, is_replica_failure=lambda e: isinstance(e, ReplicaDied), **kwargs
+    )
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=replicas.app), base_url="http://front")
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -88,6 +91,7 @@ async def test_replica_failure_before_the_answer_is_retried() -> None:
         r = await client.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 200 and r.json() == {"n": 3}
     assert len(replicas.calls) == 3
+    assert replicas.app is not None and replicas.app.retried == 2
 
 
 async def test_no_replica_left_is_a_503_in_openai_shape() -> None:
@@ -108,6 +112,7 @@ async def test_stream_cut_by_a_replica_failure_ends_with_an_error_event() -> Non
     assert events[0] == '{"n":1}' and events[-1] == "[DONE]"
     error = json.loads(events[1])["error"]
     assert error["code"] == "replica_failed" and error["type"] == "internal_error"
+    assert replicas.app is not None and replicas.app.broken_streams == 1 and replicas.app.retried == 0
 
 
 async def test_other_failures_are_a_500_without_details() -> None:
