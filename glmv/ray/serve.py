@@ -52,6 +52,7 @@ __all__ = [
     "build_app",
     "build_application",
     "main",
+    "run_ray_serve",
 ]
 
 REPLICA_HEADER = "x-glmv-replica"  # which engine replica answered (a replica id, for operators and tests)
@@ -379,10 +380,16 @@ def _wait_for_signal() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m glmv.ray.serve [flags]` (and, later, `glmv serve --ray`). Exit status: 0 after a
-    clean stop (SIGTERM / Ctrl-C), 1 when the application failed to start, 2 for bad flags."""
+    """`python -m glmv.ray.serve [glmv serve flags] [Ray flags]`: see `run_ray_serve`."""
     require_ray()
-    args = build_parser().parse_args(argv)
+    return run_ray_serve(build_parser().parse_args(argv))
+
+
+def run_ray_serve(args: argparse.Namespace) -> int:
+    """Deploy and serve until SIGTERM / Ctrl-C. `args` is parsed by a parser given both
+    `add_serve_arguments` and `add_ray_serve_arguments` (so `glmv serve --ray` can reuse it).
+    Exit status: 0 after a clean stop, 1 when the application failed to start, 2 for bad flags."""
+    require_ray()
     from glmv.errors import GlmvError
     from glmv.server.settings import Settings
 
