@@ -26,13 +26,15 @@ install-dev: $(DEV)
 serve: $(BASE)
 	$(VENV)/bin/glmv serve $(ARGS)
 
-# Browser and Redis for the end-to-end tests (Debian packages; skipped when already present).
+# Browser, Redis and nginx for the end-to-end and deployment tests (Debian packages; skipped
+# when already present). nginx is only used for `nginx -t` on docker/nginx/nginx.conf.
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1; then \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v redis-server >/dev/null 2>&1 \
+			|| ! { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; }; then \
 		if [ "$$(id -u)" = "0" ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server fonts-wqy-microhei >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server nginx fonts-wqy-microhei >/dev/null; \
 		else \
-			echo "note: chromium/redis-server missing and not root; their tests will be skipped"; \
+			echo "note: chromium/redis-server/nginx missing and not root; their tests will be skipped"; \
 		fi; \
 	fi
 

@@ -81,7 +81,7 @@ def check_kernel(dev: torch.device) -> None:
 
 def tiny_gpu_vs_cpu(tmp: Path) -> None:
     ckpt = create_tiny_model(tmp / "tiny", variant="glm41v")
-    from glmv.engine.llm import LLM
+    from glmv.tasks.llm import LLM
     from tests.models.reference import noise_image
 
     convs = [
@@ -108,10 +108,8 @@ def tiny_gpu_vs_cpu(tmp: Path) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     out = {}
     for device in ("cpu", "cuda"):
-        llm = LLM(ckpt, dtype="float32", device=device)
-        out[device] = [r.outputs[0].token_ids for r in llm.chat(convs, params, use_tqdm=False)]
-        if device == "cuda":
-            assert llm.engine.runner.graphs is not None
+        with LLM(ckpt, dtype="float32", device=device) as llm:
+            out[device] = [r.outputs[0].token_ids for r in llm.chat(convs, params, use_tqdm=False)]
     same = out["cpu"] == out["cuda"]
     row("tiny checkpoint greedy tokens, CUDA (graphs + Triton) == CPU reference", str(same))
 

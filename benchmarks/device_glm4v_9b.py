@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import copy_bandwidth
 
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.engine.request import EngineRequest
 from glmv.engine.sampling import SamplingParams
 from glmv.kernels.metadata import AttentionMetadata
 from glmv.models.tiny_glm4v_9b import FULL_9B, create_tiny_glm4v_9b
+from glmv.tasks.inputs import InputBuilder, load_processors
 
 ROWS: list[tuple[str, str, str]] = []
 DEVICE = "cuda"

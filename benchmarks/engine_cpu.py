@@ -30,9 +30,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glmv.engine.llm import LLM
-from glmv.engine.sampling import SamplingParams
 from glmv.models.tiny import create_tiny_model
+from glmv.tasks.llm import LLM
+from glmv.tasks.types import SamplingParams
 
 
 def images(n: int, side: int) -> list[Image.Image]:
@@ -100,6 +100,7 @@ def bench_offline(ckpt: Path, imgs: list[Image.Image], tokens: int) -> float:
     t0 = time.perf_counter()
     results = llm.chat(convs(0), params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    llm.close()
     return sum(len(r.outputs[0].token_ids) for r in results) / elapsed
 
 

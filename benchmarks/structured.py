@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import glmv.engine.runner as runner_module
 import glmv.engine.structured as structured_module
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import load_processors
 from glmv.engine.sampling import SamplingParams
 from glmv.engine.structured import StructuredOutput, json_schema_output
 from glmv.models.tiny import create_tiny_model
+from glmv.tasks.inputs import load_processors
 from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
 

@@ -15,11 +15,11 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "LLM":
-        from glmv.engine.llm import LLM
+        from glmv.tasks.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from glmv.engine.sampling import SamplingParams
+        from glmv.tasks.types import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'glmv' has no attribute {name!r}")

@@ -104,6 +104,14 @@ class RequestTooLargeError(GlmvError):
     default_code = "request_too_large"
 
 
+class RequestReadTimeoutError(GlmvError):
+    """The client did not send its request (headers or body) in time (HTTP 408)."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+
 class RateLimitError(GlmvError):
     status_code = 429
     error_type = "rate_limit_error"

@@ -1,12 +1,44 @@
-"""Shared fixtures: the tiny checkpoints are created once per test session."""
+"""Shared fixtures: the tiny checkpoints are created once per test session.
+
+`--engine-mode process|inprocess` (or the `GLMV_ENGINE_MODE` environment variable, which the
+option sets) chooses how every engine the tests start through `start_engine` runs: the default of
+`EngineConfig.engine_mode` reads it. The `engine_mode` fixture says which mode is in force.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from glmv.engine.config import ENGINE_MODE_ENV, ENGINE_MODES, default_engine_mode
 from glmv.models.tiny import create_tiny_model
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--engine-mode",
+        choices=ENGINE_MODES,
+        default=None,
+        help=f"run the engines of the suite in this mode (sets {ENGINE_MODE_ENV}; default: process)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    mode = config.getoption("--engine-mode")
+    if mode:
+        os.environ[ENGINE_MODE_ENV] = mode
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"glmv engine mode: {default_engine_mode()}"
+
+
+@pytest.fixture(scope="session")
+def engine_mode() -> str:
+    """The mode `EngineConfig` defaults to in this run ("process" or "inprocess")."""
+    return default_engine_mode()
 
 
 @pytest.fixture(scope="session")

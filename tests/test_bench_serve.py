@@ -603,6 +603,8 @@ def glmv_server(tiny41_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     log_path = tmp_path_factory.mktemp("bench-glmv") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
     env["GLMV_CACHE_DIR"] = str(log_path.parent / "cache")
+    if os.environ.get("GLMV_ENGINE_MODE"):  # where the engine core runs, as for the other tests
+        env["GLMV_ENGINE_MODE"] = os.environ["GLMV_ENGINE_MODE"]
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(tiny41_dir), "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "2048", "--kv-cache-gb", "0.1", "--log-level", "warning",

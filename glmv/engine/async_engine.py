@@ -16,42 +16,12 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from glmv.engine.engine import EngineStats, LLMEngine
-from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput
-from glmv.errors import EngineError, GlmvError, OverloadedError
+from glmv.engine.engine import LLMEngine
+from glmv.engine.request import EngineRequest, RequestOutput, merge_outputs
+from glmv.engine.stats import EngineStats
+from glmv.errors import EngineError, GlmvError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger("glmv.engine")
-
-
-def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """One output carrying both steps' news: deltas joined per choice, the later counts and state."""
-    by_index: dict[int, CompletionDelta] = {}
-    for d in [*first.deltas, *second.deltas]:
-        cur = by_index.get(d.index)
-        if cur is None:
-            by_index[d.index] = CompletionDelta(
-                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
-                d.finish_reason, d.stop_reason,
-            )  # fmt: skip
-            continue
-        cur.text += d.text
-        cur.token_ids += d.token_ids
-        if d.logprobs is not None:
-            cur.logprobs = (cur.logprobs or []) + d.logprobs
-        if d.finish_reason is not None:
-            cur.finish_reason, cur.stop_reason = d.finish_reason, d.stop_reason
-    return RequestOutput(
-        request_id=second.request_id,
-        deltas=[by_index[i] for i in sorted(by_index)],
-        prompt_tokens=second.prompt_tokens,
-        cached_tokens=second.cached_tokens,
-        completion_tokens=second.completion_tokens,
-        finished=second.finished,
-        error=second.error or first.error,
-        arrival_time=first.arrival_time,
-        first_scheduled_time=first.first_scheduled_time or second.first_scheduled_time,
-        first_token_time=first.first_token_time or second.first_token_time,
-    )
 
 
 @dataclass(slots=True)
@@ -182,6 +152,11 @@ class AsyncEngine:
     def _handle(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Add):
             rid = cmd.request.request_id
+            if rid in self._sinks:  # answer the duplicate alone; the running request keeps its sink
+                error = InvalidRequestError(f"Duplicate request id {rid!r}.")
+                with contextlib.suppress(RuntimeError):
+                    cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, error)
+                return
             self._sinks[rid] = (cmd.sink, cmd.loop)
             try:
                 self.engine.add_request(cmd.request)

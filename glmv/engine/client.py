@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from glmv.engine.engine import EngineConfig, EngineStats
+from glmv.engine.config import EngineConfig
 from glmv.engine.request import EngineRequest, RequestOutput
+from glmv.engine.stats import EngineStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +70,21 @@ class EngineClient(Protocol):
         """Per core (one entry in-process)."""
 
 
-def start_engine(config: EngineConfig) -> EngineClient:
-    """Load the model of `config` and start its engine; the caller owns (and shuts down) the client."""
-    from glmv.engine.async_engine import AsyncEngine
-    from glmv.engine.engine import LLMEngine
+def start_engine(config: EngineConfig, *, tokenizer: Any = None) -> EngineClient:
+    """Load the model of `config` and start its engine; the caller owns (and shuts down) the client.
 
-    engine = AsyncEngine(LLMEngine(config))
-    engine.start()
-    return engine
+    `config.engine_mode` "process" starts `config.data_parallel_size` core processes behind an
+    `MPEngineClient`; "inprocess" runs the core on a thread of this process (`AsyncEngine`).
+    `tokenizer`: the checkpoint's tokenizer when the caller has already loaded it."""
+    if config.engine_mode == "inprocess":
+        from glmv.engine.async_engine import AsyncEngine
+        from glmv.engine.engine import LLMEngine
+
+        engine = AsyncEngine(LLMEngine(config, tokenizer=tokenizer))
+        engine.start()
+        return engine
+    from glmv.engine.mp_client import MPEngineClient
+
+    client = MPEngineClient(config, tokenizer=tokenizer)
+    client.start()
+    return client

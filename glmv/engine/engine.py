@@ -1,119 +1,35 @@
-"""The synchronous engine core: requests in, incremental outputs out, one step at a time.
+"""`LLMEngine`: the synchronous in-process engine, requests in, text outputs out, one step at a time.
 
-`LLMEngine.step()` schedules (continuous batching, chunked prefill, preemption), runs the model
-runner, applies the sampled tokens, detokenizes incrementally, applies stop strings and
-returns one `RequestOutput` per request that has news. `AsyncEngine` drives it from a thread;
-`LLM` drives it to completion for offline batches.
+It is an `EngineCore` (scheduler, runner, sampler: token ids) followed by the front end's
+`OutputProcessor` (detokenisation, stop strings, logprob texts), exactly the pipeline that the
+multi-process client runs across two processes; a choice ended by a stop string is stopped in the
+core within the same step. `AsyncEngine` drives it from a thread; the offline `LLM` and the tests
+drive it directly.
+
+`EngineConfig`, `EngineStats` and `MemoryReport` are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from glmv.engine.block_manager import BlockManager
-from glmv.engine.encoder_cache import EncoderCache
-from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput, TokenLogprob
-from glmv.engine.runner import ModelRunner, SeqInputs, kv_bytes_per_block
-from glmv.engine.sampler import SampledToken
-from glmv.engine.scheduler import Scheduler, SchedulerConfig
-from glmv.engine.sequence import ImageSpan, Sequence
-from glmv.engine.structured import GrammarBackend, GrammarState
-from glmv.errors import ConfigError, ContextLengthExceededError, EngineError, GlmvError, InvalidRequestError
+from glmv.engine.config import EngineConfig
+from glmv.engine.core import EngineCore, MemoryReport
+from glmv.engine.output_processor import OutputProcessor
+from glmv.engine.request import EngineRequest, RequestOutput
+from glmv.engine.stats import EngineStats
 from glmv.models.base import ServedModel
-from glmv.models.registry import load_model
-from glmv.processing.detok import IncrementalDetokenizer, StopStringMatcher
 
 if TYPE_CHECKING:
+    from glmv.engine.block_manager import BlockManager
     from glmv.engine.client import EngineInfo
+    from glmv.engine.encoder_cache import EncoderCache
+    from glmv.engine.runner import ModelRunner
+    from glmv.engine.scheduler import Scheduler
+    from glmv.engine.structured import GrammarBackend
 
-
-@dataclass(slots=True)
-class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    device: str | None = None
-    block_size: int = 16
-    kv_cache_gb: float | None = None  # default: 0.5 GB on CPU, what is left of the GPU budget on a GPU
-    gpu_memory_utilization: float = 0.9  # share of the GPU's memory glmv may use in all
-    gpu_memory_gb: float | None = None  # or an absolute cap, e.g. 24 for a 24 GB card
-    enable_cuda_graphs: bool = True
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    max_waiting: int = 1024
-    enable_prefix_caching: bool = True
-    encoder_cache_mb: int = 512
-    seed: int | None = None
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_blocks: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    encoder_cache_hits: int
-    encoder_cache_misses: int
-    images_encoded: int
-
-
-@dataclass(slots=True)
-class MemoryReport:
-    """Where the device memory goes (bytes); printed at start-up."""
-
-    budget: int
-    weights: int
-    activations: int
-    kv_cache: int
-    kv_blocks: int
-    cuda_graphs: int = 0
-    graph_capture_seconds: float = 0.0
-
-    def describe(self) -> str:
-        gib = 1024**3
-        return (
-            f"memory budget {self.budget / gib:.2f} GiB: weights {self.weights / gib:.2f}, "
-            f"activations (profiled) {self.activations / gib:.2f}, KV cache {self.kv_cache / gib:.2f} "
-            f"({self.kv_blocks} blocks), CUDA graphs {self.cuda_graphs / gib:.2f} "
-            f"(captured in {self.graph_capture_seconds:.1f} s)"
-        )
-
-
-@dataclass(slots=True)
-class _SeqState:
-    seq: Sequence
-    inputs: SeqInputs
-    detok: IncrementalDetokenizer
-    stop: StopStringMatcher
-    done: bool = False
-
-
-@dataclass(slots=True)
-class _RequestState:
-    request: EngineRequest
-    seqs: list[_SeqState]
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    error: GlmvError | None = None
-    pending: dict[int, CompletionDelta] = field(default_factory=dict)
-
-
-def _image_processor(model_dir: str) -> Any:
-    """The checkpoint's image processor, or None for a model directory without one (text-only tests)."""
-    from glmv.processing.loader import load_image_processor
-
-    try:
-        return load_image_processor(model_dir)
-    except GlmvError:
-        return None
+__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "MemoryReport"]
 
 
 class LLMEngine:
@@ -124,440 +40,95 @@ class LLMEngine:
         model: ServedModel | None = None,
         tokenizer: Any = None,
     ) -> None:
-        self.config = config
-        self.model = (
-            model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
-        )
-        if tokenizer is None:
-            from glmv.processing.loader import load_tokenizer
+        self.core = EngineCore(config, model=model, tokenizer=tokenizer)
+        self.output_processor = OutputProcessor(self.core.tokenizer)
 
-            tokenizer = load_tokenizer(config.model)
-        self.tokenizer = tokenizer
-        m = self.model
-        self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or m.max_model_len, m.max_model_len)
-        self.memory: MemoryReport | None = None
-        num_blocks = self._num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_waiting=config.max_waiting,
-                max_model_len=self.max_model_len,
-            ),
-            self.block_manager,
-        )
-        self.encoder_cache = EncoderCache(config.encoder_cache_mb * 1024 * 1024)
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            encoder_cache=self.encoder_cache,
-            image_processor=_image_processor(config.model),
-        )
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        self.runner.vocab_limit = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
-        if config.seed is not None:
-            self.runner.default_generator.manual_seed(config.seed)
-        if self.model.device.type == "cuda" and config.enable_cuda_graphs:  # pragma: no cover - CUDA
-            report = self.runner.capture_cuda_graphs(
-                max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len
-            )
-            if self.memory is not None:
-                self.memory.cuda_graphs = report.memory_bytes
-                self.memory.graph_capture_seconds = report.seconds
-        self._requests: dict[str, _RequestState] = {}
-        self._seqs: dict[int, _SeqState] = {}
-        self.images_encoded = 0
-        self._grammar: GrammarBackend | None = None  # structured output, built on first use
-        self._grammar_lock = threading.Lock()
+    # --- the core's parts, for callers that look inside (tests, the offline API) ----------------
 
-    # --- set-up ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> EngineConfig:
+        return self.core.config
 
-    def _num_kv_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.model, self.config.block_size)
-        if self.config.kv_cache_gb is not None:
-            budget = int(self.config.kv_cache_gb * 1024**3)
-        elif self.model.device.type == "cuda":  # pragma: no cover - CUDA
-            budget = self._gpu_kv_budget(per_block)
-        else:
-            budget = 512 * 1024**2
-        num_blocks = budget // per_block
-        min_blocks = (self.max_model_len + self.config.block_size - 1) // self.config.block_size
-        if num_blocks < 2:
-            raise ConfigError(
-                f"KV-cache budget of {budget / 1024**3:.2f} GB holds no blocks "
-                f"({per_block} bytes each); raise --kv-cache-gb or --gpu-memory-utilization"
-            )
-        if num_blocks < min_blocks:
-            # Fewer blocks than one full-length sequence needs: cap the context to what fits.
-            self.max_model_len = num_blocks * self.config.block_size
-        return num_blocks
+    @property
+    def model(self) -> ServedModel:
+        return self.core.model
 
-    def _gpu_kv_budget(self, per_block: int) -> int:  # pragma: no cover - CUDA
-        """What is left for KV blocks of the GPU budget after weights, profiled activations and a
-        reserve for CUDA graphs; fails with advice when that is not enough."""
-        dev = self.model.device
-        torch.cuda.synchronize(dev)
-        total = torch.cuda.get_device_properties(dev).total_memory
-        cap = total * self.config.gpu_memory_utilization
-        if self.config.gpu_memory_gb is not None:
-            cap = min(cap, self.config.gpu_memory_gb * 1024**3)
-        weights = torch.cuda.memory_allocated(dev)
-        activations = self._profile_activations()
-        reserve = (512 * 1024**2 if self.config.enable_cuda_graphs else 0) + 256 * 1024**2
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget = int(min(cap - weights - activations - reserve, free - activations - reserve))
-        need = per_block * ((self.max_model_len + self.config.block_size - 1) // self.config.block_size)
-        if budget < need:
-            gib = 1024**3
-            raise ConfigError(
-                f"not enough GPU memory for the KV cache: budget {cap / gib:.1f} GiB, weights "
-                f"{weights / gib:.1f} GiB, activations {activations / gib:.1f} GiB leave "
-                f"{max(budget, 0) / gib:.2f} GiB, but one {self.max_model_len}-token sequence needs "
-                f"{need / gib:.2f} GiB. Lower --max-model-len or --max-num-batched-tokens, use INT4 "
-                "weights, or raise --gpu-memory-gb / --gpu-memory-utilization."
-            )
-        self.memory = MemoryReport(
-            budget=int(cap),
-            weights=weights,
-            activations=activations,
-            kv_cache=budget,
-            kv_blocks=budget // per_block,
-        )
-        return budget
+    @property
+    def tokenizer(self) -> Any:
+        return self.core.tokenizer
 
-    @torch.inference_mode()
-    def _profile_activations(self) -> int:  # pragma: no cover - CUDA
-        """Peak extra memory of the largest prefill step and the largest image, measured."""
-        from glmv.kernels.metadata import AttentionMetadata
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
 
-        dev = self.model.device
-        m = self.model
-        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        bs = self.config.block_size
-        blocks = (tokens + bs - 1) // bs
-        shape = (blocks, bs, m.num_kv_heads, m.head_dim)
-        caches = [
-            (torch.empty(shape, dtype=m.dtype, device=dev), torch.empty(shape, dtype=m.dtype, device=dev))
-            for _ in range(m.num_layers)
-        ]
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
-        pos = m.positions_after_prompt(0, tokens, 0).to(dev)
-        meta = AttentionMetadata.build(
-            query_lens=[tokens],
-            seq_lens=[tokens],
-            block_tables=[list(range(blocks))],
-            block_size=bs,
-            device=dev,
-        )
-        hidden = m(ids, pos, caches, meta)
-        m.compute_logits(hidden[-min(tokens, self.config.max_num_seqs) :])
-        del hidden
-        grid = self._largest_image_grid()
-        if grid is not None:
-            t, h, w = grid
-            pixels = torch.zeros(t * h * w, m.config.vision.patch_dim, dtype=m.dtype, device=dev)
-            m.encode_images(pixels, [grid])
-            del pixels
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        del caches
-        torch.cuda.empty_cache()
-        return int(peak)
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.core.block_manager
 
-    def _largest_image_grid(self) -> tuple[int, int, int] | None:  # pragma: no cover - CUDA
-        if getattr(self.model.config, "model_type", None) != "glm4v":
-            return None
-        try:
-            from glmv.processing.image import ImageProcessorConfig, smart_resize
+    @property
+    def encoder_cache(self) -> EncoderCache:
+        return self.core.encoder_cache
 
-            cfg = ImageProcessorConfig.from_pretrained(self.config.model)
-        except Exception:
-            return None
-        side = int((cfg.max_pixels / cfg.temporal_patch_size) ** 0.5)
-        h, w = smart_resize(side, side, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-        return (1, h // cfg.patch_size, w // cfg.patch_size)
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
 
-    def info(self) -> EngineInfo:
-        from glmv.engine.client import EngineInfo
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
 
-        m = self.model
-        return EngineInfo(
-            model_dir=str(self.config.model),
-            model_type=str(getattr(m.config, "model_type", "")),
-            device=m.device.type,
-            max_model_len=self.max_model_len,
-            vocab_size=m.vocab_size,
-            image_token_id=m.image_token_id,
-            eos_token_ids=tuple(sorted(self.eos_token_ids)),
-            num_blocks=self.block_manager.num_blocks,
-            block_size=self.config.block_size,
-            memory=self.memory.describe() if self.memory is not None else None,
-        )
+    @property
+    def memory(self) -> MemoryReport | None:
+        return self.core.memory
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.core.eos_token_ids
+
+    @property
+    def images_encoded(self) -> int:
+        return self.core.images_encoded
 
     @property
     def preprocess_key(self) -> str:
-        return self.runner.preprocess_key
+        return self.core.preprocess_key
+
+    def info(self) -> EngineInfo:
+        return self.core.info()
+
+    def grammar_backend(self) -> GrammarBackend:
+        return self.core.grammar_backend()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
 
     # --- requests -------------------------------------------------------------------------------
 
     def validate(self, request: EngineRequest) -> None:
-        """Raise a client error for a request that can never run; cheap, no side effects."""
-        request.params.validate(max_model_len=self.max_model_len)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise InvalidRequestError("The prompt is empty.", param="messages")
-        if n_prompt >= self.max_model_len:
-            raise ContextLengthExceededError(
-                f"The prompt has {n_prompt} tokens; this server's context is {self.max_model_len} tokens.",
-                param="messages",
-            )
-        max_tokens = request.params.max_tokens
-        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
-            raise ContextLengthExceededError(
-                f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
-                f"context of {self.max_model_len} tokens.",
-                param="max_tokens",
-            )
-        vocab = self.model.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise InvalidRequestError("The prompt holds token ids outside the vocabulary.", param="messages")
-        image_id = self.model.image_token_id
-        expected = sum(1 for t in request.prompt_token_ids if t == image_id)
-        if expected != sum(im.length for im in request.images):
-            raise InvalidRequestError(
-                "The prompt's image placeholder tokens do not match the images supplied.", param="messages"
-            )
+        self.core.validate(request)
 
     def add_request(self, request: EngineRequest) -> None:
-        if request.request_id in self._requests:
-            raise InvalidRequestError(f"Duplicate request id {request.request_id!r}.")
-        self.validate(request)
-        params = request.params
-        grammars = self._grammar_states(request)  # structured output; may raise, before anything is queued
-        spans = [ImageSpan(im.offset, im.length, im.content_hash) for im in request.images]
-        seqs = [
-            Sequence(
-                request.request_id,
-                request.prompt_token_ids,
-                params,
-                index=i,
-                images=spans,
-                eos_token_ids=self.eos_token_ids,
-            )
-            for i in range(params.n)
-        ]
-        self.scheduler.add(seqs)  # may raise OverloadedError; nothing registered yet
-        states = []
-        for seq in seqs:
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.model.device)
-                gen.manual_seed(params.seed + seq.index)
-            state = _SeqState(
-                seq=seq,
-                inputs=SeqInputs(images=list(request.images), generator=gen, grammar=grammars[seq.index]),
-                detok=IncrementalDetokenizer(
-                    self.tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
-                ),
-                stop=StopStringMatcher(params.stop),
-            )
-            self._seqs[seq.seq_id] = state
-            states.append(state)
-        self._requests[request.request_id] = _RequestState(request, states)
-
-    def grammar_backend(self) -> GrammarBackend:
-        """The structured-output machinery for this model's tokenizer (built once, on first use;
-        the server builds it in the background at start-up). Thread-safe."""
-        with self._grammar_lock:
-            if self._grammar is None:
-                self._grammar = GrammarBackend(
-                    self.tokenizer, self.model.vocab_size, sorted(self.eos_token_ids)
-                )
-            return self._grammar
-
-    def _grammar_states(self, request: EngineRequest) -> list[GrammarState | None]:
-        """One grammar state per choice of a structured-output request (None for free text)."""
-        structured = request.params.structured
-        if structured is None:
-            return [None] * request.params.n
-        backend = self.grammar_backend()
-        budget = self.max_model_len - len(request.prompt_token_ids)
-        if request.params.max_tokens is not None:
-            budget = min(budget, request.params.max_tokens)
-        return [
-            backend.new_state(structured, request.prompt_token_ids, budget) for _ in range(request.params.n)
-        ]
+        self.core.add_request(request)  # may raise; then nothing is registered
+        self.output_processor.add(request)
 
     def abort(self, request_id: str) -> bool:
-        state = self._requests.pop(request_id, None)
-        self.scheduler.abort(request_id)
-        if state is None:
-            return False
-        for s in state.seqs:
-            self._seqs.pop(s.seq.seq_id, None)
-        return True
+        self.output_processor.abort(request_id)
+        return self.core.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return self.core.has_unfinished()
 
     @property
     def num_requests(self) -> int:
-        return len(self._requests)
-
-    def stats(self) -> EngineStats:
-        bm = self.block_manager
-        return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_usage=bm.usage,
-            num_blocks=bm.num_blocks,
-            prefix_cache_queries=bm.prefix_cache_queries,
-            prefix_cache_hits=bm.prefix_cache_hits,
-            encoder_cache_hits=self.encoder_cache.hits,
-            encoder_cache_misses=self.encoder_cache.misses,
-            images_encoded=self.images_encoded,
-        )
-
-    # --- one step -------------------------------------------------------------------------------
+        return self.core.num_requests
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        now = time.monotonic()
-        inputs: dict[int, SeqInputs] = {}
-        for chunk in out.chunks:
-            state = self._seqs[chunk.seq.seq_id]
-            inputs[chunk.seq.seq_id] = state.inputs
-            req = self._requests[chunk.seq.request_id]
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        try:
-            result = self.runner.execute(out.chunks, inputs)
-        except Exception as exc:  # the whole step failed: fail its requests, keep the engine alive
-            touched = {c.seq.request_id for c in out.chunks}
-            outputs = []
-            for rid in touched:
-                req = self._requests.get(rid)
-                if req is not None:
-                    req.error = EngineError(f"model execution failed: {exc}")
-                    for s in req.seqs:
-                        self.scheduler.finish(s.seq, "error")
-                    outputs.append(self._collect(req))
-            return outputs
-        self.images_encoded += result.encoded_images
-        for seq_id, message in result.failed.items():
-            state = self._seqs[seq_id]
-            req = self._requests[state.seq.request_id]
-            req.error = EngineError(message, code="request_failed")
-            self.scheduler.finish(state.seq, "error")
-        self.scheduler.postprocess(out, {sid: t.token_id for sid, t in result.sampled.items()})
-
-        touched_requests: dict[str, _RequestState] = {}
-        now = time.monotonic()
-        for chunk in out.chunks:
-            state = self._seqs.get(chunk.seq.seq_id)
-            if state is None or state.done:
-                continue
-            req = self._requests[chunk.seq.request_id]
-            sampled = result.sampled.get(chunk.seq.seq_id)
-            if sampled is not None:
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                self._apply_token(state, req, sampled)
-                touched_requests[req.request.request_id] = req
-            if state.seq.is_finished and not state.done:
-                self._finish_seq(state, req)
-                touched_requests[req.request.request_id] = req
-        for seq_id in result.failed:
-            state = self._seqs.get(seq_id)
-            if state is not None:
-                req = self._requests[state.seq.request_id]
-                if not state.done:
-                    self._finish_seq(state, req)
-                touched_requests[req.request.request_id] = req
-        return [self._collect(req) for req in touched_requests.values()]
-
-    def _delta(self, state: _SeqState, req: _RequestState) -> CompletionDelta:
-        d = req.pending.get(state.seq.index)
-        if d is None:
-            want_lp = state.seq.params.logprobs is not None
-            d = CompletionDelta(
-                index=state.seq.index, text="", token_ids=[], logprobs=[] if want_lp else None
-            )
-            req.pending[state.seq.index] = d
-        return d
-
-    def _apply_token(self, state: _SeqState, req: _RequestState, sampled: SampledToken) -> None:
-        seq = state.seq
-        delta = self._delta(state, req)
-        token = sampled.token_id
-        delta.token_ids.append(token)
-        grammar = state.inputs.grammar
-        if grammar is not None:  # structured output: the constraint follows the sampled token
-            grammar.advance(token)
-            if grammar.error is not None and not seq.is_finished:
-                req.error = EngineError(
-                    f"structured output failed: {grammar.error}", code="structured_output_failed"
-                )
-                self.scheduler.finish(seq, "error")
-        if delta.logprobs is not None and sampled.logprob is not None:
-            tok = self.tokenizer
-            top = [(t, tok.decode([t]), lp) for t, lp in (sampled.top_logprobs or [])]
-            delta.logprobs.append(TokenLogprob(token, tok.decode([token]), sampled.logprob, top))
-        # An eos or stop token ends the text; it is not part of it.
-        ended_by_token = seq.is_finished and seq.finish_reason == "stop"
-        if ended_by_token or state.stop.stopped:
-            return
-        text, stopped = state.stop.feed(state.detok.add([token]))
-        delta.text += text
-        if stopped:
-            self.scheduler.finish(seq, "stop", state.stop.matched)
-
-    def _finish_seq(self, state: _SeqState, req: _RequestState) -> None:
-        seq = state.seq
-        delta = self._delta(state, req)
-        if not state.stop.stopped:
-            tail, _ = state.stop.feed(state.detok.finish())
-            delta.text += tail + state.stop.flush()
-        delta.finish_reason = seq.finish_reason
-        delta.stop_reason = seq.stop_reason
-        state.done = True
-
-    def _collect(self, req: _RequestState) -> RequestOutput:
-        deltas = sorted(req.pending.values(), key=lambda d: d.index)
-        req.pending = {}
-        finished = all(s.done or s.seq.is_finished for s in req.seqs)
-        if finished:
-            for s in req.seqs:
-                if not s.done:
-                    self._finish_seq(s, req)
-                    deltas.append(req.pending.pop(s.seq.index))
-            rid = req.request.request_id
-            self._requests.pop(rid, None)
-            for s in req.seqs:
-                self._seqs.pop(s.seq.seq_id, None)
-        first = req.seqs[0].seq
-        return RequestOutput(
-            request_id=req.request.request_id,
-            deltas=deltas,
-            prompt_tokens=first.num_prompt_tokens,
-            cached_tokens=first.num_cached_tokens,
-            completion_tokens=sum(s.seq.num_output_tokens for s in req.seqs),
-            finished=finished,
-            error=req.error,
-            arrival_time=req.request.arrival_time,
-            first_scheduled_time=req.first_scheduled_time,
-            first_token_time=req.first_token_time,
-        )
+        outputs, stops = self.output_processor.process(self.core.step())
+        for request_id, index in stops:
+            self.core.stop_seq(request_id, index)
+        return outputs
 
     def run_until_done(self, request_ids: Iterable[str] | None = None) -> None:
         wanted = set(request_ids) if request_ids is not None else None
-        while self.has_unfinished() and (wanted is None or wanted & self._requests.keys()):
+        while self.has_unfinished() and (wanted is None or any(r in self.output_processor for r in wanted)):
             self.step()

@@ -68,10 +68,25 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def validate(self, *, max_model_len: int | None = None) -> None:
-        """Raise `InvalidRequestError` (with `param`) for the first value out of range."""
+    def validate(
+        self,
+        *,
+        max_model_len: int | None = None,
+        vocab_size: int | None = None,
+        max_sequences: int | None = None,
+    ) -> None:
+        """Raise `InvalidRequestError` (with `param`) for the first value out of range.
+
+        `vocab_size` bounds `stop_token_ids`; `max_sequences` is the most sequences the engine can
+        ever queue at once (its `max_waiting`): a larger `n` could never be admitted."""
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise _invalid("n", f"n must be an integer between 1 and {MAX_N}, got {self.n!r}.")
+        if max_sequences is not None and self.n > max_sequences:
+            raise _invalid(
+                "n",
+                f"n ({self.n}) is more than this server can ever queue at once ({max_sequences} "
+                "sequences, see --max-waiting).",
+            )
         if self.max_tokens is not None:
             if not _is_int(self.max_tokens) or self.max_tokens < 1:
                 raise _invalid("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
@@ -128,6 +143,11 @@ class SamplingParams:
         for i, t in enumerate(self.stop_token_ids):
             if not _is_int(t) or t < 0:
                 raise _invalid(f"stop_token_ids[{i}]", f"token ids must be integers >= 0, got {t!r}.")
+            if vocab_size is not None and t >= vocab_size:
+                raise _invalid(
+                    f"stop_token_ids[{i}]",
+                    f"{t} is not a token id of this model (its vocabulary has {vocab_size} ids).",
+                )
         if not isinstance(self.ignore_eos, bool):
             raise _invalid("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}.")
         if self.logprobs is not None and (

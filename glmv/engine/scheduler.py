@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from glmv.engine.block_manager import BlockManager
+from glmv.engine.config import EngineConfig
 from glmv.engine.sequence import Sequence, SequenceStatus
 from glmv.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, OverloadedError
 
@@ -35,22 +36,6 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 8192
-    max_waiting: int = 1024
-    max_model_len: int = 32768
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.", param=name)
-        if self.max_waiting < 0:
-            raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}.", param="max_waiting")
 
 
 @dataclass(slots=True)
@@ -93,14 +78,20 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting queue + running batch over a `BlockManager`; see the module docstring for the policy."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, *, max_model_len: int | None = None
+    ) -> None:
+        """`max_model_len`: the context limit the engine settled on (the model's, capped by the
+        config and the KV cache); by default the config's, else all of the KV cache."""
         self.config = config
         self.block_manager = block_manager
+        capacity = block_manager.num_blocks * block_manager.block_size
+        self.max_model_len = max_model_len or config.max_model_len or capacity
         # Every running sequence must be able to decode in every step, so no more may run than
         # the token budget has tokens.
         self.max_running = min(config.max_num_seqs, config.max_num_batched_tokens)
         # The longest a sequence may get: the context limit, or all of the KV cache if smaller.
-        self.max_seq_len = min(config.max_model_len, block_manager.num_blocks * block_manager.block_size)
+        self.max_seq_len = min(self.max_model_len, capacity)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_seq_len:
             raise ConfigError(
                 f"Without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) must "
@@ -153,9 +144,9 @@ class Scheduler:
         for seq in seqs:
             if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
                 raise ValueError(f"{seq!r} was already scheduled")
-            if seq.num_tokens > self.config.max_model_len:
+            if seq.num_tokens > self.max_model_len:
                 raise ContextLengthExceededError(
-                    f"This model's maximum context length is {self.config.max_model_len} tokens, "
+                    f"This model's maximum context length is {self.max_model_len} tokens, "
                     f"but the prompt has {seq.num_tokens} tokens."
                 )
             if seq.num_tokens > block_capacity:

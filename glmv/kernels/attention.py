@@ -8,12 +8,25 @@ Cache layout (one pair per decoder layer): `k_cache`, `v_cache` of shape
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from glmv.kernels.metadata import AttentionMetadata
+
+
+def _lower_right(q_len: int, s_len: int, device: torch.device) -> Any:
+    """The causal mask of a chunk after a cached prefix (aligned to the bottom-right corner).
+
+    On the CPU this is the boolean mask itself, which is what SDPA materialises from the bias
+    object there anyway; elsewhere the bias object keeps SDPA on its fused kernels. Its module is
+    imported only then: it pulls in torch._dynamo, seconds of start-up for every engine core."""
+    if device.type == "cpu":
+        return torch.ones(q_len, s_len, dtype=torch.bool).tril(s_len - q_len)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(q_len, s_len)
 
 
 def write_kv_reference(
@@ -93,7 +106,9 @@ def _attend_each(
             group = qi.shape[1] // k.shape[1]
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=causal_lower_right(q_len, s_len), scale=scale)
+            o = F.scaled_dot_product_attention(
+                qi, k, v, attn_mask=_lower_right(q_len, s_len, qi.device), scale=scale
+            )
         out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
 

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmv.models.quant.int4 import int4_matmul_reference
+from glmv.kernels.int4_reference import int4_matmul_reference
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ packed tensors are converted into glmv's layout, fused like the float ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -226,11 +227,47 @@ def load_weights(
         raise CheckpointError(f"checkpoint is missing tensors for: {shown}")
 
 
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+)
+
+
+@contextlib.contextmanager
+def _meta_init() -> Iterator[None]:
+    """Build modules on the meta device without running their weight initialisers: the values
+    are thrown away anyway, and random draws on meta tensors import torch._dynamo (seconds of
+    start-up in every engine core process)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _materialize(model: Glm4vModel, device: torch.device) -> Glm4vModel:
+    """`model.to_empty(device)` without `empty_like` on meta tensors (whose Python reference
+    implementation imports sympy: seconds of start-up)."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Glm4vModel:
     """An uninitialised model of the given shape, allocated directly on `device`."""
-    with torch.device("meta"):
+    with _meta_init():
         model = Glm4vModel(config).to(dtype)  # cast while still on meta: no full-precision copy
-    model = model.to_empty(device=device)
+    model = _materialize(model, device)
     # LayerNorm/RMSNorm parameters stay in the model dtype (as in transformers).
     return model.eval().requires_grad_(False)
 
@@ -277,7 +314,7 @@ def load_model(
         model = build_model(config, resolve_dtype(dtype, dev), dev)
     else:
         if weightless:
-            with torch.device("meta"):
+            with _meta_init():
                 shapes = Glm4vModel(config)
             names = quantizable_linears(shapes, quant.group_size, skip=quant.modules_to_not_convert)
         else:
@@ -299,13 +336,13 @@ def build_quantized_model(
 ) -> Glm4vModel:
     """Like `build_model`, with the linear layers named in `quantized` made `Int4Linear`s before
     anything is allocated (so the full-precision weights never exist)."""
-    with torch.device("meta"):
+    with _meta_init():
         model = Glm4vModel(config).to(dtype)
     try:
         replace_linears(model, quantized, group_size, dtype=dtype)
     except (AttributeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot hold the 4-bit layers of this checkpoint: {exc}") from exc
-    model = model.to_empty(device=device)
+    model = _materialize(model, device)
     return model.eval().requires_grad_(False)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from glmv.errors import CheckpointError
+from glmv.errors import CheckpointError, ConfigError
 from glmv.models.base import ServedModel
 
 Loader = Callable[..., Any]
@@ -49,10 +49,20 @@ def model_type_of(path: str | Path) -> str:
     return str(data.get("model_type")) if isinstance(data, dict) else ""
 
 
+QUANTIZATIONS = ("fp8",)
+
+
 def load_model(
-    path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    quantization: str | None = None,
 ) -> ServedModel:
-    """Load any supported checkpoint directory as a `ServedModel`."""
+    """Load any supported checkpoint directory as a `ServedModel`; `quantization="fp8"` rounds the
+    large linear layers to FP8 weights after loading (INT4 checkpoints say so in their config)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r} (supported: {', '.join(QUANTIZATIONS)})")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -65,4 +75,9 @@ def load_model(
         raise CheckpointError(
             f"{path / 'config.json'}: model_type {kind!r} is not supported (supported: {', '.join(sorted(LOADERS))})"
         )
-    return LOADERS[kind](path, dtype, device)
+    model = LOADERS[kind](path, dtype, device)
+    if quantization == "fp8":
+        from glmv.models.quant.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)  # type: ignore[arg-type]
+    return model

@@ -33,6 +33,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from glmv.errors import CheckpointError, InvalidRequestError
+from glmv.processing.text_checks import PromptLimit, TokenBound
 from glmv.processing.tiny_tokenizer import TEMPLATE_NAMES, builtin_template
 from glmv.processing.tokenizer import Tokenizer
 
@@ -270,6 +271,16 @@ class ChatProcessor:
                 param="tokenizer.json",
             )
         self.image_token_id: int = image_token_id
+        self.prompt_limit: PromptLimit | None = None
+
+    def limit_prompt(self, max_tokens: int | None) -> None:
+        """Refuse prompts of `max_tokens` tokens or more before tokenising them (see
+        `glmv.processing.text_checks`); None lifts the limit."""
+        self.prompt_limit = (
+            None
+            if max_tokens is None
+            else PromptLimit(max_tokens, self.tokenizer.encode, TokenBound.of(self.tokenizer))
+        )
 
     @staticmethod
     def _resolve_template(tokenizer: Tokenizer, template: str | None) -> str:
@@ -365,6 +376,8 @@ class ChatProcessor:
                 f"message text must not contain {self.image_token}, and the chat template must place every image",
                 param="messages",
             )
+        if self.prompt_limit is not None:
+            self.prompt_limit.check(pieces)
         token_ids: list[int] = []
         spans: list[ImageSpan] = []
         # The image token is an added token, so the tokenizer splits on it before anything else:

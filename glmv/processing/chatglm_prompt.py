@@ -36,6 +36,7 @@ from typing import Any
 from glmv.errors import InvalidRequestError
 from glmv.processing.chat import ImageSpan, Prompt, as_mapping
 from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
+from glmv.processing.text_checks import PromptLimit, TokenBound
 
 __all__ = ["IMAGE_PLACEHOLDER", "ChatGLMPromptBuilder"]
 
@@ -139,6 +140,15 @@ class ChatGLMPromptBuilder:
         self.eoi_id = tokenizer.special_id("<|end_of_image|>")
         self.image_token_id = tokenizer.special_id("<|endoftext|>")
         self._newline = tokenizer.encode_text("\n")
+        self.prompt_limit: PromptLimit | None = None
+
+    def limit_prompt(self, max_tokens: int | None) -> None:
+        """Refuse prompts of `max_tokens` tokens or more before tokenising them."""
+        self.prompt_limit = (
+            None
+            if max_tokens is None
+            else PromptLimit(max_tokens, self.tokenizer.encode_text, TokenBound.of(self.tokenizer))
+        )
 
     @staticmethod
     def count_images(messages: Sequence[Any]) -> int:
@@ -207,6 +217,8 @@ class ChatGLMPromptBuilder:
                 raise InvalidRequestError(
                     f"image token counts must be integers >= 3, got {count!r}", param="messages"
                 )
+        if self.prompt_limit is not None:
+            self.prompt_limit.check([m.text for m in parsed])
         ids = [self.gmask_id, self.sop_id]
         spans: list[ImageSpan] = []
         image_index = 0

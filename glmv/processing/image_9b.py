@@ -11,7 +11,9 @@ pixels for the content. Turn it on with ``"resize_mode": "letterbox"`` in the ch
 ``preprocessor_config.json`` (the original ships none; ``image_size`` comes from
 ``config.json``'s ``vision_config``).
 
-Transparent images are composited onto white first. Every image becomes one
+Transparent images are composited onto white first. `prepare` does the CPU part only (resized
+uint8 pixels, ``ResizedImage9b``: what travels to the engine) and `to_patches` normalises those
+pixels on any device; `preprocess` does both on the CPU. Every image becomes one
 ``ProcessedImage9b`` with ``pixel_values`` of shape ``[1, 3, S, S]`` (float32), its patch grid
 ``(1, S/14, S/14)``, a content hash over the settings and the resized pixels (the key of the
 prefix and image-embedding caches), and ``num_tokens`` = its span in the prompt
@@ -32,7 +34,7 @@ from PIL import Image
 
 from glmv.errors import CheckpointError, InvalidImageError
 
-__all__ = ["RESIZE_MODES", "ImageProcessor9b", "ImageProcessor9bConfig", "ProcessedImage9b"]
+__all__ = ["RESIZE_MODES", "ImageProcessor9b", "ImageProcessor9bConfig", "ProcessedImage9b", "ResizedImage9b"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -129,6 +131,21 @@ class ProcessedImage9b:
         return (h // 2) * (w // 2) + 2
 
 
+@dataclass(slots=True)
+class ResizedImage9b:
+    """One image after resize, before normalisation: what the engine ships to its device."""
+
+    pixels: np.ndarray  # (S, S, 3) uint8
+    grid_thw: tuple[int, int, int]  # (1, S / patch, S / patch)
+    content_hash: str
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions of this image's span in the prompt (merged patches + begin/end-of-image)."""
+        _, h, w = self.grid_thw
+        return (h // 2) * (w // 2) + 2
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -201,6 +218,27 @@ class ImageProcessor9b:
         """(S, S, 3) uint8 → float32 [1, 3, S, S]: ``(u / 255 - mean) / std``."""
         t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
         return torch.addcmul(self._bias, t, self._scale).unsqueeze(0).contiguous()
+
+    def prepare(self, image: Image.Image) -> ResizedImage9b:
+        """The CPU part only: resized uint8 pixels, their grid and their content hash."""
+        pixels = self.resize(image)
+        grid = self._config.grid
+        return ResizedImage9b(pixels=pixels, grid_thw=(1, grid, grid), content_hash=self.content_hash(pixels))
+
+    def to_patches(
+        self,
+        pixels: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Resized (S, S, 3) uint8 pixels → normalised ``[1, 3, S, S]`` on `device` (the uint8
+        pixels move first: 4x fewer bytes than float32)."""
+        t = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
+        if device is not None:
+            t = t.to(device, non_blocking=True)
+        scale, bias = self._scale.to(t.device), self._bias.to(t.device)
+        out = torch.addcmul(bias, t.permute(2, 0, 1).float(), scale).unsqueeze(0).contiguous()
+        return out if dtype == torch.float32 else out.to(dtype)
 
     def preprocess(self, image: Image.Image) -> ProcessedImage9b:
         pixels = self.resize(image)

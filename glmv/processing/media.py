@@ -972,6 +972,51 @@ async def _read_response(
 _SCHEME_RE: Final = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]{0,31}):")
 
 
+async def fetch_image_data(
+    url: str,
+    *,
+    param: str,
+    limits: ImageLimits,
+    remote: RemoteImagePolicy,
+    resolver: Resolver | None = None,
+    transport_factory: TransportFactory | None = None,
+) -> bytes:
+    """The encoded image bytes behind one `image_url.url` value, not decoded yet.
+
+    `data:` URLs are decoded from base64; `http(s)` URLs are fetched under `remote` (rejected
+    when remote images are disabled); anything else is rejected. `param` names the offending
+    input in errors, e.g. `messages[2].content[1].image_url`.
+    """
+    if not isinstance(url, str):
+        raise InvalidImageError("image URL must be a string", param=param)
+    url = url.strip()
+    if not url:
+        raise InvalidImageError(
+            "image URL is empty; send a base64 data URL (data:image/png;base64,...)", param=param
+        )
+    match = _SCHEME_RE.match(url)
+    scheme = match.group(1).lower() if match else None
+    if scheme == "data":
+        return decode_data_url(url, param=param, limits=limits)
+    if scheme in ("http", "https"):
+        if not remote.enabled:
+            raise _remote_disabled_error(param)
+        return await _fetch_remote(
+            url,
+            policy=remote,
+            param=param,
+            max_bytes=min(remote.max_bytes, limits.max_image_bytes),
+            resolver=resolver,
+            transport_factory=transport_factory,
+        )
+    accepted = "a base64 data URL (data:image/png;base64,...)"
+    if remote.enabled:
+        accepted += " or an https URL" if not remote.allow_http else " or an http(s) URL"
+    if scheme is None:
+        raise InvalidImageError(f"image URL has no scheme; send {accepted}", param=param)
+    raise InvalidImageError(f"unsupported image URL scheme {scheme!r}; send {accepted}", param=param)
+
+
 async def resolve_image(
     url: str,
     *,
@@ -982,44 +1027,13 @@ async def resolve_image(
     resolver: Resolver | None = None,
     transport_factory: TransportFactory | None = None,
 ) -> Image.Image:
-    """Turn one `image_url.url` value into a validated RGB image.
-
-    `data:` URLs are decoded; `http(s)` URLs are fetched under `remote` (rejected when remote
-    images are disabled); anything else is rejected. Decoding runs in a worker thread. `param`
-    names the offending input in errors, e.g. `messages[2].content[1].image_url`.
-    """
-    if not isinstance(url, str):
-        raise InvalidImageError("image URL must be a string", param=param)
-    url = url.strip()
-    if not url:
-        raise InvalidImageError(
-            "image URL is empty; send a base64 data URL (data:image/png;base64,...)", param=param
-        )
-    if budget is not None:
+    """Turn one `image_url.url` value into a validated RGB image (`fetch_image_data`, then
+    `load_image` in a worker thread)."""
+    if budget is not None and isinstance(url, str) and url.strip():
         budget.add_image(param=param)
-
-    match = _SCHEME_RE.match(url)
-    scheme = match.group(1).lower() if match else None
-    if scheme == "data":
-        data = decode_data_url(url, param=param, limits=limits)
-    elif scheme in ("http", "https"):
-        if not remote.enabled:
-            raise _remote_disabled_error(param)
-        data = await _fetch_remote(
-            url,
-            policy=remote,
-            param=param,
-            max_bytes=min(remote.max_bytes, limits.max_image_bytes),
-            resolver=resolver,
-            transport_factory=transport_factory,
-        )
-    else:
-        accepted = "a base64 data URL (data:image/png;base64,...)"
-        if remote.enabled:
-            accepted += " or an https URL" if not remote.allow_http else " or an http(s) URL"
-        if scheme is None:
-            raise InvalidImageError(f"image URL has no scheme; send {accepted}", param=param)
-        raise InvalidImageError(f"unsupported image URL scheme {scheme!r}; send {accepted}", param=param)
+    data = await fetch_image_data(
+        url, param=param, limits=limits, remote=remote, resolver=resolver, transport_factory=transport_factory
+    )
     return await asyncio.to_thread(load_image, data, param=param, limits=limits, budget=budget)
 
 
@@ -1030,6 +1044,7 @@ __all__ = [
     "Resolver",
     "TransportFactory",
     "decode_data_url",
+    "fetch_image_data",
     "fetch_remote_image",
     "load_image",
     "resolve_image",

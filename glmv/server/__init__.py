@@ -1,6 +1,8 @@
-"""glmv's HTTP server: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`), health,
-readiness and Prometheus endpoints, the guardrails and the web chat page.
+"""glmv's HTTP server: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`, extraction,
+moderation), health, readiness and Prometheus endpoints, the guardrails and the web chat page.
 
-Start it with `glmv serve` (see `glmv.server.settings`), or build the ASGI app yourself with
-`glmv.server.app.create_app(settings, async_engine)`.
+The routes are thin adapters: protocol validation, then the generation service of `glmv.tasks`,
+then JSON or SSE. Start it with `glmv serve` (`glmv.cli.serve`; settings in
+`glmv.server.settings`), or build the ASGI app yourself with
+`glmv.server.app.create_app(settings)` (optionally over a started `EngineClient`).
 """

@@ -1,39 +1,35 @@
 """The FastAPI application of `glmv serve`.
 
-`create_app(settings, async_engine=None)` wires everything together: the chat-completions route,
-`/v1/models`, `/health` (the process lives), `/ready` (the engine runs and the server is not
-draining), `/metrics` (Prometheus, one registry per app), FastAPI's `/docs` and `/openapi.json`,
-OpenAI-shaped error handlers, the guard middleware (`glmv.server.guard`) and the web chat page
-(`glmv.server.web_routes.install_web`) at `/`. Pass an `AsyncEngine` to serve it (tests do, with a tiny model in
-process); without one the app loads the model named by `settings` itself.
+`create_app(settings, engine=None)` wires everything together: the chat-completions route,
+extraction and moderation, `/v1/models`, `/health` (the process lives), `/ready` (the engine runs
+and the server is not draining), `/metrics` (Prometheus, one registry per app), FastAPI's `/docs`
+and `/openapi.json`, OpenAI-shaped error handlers, the guard middleware (`glmv.server.guard`)
+and the web chat page (`glmv.server.web_routes.install_web`) at `/`. Every route generates
+through one `GenerationService` (`glmv.tasks`), made by its factory from `settings`; pass a
+started `EngineClient` as `engine` to serve it (tests do), or the service starts the engine
+named by `settings.model` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import glmv
-from glmv.engine.async_engine import AsyncEngine
-from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.errors import ModelNotFoundError
-from glmv.models.tiny import is_random_checkpoint
-from glmv.processing.chat import ChatProcessor
-from glmv.processing.media import ImageLimits, RemoteImagePolicy
-from glmv.server.chat import ChatHandler, TokenBytes
+from glmv.server.chat import ChatHandler
 from glmv.server.errors import install_error_handlers, internal_error_response
-from glmv.server.extract import install_extract_routes, warm_up_structured_output
-from glmv.server.metrics import CONTENT_TYPE, ServerMetrics
+from glmv.server.extract import install_extract_routes
+from glmv.server.http_limits import BodyReadMiddleware
+from glmv.server.metrics import CONTENT_TYPE, EngineSource, ServerMetrics
 from glmv.server.moderation import install_moderation_routes
 from glmv.server.protocol import (
     ChatCompletionChunk,
@@ -44,6 +40,8 @@ from glmv.server.protocol import (
     ModelList,
 )
 from glmv.server.settings import Settings
+from glmv.server.state import ServerState
+from glmv.tasks.service import EngineClient, GenerationService, create_service
 
 try:
     from glmv.server import guard as _guard_module
@@ -62,71 +60,76 @@ def _web_installer() -> Callable[[FastAPI], Any] | None:
     return install_web  # type: ignore[no-any-return]
 
 
-@dataclass(slots=True)
-class ServerState:
-    """What the routes of one app share (`app.state.glmv`)."""
-
-    settings: Settings
-    engine: AsyncEngine
-    builder: InputBuilder
-    metrics: ServerMetrics
-    model_names: list[str]
-    model_dir: str
-    random_weights: bool
-    image_limits: ImageLimits
-    remote_policy: RemoteImagePolicy
-    token_bytes: TokenBytes
-    owns_engine: bool
-    created: int = field(default_factory=lambda: int(time.time()))
-    system_fingerprint: str = f"glmv-{glmv.__version__}" if hasattr(glmv, "__version__") else "glmv"
-    inflight: int = 0  # chat requests admitted and not yet answered (streams: until their end)
-    draining: bool = False  # set on SIGTERM: new chat requests get 503, /ready turns 503
-
-
-def resolve_model(settings: Settings) -> tuple[Path, bool]:
-    """The checkpoint directory to serve and whether it is the embedded tiny default."""
-    if settings.model:
-        return Path(settings.model), False
-    from glmv.server.defaults import default_model_dir
-
-    return default_model_dir(), True
-
-
-def build_engine(settings: Settings) -> AsyncEngine:
-    """Load the model named by `settings` into a started `AsyncEngine` (may raise CheckpointError)."""
-    model_dir, _ = resolve_model(settings)
-    config = EngineConfig(
-        model=str(model_dir),
-        dtype=settings.dtype,
-        device=settings.device,
-        block_size=settings.block_size,
-        kv_cache_gb=settings.kv_cache_gb,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        gpu_memory_gb=settings.gpu_memory_gb,
-        enable_cuda_graphs=settings.enable_cuda_graphs,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len,
-        max_waiting=settings.max_waiting,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        encoder_cache_mb=settings.encoder_cache_mb,
-        seed=settings.seed,
-    )
-    # The tokenizer of the checkpoint's architecture (GLM-4v-9b ships no tokenizer.json).
-    tokenizer, _ = load_processors(model_dir)
-    engine = AsyncEngine(LLMEngine(config, tokenizer=tokenizer))
-    engine.start()
-    return engine
-
-
 class _ServerMiddleware:
-    """Counts responses by method, route template and status (streams count when they start),
-    and answers an exception that escaped the app with the generic OpenAI-shaped 500, so that
-    middleware outside it (the guard's access log) sees a normal response."""
+    """Answers an exception that escaped the app with the generic OpenAI-shaped 500, so that
+    middleware outside it (the guard's access log, the response counter) sees a normal response."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:
+            if started:  # the response had started: nothing more can be said to the client
+                raise
+            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await internal_error_response()(scope, receive, watching_send)
+
+
+class _HeadAsGet:
+    """Serves HEAD like GET (the server drops the body), as HTTP asks of every GET resource."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        inner = {**scope, "method": "GET"}  # a copy: the server must still see HEAD
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            if "route" in inner:
+                scope["route"] = inner["route"]
+
+
+class _CountingMiddleware:
+    """Counts every response by method, route template and status (streams count when they
+    start), outermost, so that the guard's 401/403/413/429 are counted too. Labels come from
+    closed sets: the route is the matched template, else the template the path would match, else
+    "unmatched"; `ServerMetrics.http_response` folds unknown methods."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: list[Any]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+
+    def _route(self, scope: Scope) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        probe = {**scope, "method": "GET"}
+        for route in self.routes:
+            try:
+                match, _ = route.matches(probe)
+            except Exception:  # a route that cannot judge this scope does not match it
+                continue
+            if match is not Match.NONE and isinstance(getattr(route, "path", None), str):
+                return str(route.path)
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,17 +144,8 @@ class _ServerMiddleware:
 
         try:
             await self.app(scope, receive, counting_send)
-        except Exception as exc:
-            if status:  # the response had started: nothing more can be said to the client
-                raise
-            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
-            await internal_error_response()(scope, receive, counting_send)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None)
-            if path is None:
-                path = "unmatched"
-            self.metrics.http_response(scope.get("method", ""), path, status[0] if status else 499)
+            self.metrics.http_response(scope.get("method", ""), self._route(scope), status[0] if status else 499)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -169,44 +163,33 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(settings: Settings | None = None, async_engine: AsyncEngine | None = None) -> FastAPI:
-    """The app for `settings`, serving `async_engine` (loaded from `settings.model` when None)."""
+def create_app(
+    settings: Settings | None = None,
+    engine: EngineClient | None = None,
+    *,
+    service: GenerationService | None = None,
+) -> FastAPI:
+    """The app for `settings`, generating through `service` (made from `settings`, on `engine`
+    when one is given; the app then shuts down only what it started)."""
     settings = settings if settings is not None else Settings()
-    owns_engine = async_engine is None
-    engine = async_engine if async_engine is not None else build_engine(settings)
-    if not engine.running and engine.dead is None:
-        engine.start()
-    core = engine.engine
-    model_dir = str(core.config.model)
-    _, builder = load_processors(model_dir)  # the input rules of the checkpoint's architecture
-    if settings.chat_template is not None:
-        if isinstance(builder.chat, ChatProcessor):
-            builder = InputBuilder(
-                ChatProcessor(core.tokenizer, settings.chat_template), builder.image_processor
-            )
-        else:
-            log.warning("--chat-template is ignored: this model's prompt format is built in")
+    owns_service = service is None
+    if service is None:
+        model_dir = engine.info.model_dir if engine is not None else settings.model
+        service = create_service(settings.service_config(model_dir), client=engine)
+    model_dir = service.model_dir
     names = list(settings.served_model_name) or [Path(model_dir).name or "glmv"]
-    metrics = ServerMetrics(engine.stats, names[0])
+    metrics = ServerMetrics(
+        EngineSource(service.stats, service.core_stats, lambda: service.running), names[0]
+    )
     state = ServerState(
-        settings=settings,
-        engine=engine,
-        builder=builder,
-        metrics=metrics,
-        model_names=names,
-        model_dir=model_dir,
-        random_weights=is_random_checkpoint(model_dir),
-        image_limits=settings.image_limits(),
-        remote_policy=settings.remote_image_policy(),
-        token_bytes=TokenBytes(core.tokenizer),
-        owns_engine=owns_engine,
+        settings=settings, service=service, metrics=metrics, model_names=names, owns_service=owns_service
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if state.owns_engine:
-            engine.shutdown()
+        if state.owns_service:
+            service.shutdown()
 
     app = FastAPI(
         title="glmv",
@@ -240,25 +223,24 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await chat(request, body)
 
-    # Document extraction and moderation: served as constrained chat completions.
-    install_extract_routes(app, chat, _ERRORS)
-    install_moderation_routes(app, chat, _ERRORS)
-    warm_up_structured_output(core)
+    # Document extraction and moderation: their own tasks, generated through the same service.
+    install_extract_routes(app, state, _ERRORS)
+    install_moderation_routes(app, state, _ERRORS)
 
     def model_card(name: str) -> ModelCard:
-        cfg = core.model.config
+        info = service.info
         return ModelCard(
             id=name,
             created=state.created,
-            root=model_dir,
-            max_model_len=core.max_model_len,
+            root=Path(model_dir).name or name,  # the folder's name: the server's paths stay private
+            max_model_len=info.max_model_len,
             glmv={
-                "random_weights": state.random_weights,
-                "note": "random weights: answers are random text" if state.random_weights else None,
-                "model_type": getattr(cfg, "model_type", None),
-                "supports_thinking_toggle": builder.chat.supports_thinking_toggle,
-                "max_images_per_request": state.image_limits.max_images,
-                "remote_images": state.remote_policy.enabled,
+                "random_weights": service.random_weights,
+                "note": "random weights: answers are random text" if service.random_weights else None,
+                "model_type": info.model_type or None,
+                "supports_thinking_toggle": service.supports_thinking_toggle,
+                "max_images_per_request": service.images.limits.max_images,
+                "remote_images": service.images.remote.enabled,
             },
         )
 
@@ -291,7 +273,7 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
     async def ready() -> JSONResponse:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
-        if not engine.running:
+        if not service.running:
             return JSONResponse(
                 {"status": "engine_not_running"}, status_code=503, headers={"Retry-After": "5"}
             )
@@ -320,15 +302,19 @@ def create_app(settings: Settings | None = None, async_engine: AsyncEngine | Non
                     "api": "/v1",
                     "docs": "/docs",
                     "models": names,
-                    "random_weights": state.random_weights,
+                    "random_weights": service.random_weights,
                 }
             )
 
-    app.add_middleware(_ServerMiddleware, metrics=metrics)
+    # Outermost last: counting → guard → body read and text screen → HEAD → 500s → routes.
+    app.add_middleware(_ServerMiddleware)
+    app.add_middleware(_HeadAsGet)
+    app.add_middleware(BodyReadMiddleware, body_timeout=settings.body_timeout)
     install = getattr(_guard_module, "install_guards", None)
     if install is not None and settings.guard is not None:
         install(app, settings.guard)
+    app.add_middleware(_CountingMiddleware, metrics=metrics, routes=app.router.routes)
     return app
 
 
-__all__ = ["ServerState", "build_engine", "create_app", "resolve_model"]
+__all__ = ["ServerState", "create_app"]

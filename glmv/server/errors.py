@@ -9,6 +9,7 @@ errors carry `Retry-After`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -50,8 +51,19 @@ def retry_after_headers(exc: GlmvError) -> dict[str, str]:
     return {}
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """JSON that can always be written: text without a UTF-8 form (a lone surrogate echoed from
+    the request) is sent as a `\\u` escape instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def glmv_error_response(exc: GlmvError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=retry_after_headers(exc))
+    return _ErrorJSONResponse(exc.to_dict(), status_code=exc.status_code, headers=retry_after_headers(exc))
 
 
 async def _glmv_error(request: Request, exc: Exception) -> JSONResponse:
@@ -83,7 +95,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
     headers = dict(exc.headers) if exc.headers else None
-    return JSONResponse(error_body(message, error_type, code=code), status_code=status, headers=headers)
+    return _ErrorJSONResponse(error_body(message, error_type, code=code), status_code=status, headers=headers)
 
 
 def internal_error_response() -> JSONResponse:

@@ -416,6 +416,21 @@ def _error_headers(exc: GlmvError) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _error_code(body: bytes, status: int) -> str:
+    """The `code` (else `type`) of an OpenAI-shaped error body, for the access log's `error`;
+    a body without one is logged by its status class."""
+    if len(body) <= 65536:
+        try:
+            error = json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if isinstance(error, dict):
+            for key in ("code", "type"):
+                if isinstance(error.get(key), str) and error[key]:
+                    return str(error[key])
+    return "internal_error" if status >= 500 else "http_error"
+
+
 class GuardMiddleware:
     """Plain ASGI middleware applying a `Guard` to every HTTP request (other scopes pass through)."""
 
@@ -452,7 +467,10 @@ class GuardMiddleware:
                 own.extend((k, v) for k, v in ex.headers if k not in present)
                 message = {**message, "headers": own}
             elif message["type"] == "http.response.body":
-                ex.record.bytes_out += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                if ex.record.bytes_out == 0 and ex.record.error is None and (ex.record.status or 0) >= 400:
+                    ex.record.error = _error_code(chunk, ex.record.status or 0)
+                ex.record.bytes_out += len(chunk)
             await send(message)
 
         async def app_send(message: Message) -> None:

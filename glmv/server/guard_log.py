@@ -3,7 +3,7 @@
 Fields: `ts` (UTC, ISO-8601), `request_id`, `key_name` (the API key's *name*, never the key),
 `client_ip`, `method`, `path`, `route` (the matched route template), `status`, `latency_ms`,
 `ttft_ms`, `prompt_tokens`, `completion_tokens`, `cached_tokens` (null unless the route recorded
-usage), `bytes_in`, `bytes_out`, `error` (the error code when a guard refused the request).
+usage), `bytes_in`, `bytes_out`, `error` (the `code` of an error response: a guard refusal, a 4xx or a 500).
 With `--log-content` a `content` field carries the request body (parsed JSON), with `data:` URLs
 (inline images) replaced by a short placeholder. Streaming responses are logged when the stream
 ends. The record is also attached to the log record as `glmv_access` for structured handlers.

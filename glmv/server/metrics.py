@@ -1,20 +1,23 @@
 """Prometheus metrics of one server: engine state, request latencies, tokens and HTTP statuses.
 
 Each app owns its own `CollectorRegistry`, so several apps (tests, replicas in one process) never
-share counters. Engine state (running/waiting requests, KV usage, cache hits) is read from
-`AsyncEngine.stats()` when `/metrics` is scraped; latencies and token counts are recorded by the
-chat handler as each request progresses.
+share counters. Engine state (running/waiting requests, KV usage, cache hits) is read from the
+service's `stats()` (all engine cores together) and `core_stats()` (one sample per core, label
+`core` = "0".."N-1") when `/metrics` is scraped, with `glmv_engine_up` (1 while the engine runs);
+latencies and token counts are recorded as each request progresses (`glmv.server.runs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from glmv.engine.engine import EngineStats
+if TYPE_CHECKING:
+    from glmv.tasks.types import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,18 +43,64 @@ _TTFT_BUCKETS = (
 )
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+# Label values come from closed sets only, so that no client can add series: a method outside
+# this set is counted as "other", a path no route matches as "unmatched".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineSource:
+    """Where the collector reads the engine's state: all cores, each core, and whether it runs."""
+
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        core_stats: Callable[[], list[EngineStats]] | None = None,
+        running: Callable[[], bool] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.core_stats = core_stats if core_stats is not None else (lambda: [stats()])
+        self.running = running if running is not None else (lambda: True)
 
 
 class _EngineCollector(Collector):
     """Turns the engine's latest `EngineStats` into gauges and counters at scrape time."""
 
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
-        self._stats = stats
+    def __init__(self, source: EngineSource, model_name: str) -> None:
+        self._source = source
         self._model = model_name
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
+        yield from self._totals(self._source.stats())
+        yield from self._cores(self._source.core_stats())
+        up = GaugeMetricFamily("glmv_engine_up", "1 while the engine runs, 0 once it stopped.", labels=["model_name"])
+        up.add_metric([self._model], 1.0 if self._source.running() else 0.0)
+        yield up
+
+    def _cores(self, cores: list[EngineStats]) -> Iterator[Metric]:
+        labels = ["model_name", "core"]
+        families = (
+            ("glmv_core_requests_running", "Sequences in the running batch of each engine core.", "num_running"),
+            ("glmv_core_requests_waiting", "Sequences waiting to be scheduled on each engine core.", "num_waiting"),
+            ("glmv_core_kv_cache_usage_ratio", "Fraction of each engine core's KV-cache blocks in use.", "kv_usage"),
+        )
+        for name, doc, attr in families:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            for i, core in enumerate(cores):
+                g.add_metric([self._model, str(i)], float(getattr(core, attr)))
+            yield g
+        counters = (
+            ("glmv_core_prefix_cache_queries", "Prefix-cache block lookups, per engine core.", "prefix_cache_queries"),
+            ("glmv_core_prefix_cache_hits", "Prefix-cache block lookups that hit, per engine core.", "prefix_cache_hits"),
+        )
+        for name, doc, attr in counters:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for i, core in enumerate(cores):
+                c.add_metric([self._model, str(i)], float(getattr(core, attr)))
+            yield c
+
+    def _totals(self, s: EngineStats) -> Iterator[Metric]:
         labels = ["model_name"]
         value = [self._model]
 
@@ -91,11 +140,12 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """All metrics of one app, in its own registry."""
 
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+    def __init__(self, engine: EngineSource | Callable[[], EngineStats], model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         r = self.registry
-        r.register(_EngineCollector(stats, model_name))
+        source = engine if isinstance(engine, EngineSource) else EngineSource(engine)
+        r.register(_EngineCollector(source, model_name))
         lab = ["model_name"]
         self.ttft = Histogram(
             "glmv_time_to_first_token_seconds",
@@ -151,7 +201,11 @@ class ServerMetrics:
         self._finished.labels(self.model_name, outcome).inc()
 
     def http_response(self, method: str, route: str, status: int) -> None:
-        self._http.labels(method, route, str(status)).inc()
+        """Count one response. `route` must be a route template (or "unmatched"); the method is
+        folded into `HTTP_METHODS` and the status into 100..599, so labels form closed sets."""
+        label = method if method in HTTP_METHODS else OTHER_METHOD
+        code = status if 100 <= status <= 599 else 0
+        self._http.labels(label, route, str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,36 +1,38 @@
 """POST /v1/moderations in the OpenAI shape, answered by the served vision-language model.
 
 `input` is a string, a list of strings (one result each), or a list of `text` / `image_url`
-parts (one result for all of them). Each input becomes one chat completion: the policy's prompt
-(`glmv.tasks.moderation`), the images, and `response_format` = one boolean per category, decoded
-greedily with logprobs. The score of a category is the probability the model gives `true` at the
-token that decides its value (`true` vs `false`, renormalised over the alternatives that decide
-it); a category is flagged when its score reaches the policy's threshold, and a result is flagged
-when any category is. `category_applied_input_types` says which input types each category was
-judged on (text-only categories are not judged on images, as with OpenAI's omni models).
+parts (one result for all of them). Each input becomes one generation of the moderation task
+(`glmv.tasks.moderator`: the policy's prompt, the images, one boolean per category decoded
+greedily with logprobs, scores from the deciding tokens); the inputs of a request run
+concurrently. `category_applied_input_types` says which input types each category was judged on
+(text-only categories are not judged on images, as with OpenAI's omni models).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from glmv.errors import EngineError, InvalidRequestError
-from glmv.server.extract import chat_json, check_model
+from glmv.errors import GlmvError, InvalidRequestError
 from glmv.server.protocol import ContentPart, TextContentPart
+from glmv.server.runs import ServedRequest, cancel_on_disconnect
+from glmv.server.state import ServerState
+from glmv.tasks.images import ImageRef
 from glmv.tasks.moderation import ModerationPolicy
+from glmv.tasks.moderator import ModerationInput, moderation_request, moderation_verdict, value_scores
 
-if TYPE_CHECKING:
-    from glmv.server.app import ServerState
-    from glmv.server.chat import ChatHandler
+try:
+    from glmv.server.guard import record_usage as _record_usage
+except ImportError:  # the guard is optional
+    _record_usage = None  # type: ignore[assignment]
 
 __all__ = [
     "MAX_MODERATION_INPUTS",
@@ -42,7 +44,6 @@ __all__ = [
 ]
 
 MAX_MODERATION_INPUTS = 32
-_TOP_LOGPROBS = 8
 
 
 class ModerationRequest(BaseModel):
@@ -71,7 +72,7 @@ class ModerationResponse(BaseModel):
 @dataclass(slots=True)
 class _Input:
     text: str | None
-    images: list[str]
+    images: list[tuple[str, str]]  # (url, param)
     index: int  # position in a list of strings (for param names), -1 for a part list
 
 
@@ -90,86 +91,25 @@ def _inputs(body: ModerationRequest) -> list[_Input]:
     if all(isinstance(v, str) for v in value):
         return [_Input(v, [], i) for i, v in enumerate(value)]  # type: ignore[misc]
     texts: list[str] = []
-    images: list[str] = []
-    for part in value:
+    images: list[tuple[str, str]] = []
+    for k, part in enumerate(value):
         if isinstance(part, TextContentPart):
             texts.append(part.text)
         elif not isinstance(part, str):
-            images.append(part.image_url.url)
+            images.append((part.image_url.url, f"input[{k}].image_url"))
     return [_Input("\n".join(texts) if texts else None, images, -1)]
 
 
-def _param_map(item: _Input) -> Any:
-    def rename(param: str) -> str:
-        prefix = "messages[0].content["
-        if param.startswith(prefix):
-            index, _, _ = param[len(prefix) :].partition("]")
-            if index.isdigit() and int(index) < len(item.images):
-                return f"input[{index}].image_url"  # images come first in the chat request
-            return "input" if item.index < 0 else f"input[{item.index}]"
-        if param.startswith("messages"):
-            return "input"
-        return param
-
-    return rename
-
-
-def value_scores(logprobs: list[Mapping[str, Any]], names: list[str]) -> dict[str, float | None]:
-    """P(`true`) of each category's value in a compact JSON answer, from the token logprobs.
-
-    For the token that holds the first character of a category's value, the top alternatives
-    (which start at the same byte) are split by the character they put there: `t` or `f`. None
-    when the value cannot be found."""
-    data = b""
-    starts: list[int] = []
-    for entry in logprobs:
-        starts.append(len(data))
-        data += bytes(entry.get("bytes") or entry["token"].encode("utf-8"))
-    out: dict[str, float | None] = {}
-    for name in names:
-        key = ('"' + name + '": ').encode()
-        at = data.rfind(key)
-        if at < 0:
-            out[name] = None
-            continue
-        pos = at + len(key)
-        i = _token_at(starts, pos)
-        if i is None:
-            out[name] = None
-            continue
-        offset = pos - starts[i]
-        entry = logprobs[i]
-        mass = {"t": 0.0, "f": 0.0}
-        for alt in entry.get("top_logprobs") or [entry]:
-            raw = bytes(alt.get("bytes") or alt["token"].encode("utf-8"))
-            ch = raw[offset : offset + 1].decode("latin-1")
-            if ch in mass:
-                mass[ch] += math.exp(alt["logprob"])
-        total = mass["t"] + mass["f"]
-        if total > 0:
-            out[name] = mass["t"] / total
-        else:  # no deciding alternative listed: the sampled value decides
-            out[name] = 1.0 if data[pos : pos + 1] == b"t" else 0.0
-    return out
-
-
-def _token_at(starts: list[int], pos: int) -> int | None:
-    lo, hi = 0, len(starts) - 1
-    if hi < 0 or pos < 0:
-        return None
-    while lo < hi:  # the last token that starts at or before pos
-        mid = (lo + hi + 1) // 2
-        if starts[mid] <= pos:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _renamed(exc: GlmvError, item: _Input) -> GlmvError:
+    """The prompt is this request's input: name it, not chat messages."""
+    if exc.param is not None and exc.param.startswith("messages"):
+        exc.param = "input" if item.index < 0 else f"input[{item.index}]"
+    return exc
 
 
 class ModerationHandler:
-    def __init__(self, state: ServerState, chat: ChatHandler) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.chat = chat
 
     @property
     def policy(self) -> ModerationPolicy:
@@ -177,69 +117,83 @@ class ModerationHandler:
         return policy if isinstance(policy, ModerationPolicy) else ModerationPolicy.default()
 
     async def __call__(self, request: Request, body: ModerationRequest) -> Response:
-        model = check_model(self.state, body.model)
+        state = self.state
+        http_arrival = time.monotonic()
+        state.check_draining()
+        model = state.check_model(body.model)
         items = _inputs(body)
         policy = self.policy
-        tasks = [self._moderate(request, model, item, policy) for item in items]
-        results = await asyncio.gather(*tasks)
-        for r in results:
-            if isinstance(r, Response):
-                return r
-        out = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=model, results=results)  # type: ignore[arg-type]
+        runs: list[ServedRequest] = []
+        tasks = [
+            asyncio.ensure_future(self._moderate(request, item, policy, http_arrival, runs)) for item in items
+        ]
+        try:
+            results = await cancel_on_disconnect(request, asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one input failed (or the client left): stop the others
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if _record_usage is not None and runs:
+                usages = [r.stream.usage for r in runs]
+                _record_usage(
+                    request,
+                    prompt_tokens=sum(u.prompt_tokens for u in usages),
+                    completion_tokens=sum(u.completion_tokens for u in usages),
+                    cached_tokens=sum(u.cached_tokens for u in usages),
+                    ttft=max((r.ttft for r in runs if r.ttft is not None), default=None),
+                )
+        if results is None:
+            return Response(status_code=499)
+        out = ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=model, results=results)
         return JSONResponse(out.model_dump())
 
     async def _moderate(
-        self, request: Request, model: str, item: _Input, policy: ModerationPolicy
-    ) -> ModerationResult | Response:
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in item.images]
-        content.append({"type": "text", "text": policy.prompt(item.text, len(item.images))})
-        payload = {
-            "model": model,
-            "messages": [{"role": "user", "content": content}],
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "moderation", "schema": policy.schema(), "strict": True},
-                "close_on_budget": True,
-            },
-            "temperature": 0,
-            "max_tokens": 24 * len(policy.categories) + 32,
-            "logprobs": True,
-            "top_logprobs": _TOP_LOGPROBS,
-            "thinking": {"type": "disabled"},
-        }
-        result = await chat_json(self.chat, request, payload, _param_map(item))
-        if isinstance(result, Response):
-            return result
-        choice = result["choices"][0]
-        if choice["finish_reason"] != "stop":
-            raise EngineError(f"The moderation verdict was cut off ({choice['finish_reason']}).")
-        scores = value_scores((choice.get("logprobs") or {}).get("content") or [], policy.names)
-        present = {"image"} if item.images else set()
-        if item.text is not None:
-            present.add("text")
-        categories: dict[str, bool] = {}
-        category_scores: dict[str, float] = {}
-        applied: dict[str, list[str]] = {}
-        for c in policy.categories:
-            types = c.applied_to(present)
-            score = scores.get(c.name)
-            score = 0.0 if score is None or not types else float(score)
-            category_scores[c.name] = score
-            categories[c.name] = bool(types) and score >= c.threshold
-            applied[c.name] = types
+        self,
+        request: Request,
+        item: _Input,
+        policy: ModerationPolicy,
+        http_arrival: float,
+        runs: list[ServedRequest],
+    ) -> ModerationResult:
+        state = self.state
+        task_input = ModerationInput(item.text, [ImageRef(url, param) for url, param in item.images])
+        generation_request = moderation_request(
+            policy, task_input, thinking_toggle=state.service.supports_thinking_toggle
+        )
+        try:
+            # Text that cannot fit is refused before anything else runs.
+            state.service.check_prompt_size([item.text] if item.text else [])
+            state.service.check_admission()
+        except GlmvError as exc:
+            raise _renamed(exc, item) from None
+        run = ServedRequest(state, request, generation_request, http_arrival=http_arrival, record_usage=False)
+        runs.append(run)
+        try:
+            generation = await run.collect()
+        except asyncio.CancelledError:
+            await run.close("aborted")
+            raise
+        except GlmvError as exc:
+            await run.close("error", exc)
+            raise _renamed(exc, item) from None
+        except BaseException as exc:
+            await run.close("error", exc)
+            raise
+        await run.close()
+        verdict = moderation_verdict(policy, task_input, generation)
         return ModerationResult(
-            flagged=any(categories.values()),
-            categories=categories,
-            category_scores=category_scores,
-            category_applied_input_types=applied,
+            flagged=verdict.flagged,
+            categories=verdict.categories,
+            category_scores=verdict.category_scores,
+            category_applied_input_types=verdict.category_applied_input_types,
         )
 
 
 def install_moderation_routes(
-    app: FastAPI, chat: ChatHandler, errors: Mapping[int | str, dict[str, Any]]
+    app: FastAPI, state: ServerState, errors: Mapping[int | str, dict[str, Any]]
 ) -> None:
     """Register POST /v1/moderations on `app`."""
-    handler = ModerationHandler(app.state.glmv, chat)
+    handler = ModerationHandler(state)
 
     @app.post(
         "/v1/moderations",

@@ -9,10 +9,12 @@ environment and may be repeated on the command line.
 The guardrails (API keys, IP allowlist, rate limits, body cap, access log) live in
 `glmv.server.guard`; its `GuardSettings` is the `guard` field and it adds its own flags.
 
-`run_serve` loads the model, prints where the web page and the API are, warns when the weights
-are random, and serves with uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work
-(new chat requests get 503 with `Retry-After`, `/ready` turns 503), lets running requests finish
-for up to `shutdown_timeout` seconds, then exits 0.
+The engine's settings are not declared here: every field of `EngineConfig` (but `model`) becomes
+a `Settings` field of the same name, type and default, and so a flag, a variable and a TOML key
+(`ENGINE_FLAGS` adds help texts and choices). `service_config(model_dir)` builds the one
+`ServiceConfig` (with its `EngineConfig`) that the server and its engine are made from.
+
+`glmv serve` itself (loading, serving, draining on SIGTERM) is `glmv.cli.serve`.
 """
 
 from __future__ import annotations
@@ -21,21 +23,14 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from glmv.errors import ConfigError, GlmvError
-
-if TYPE_CHECKING:
-    import uvicorn
-
-    from glmv.server.app import ServerState
+from glmv.errors import ConfigError
+from glmv.tasks.config import EngineConfig, ServiceConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +60,64 @@ def _opt(
     return field(default=default, metadata=_meta(help, kind, choices=choices, metavar=metavar))
 
 
+# Help texts (and choices) of the engine's flags; the fields, types and defaults are EngineConfig's.
+ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "dtype": ("weight and activation dtype", ("auto", "float32", "bfloat16", "float16")),
+    "device": ("torch device, e.g. cuda:0 or cpu (default: cuda if available)", None),
+    "max_num_seqs": ("most sequences in one running batch", None),
+    "max_num_batched_tokens": ("most tokens in one engine step (chunked prefill splits longer prompts)", None),
+    "max_model_len": ("context length cap in tokens (default: the model's)", None),
+    "max_waiting": ("queue bound: sequences that may wait; beyond it requests get 503", None),
+    "kv_cache_gb": ("KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", None),
+    "gpu_memory_utilization": ("share of GPU memory glmv may use", None),
+    "gpu_memory_gb": ("cap on the GPU memory glmv uses in all, in GB (e.g. 24 for a 24 GB card)", None),
+    "enable_cuda_graphs": ("capture CUDA graphs for decode steps (GPU only)", None),
+    "block_size": ("tokens per KV-cache block", None),
+    "enable_prefix_caching": ("reuse the KV cache of shared prompt prefixes (and images)", None),
+    "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
+    "seed": ("seed of the default random generator", None),
+    "engine_mode": (
+        "where the engine core runs: 'process' (its own process per core) or 'inprocess' (a thread "
+        "of the server, for tests and debugging)",
+        ("process", "inprocess"),
+    ),
+    "data_parallel_size": ("engine cores, one per GPU; requests go to the core that holds their prefix", None),
+}
+# EngineConfig fields that are not `glmv serve` flags.
+_NOT_ENGINE_FLAGS = frozenset({"model"})
+# Setting kinds of the annotations EngineConfig uses (annotations are strings there).
+_KINDS = {
+    "str": "str", "str|None": "str?", "int": "int", "int|None": "int?",
+    "float": "float", "float|None": "float?", "bool": "bool",
+}  # fmt: skip
+
+
+def _engine_fields() -> list[dataclasses.Field[Any]]:
+    """The EngineConfig fields that are settings (all but `model` and types a flag cannot hold)."""
+    return [
+        f
+        for f in dataclasses.fields(EngineConfig)
+        if f.name not in _NOT_ENGINE_FLAGS and str(f.type).replace(" ", "") in _KINDS
+    ]
+
+
+def _with_engine_fields(cls: type) -> type:
+    """Add one field per engine setting to the class body before `dataclass` sees it: its type
+    and default are EngineConfig's (declared once, there), its help comes from ENGINE_FLAGS."""
+    annotations = cls.__annotations__  # the class body's own (mutable) dict
+    for f in _engine_fields():
+        if f.name in annotations:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text, choices = ENGINE_FLAGS.get(f.name, (f.metadata.get("help", f"engine setting {f.name}"), None))
+        kind = _KINDS[str(f.type).replace(" ", "")]
+        annotations[f.name] = f.type
+        setattr(cls, f.name, field(default=default, metadata={**_meta(help_text, kind, choices=choices), "engine": True}))
+    return cls
+
+
 @dataclass(slots=True)
+@_with_engine_fields
 class Settings:
     """Everything `glmv serve` can be told. See the module docstring for where values come from."""
 
@@ -79,33 +131,15 @@ class Settings:
             "name(s) clients use in 'model' (default: the checkpoint folder's name)", "list", metavar="NAME"
         ),
     )
-    dtype: str = _opt(
-        "auto", "weight and activation dtype", "str", choices=("auto", "float32", "bfloat16", "float16")
-    )
-    device: str | None = _opt(None, "torch device, e.g. cuda:0 or cpu (default: cuda if available)", "str?")
     chat_template: str | None = _opt(
         None, "chat template override: a .jinja file, template text, or glm41v / glm46v", "str?"
     )
-    max_num_seqs: int = _opt(128, "most sequences in one running batch", "int")
-    max_num_batched_tokens: int = _opt(
-        8192, "most tokens in one engine step (chunked prefill splits longer prompts)", "int"
+    image_workers: int | None = _opt(
+        None,
+        "processes that decode and resize images (default: half the CPUs, at most 8; 0: a thread of the server)",
+        "int?",
     )
-    max_model_len: int | None = _opt(None, "context length cap in tokens (default: the model's)", "int?")
-    max_waiting: int = _opt(1024, "queue bound: sequences that may wait; beyond it requests get 503", "int")
-    kv_cache_gb: float | None = _opt(
-        None, "KV-cache size in GB (default: 0.5 on CPU, a share of free GPU memory)", "float?"
-    )
-    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory glmv may use", "float")
-    gpu_memory_gb: float | None = _opt(
-        None, "cap on the GPU memory glmv uses in all, in GB (e.g. 24 for a 24 GB card)", "float?"
-    )
-    enable_cuda_graphs: bool = _opt(True, "capture CUDA graphs for decode steps (GPU only)", "bool")
-    block_size: int = _opt(16, "tokens per KV-cache block", "int")
-    enable_prefix_caching: bool = _opt(
-        True, "reuse the KV cache of shared prompt prefixes (and images)", "bool"
-    )
-    encoder_cache_mb: int = _opt(512, "memory for cached image embeddings, in MB", "int")
-    seed: int | None = _opt(None, "seed of the default random generator", "int?")
+    # the engine: one field per EngineConfig field, added by `_with_engine_fields` (see ENGINE_FLAGS)
     # HTTP
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)", "str")
     port: int = _opt(8000, "TCP port", "int")
@@ -113,6 +147,16 @@ class Settings:
         600.0, "seconds a chat request may take before it fails with 504 (0: no limit)", "float"
     )
     shutdown_timeout: float = _opt(30.0, "seconds running requests get to finish on SIGTERM", "float")
+    header_timeout: float = _opt(
+        10.0, "seconds a client gets to send complete request headers (idle or partial: closed)", "float"
+    )
+    body_timeout: float = _opt(
+        60.0, "seconds a client gets to send the whole request body after its headers (408)", "float"
+    )
+    keep_alive_timeout: float = _opt(5.0, "seconds an idle kept-alive connection stays open", "float")
+    max_connections: int = _opt(
+        2048, "most open HTTP connections; more are answered 503 and closed", "int"
+    )
     log_level: str = _opt(
         "info", "log level", "str", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -170,6 +214,34 @@ class Settings:
             max_bytes=max(1, int(self.max_image_mb * MiB)),
         )
 
+    def engine_config(self, model_dir: str | Path) -> EngineConfig:
+        """The engine's configuration: every engine field of these settings, for `model_dir`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("engine")}
+        return EngineConfig(model=str(model_dir), **values)
+
+    def service_config(self, model_dir: str | Path | None = None) -> ServiceConfig:
+        """The one configuration the server's service (and its engine) is made from."""
+        model = model_dir if model_dir is not None else self.model
+        if not model:
+            raise ConfigError("no model to serve: pass --model DIR", param="model")
+        return ServiceConfig(
+            engine=self.engine_config(model),
+            chat_template=self.chat_template,
+            image_limits=self.image_limits(),
+            remote_images=self.remote_image_policy(),
+            image_workers=self.image_workers,
+        )
+
+    def http_limits(self) -> Any:
+        from glmv.server.http_limits import HttpLimits
+
+        return HttpLimits(
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            keep_alive_timeout=self.keep_alive_timeout,
+            max_connections=self.max_connections,
+        )
+
     def validate(self) -> None:
         """Raise `ConfigError` for a value out of range (the image settings are checked by media)."""
 
@@ -187,8 +259,18 @@ class Settings:
         need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "gpu_memory_gb", "must be > 0")
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
+        need(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
+        need(self.image_workers is None or self.image_workers >= 0, "image_workers", "must be >= 0")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                need(False, f.name, f"must be one of {', '.join(choices)}")
         need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
         need(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
+        need(self.header_timeout > 0, "header_timeout", "must be > 0")
+        need(self.body_timeout > 0, "body_timeout", "must be > 0")
+        need(self.keep_alive_timeout > 0, "keep_alive_timeout", "must be > 0")
+        need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.remote_image_timeout > 0, "remote_image_timeout", "must be > 0")
         need(self.max_image_mb > 0, "max_image_mb", "must be > 0")
         need(all(n.strip() for n in self.served_model_name), "served_model_name", "must not hold empty names")
@@ -247,6 +329,7 @@ def _flag(name: str) -> str:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per `Settings` field (defaults are applied later, so given flags are known)."""
     group = parser.add_argument_group("serve")
+    engine_group = parser.add_argument_group("engine")
     for f in dataclasses.fields(Settings):
         kind = f.metadata.get("kind")
         if kind in ("guard", "derived", "table"):
@@ -270,7 +353,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.pop("metavar", None)
         elif kind == "list":
             kwargs["action"] = "append"
-        group.add_argument(_flag(f.name), **kwargs)
+        (engine_group if f.metadata.get("engine") else group).add_argument(_flag(f.name), **kwargs)
     add_guard = getattr(_guard_module, "add_guard_arguments", None)
     if add_guard is not None:
         add_guard(parser)
@@ -389,154 +472,4 @@ def _check_unknown_keys(table: Mapping[str, Any], path: Any) -> None:
         raise ConfigError(f"config file {path} has unknown setting(s): {', '.join(unknown)}", param="config")
 
 
-# --- running ---------------------------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _display_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[int], None]) -> uvicorn.Server:
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        """uvicorn's server with a draining shutdown: 503 for new work, running requests finish."""
-
-        def __init__(self) -> None:
-            super().__init__(config)
-            self._drain_deadline: float | None = None
-            self._signals = 0
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                port = config.port
-                for server in self.servers:
-                    for sock in server.sockets or ():
-                        port = sock.getsockname()[1]
-                        break
-                banner(port)
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # The signal is not re-raised after shutdown (uvicorn would, making the exit status
-            # 128 + signal); a clean drain exits 0.
-            self._signals += 1
-            if self._signals == 1:
-                state.draining = True
-                self._drain_deadline = time.monotonic() + state.settings.shutdown_timeout
-                print(
-                    f"glmv: shutting down; waiting up to {state.settings.shutdown_timeout:g} s for "
-                    f"{state.inflight} running request(s)"
-                    + (" (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            else:
-                self.should_exit = True
-                self.force_exit = sig == signal.SIGINT
-
-        async def on_tick(self, counter: int) -> bool:
-            draining = self._drain_deadline is not None and not self.should_exit
-            if draining and (state.inflight == 0 or time.monotonic() >= self._drain_deadline):  # type: ignore[operator]
-                if state.inflight:
-                    log.warning("shutdown timeout reached with %d request(s) still running", state.inflight)
-                self.should_exit = True
-            return await super().on_tick(counter)
-
-    return _Server()
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """`glmv serve`: load the model, serve until SIGTERM/Ctrl-C, return the exit status."""
-    try:
-        settings = Settings.from_sources(args)
-    except GlmvError as exc:
-        print(f"glmv serve: {exc.message}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-    import uvicorn
-
-    from glmv.models.tiny import is_random_checkpoint
-    from glmv.server.app import build_engine, create_app, resolve_model
-
-    try:
-        model_dir, embedded = resolve_model(settings)
-        settings.model = str(model_dir)
-        print(
-            f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
-            flush=True,
-        )
-        engine = build_engine(settings)
-        app = create_app(settings, engine)
-    except GlmvError as exc:
-        print(f"glmv serve: {exc.message}", file=sys.stderr)
-        return 1
-    state: ServerState = app.state.glmv
-    random_weights = is_random_checkpoint(model_dir)
-
-    def banner(port: int) -> None:
-        base = f"http://{_display_host(settings.host)}:{port}"
-        lines = [
-            f"glmv: serving {state.model_names[0]!r} ({engine.engine.model.device.type}, context {engine.engine.max_model_len} tokens)",
-            f"  web page: {base}/",
-            f"  API:      {base}/v1   (OpenAI-compatible; docs at {base}/docs)",
-        ]
-        memory = engine.engine.memory
-        if memory is not None:
-            lines.append(f"  {memory.describe()}")
-        if random_weights:
-            lines.append(
-                "  WARNING: this model has random weights; its answers are random text. "
-                "Pass --model DIR to serve a real checkpoint."
-            )
-        guard = settings.guard
-        keys = guard is not None and (
-            getattr(guard, "api_keys", None) or getattr(guard, "api_keys_file", None)
-        )
-        if not _is_loopback(settings.host) and not keys:
-            lines.append(
-                f"  WARNING: listening on {settings.host} without an API key: anyone who can reach this port "
-                "may use the model. Pass --api-key (or --api-keys-file) or bind to 127.0.0.1."
-            )
-        print("\n".join(lines), flush=True)
-
-    uv_config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        lifespan="on",
-        workers=1,
-        timeout_graceful_shutdown=5,
-        server_header=False,
-        proxy_headers=False,  # the guard decides the client address (X-Forwarded-For from trusted proxies only)
-    )
-    server = _make_server(uv_config, state, banner)
-    try:
-        server.run()
-    finally:
-        engine.shutdown(timeout=5.0)
-    if not server.started:
-        return 1
-    print("glmv: stopped", flush=True)
-    return 0
-
-
-__all__ = ["Settings", "add_serve_arguments", "run_serve"]
+__all__ = ["ENGINE_FLAGS", "Settings", "add_serve_arguments"]

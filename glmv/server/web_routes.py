@@ -9,6 +9,8 @@ The page response carries a strict Content-Security-Policy (scripts and styles o
 origin, no inline script, images only from this origin, `data:` and `blob:`), so even a bug in the
 page's Markdown renderer could not run script that a model wrote. `index.html` names its assets
 with a content hash (`?v=...`) so browsers never mix an old script with a new page after an upgrade.
+The API reference at `/docs` is installed with the page (`glmv.server.docs_assets.install_docs`):
+FastAPI's own one loads Swagger UI from a CDN.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from glmv.errors import NotFoundError
+from glmv.server.docs_assets import install_docs
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -87,7 +90,8 @@ def _static_file(web_dir: Path, relative: str) -> Path | None:
 
 
 def install_web(app: FastAPI, web_dir: Path | None = None) -> None:
-    """Serve the chat page at `/` (and `/index.html`) and its assets at `/static/<file>`."""
+    """Serve the chat page at `/` (and `/index.html`), its assets at `/static/<file>` and the
+    offline API reference at `/docs`."""
     root = (web_dir or WEB_DIR).resolve()
     version = _asset_version(root)
     page = (root / "index.html").read_text(encoding="utf-8").replace(_ASSET_VERSION_TOKEN, version)
@@ -109,6 +113,7 @@ def install_web(app: FastAPI, web_dir: Path | None = None) -> None:
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False, response_class=HTMLResponse)
     app.add_api_route("/index.html", index, methods=["GET"], include_in_schema=False, response_class=HTMLResponse)
     app.add_api_route("/static/{path:path}", static, methods=["GET"], include_in_schema=False)
+    install_docs(app)
 
 
 __all__ = ["CONTENT_SECURITY_POLICY", "WEB_DIR", "install_web"]

@@ -147,6 +147,8 @@ class GlmvServeProcess:
         repo = Path(__file__).resolve().parents[2]
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
         env["GLMV_CACHE_DIR"] = str(log_path.parent / "cache")
+        if os.environ.get("GLMV_ENGINE_MODE"):  # where the engine core runs, as for the other tests
+            env["GLMV_ENGINE_MODE"] = os.environ["GLMV_ENGINE_MODE"]
         env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", "4096", "--kv-cache-gb", "0.1",
@@ -185,3 +187,18 @@ class GlmvServeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def live_glmv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlmvServeProcess]:
+    """One `glmv serve` on a tiny checkpoint named like the embedded default (served as
+    `tiny-glm41v`), shared by the README, notebook and /docs tests."""
+    from glmv.models.tiny import create_tiny_model
+
+    root = tmp_path_factory.mktemp("live-glmv")
+    model_dir = create_tiny_model(root / "tiny-glm41v", variant="glm41v", seed=0)
+    server = GlmvServeProcess(model_dir, root / "serve.log")
+    try:
+        yield server.wait_ready(timeout=300)
+    finally:
+        server.stop()

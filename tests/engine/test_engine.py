@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder
 from glmv.engine.request import EngineRequest
 from glmv.engine.sampling import SamplingParams
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor
+from glmv.tasks.inputs import InputBuilder
 from tests.models.reference import hf_inputs, hf_model, noise_image
 
 _ids = itertools.count()
@@ -254,7 +254,7 @@ def test_random_aborts_leave_nothing_behind(
     assert bm.num_used_blocks == 0
     assert bm.num_free_blocks == bm.num_blocks
     assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
-    assert not engine._requests and not engine._seqs
+    assert not engine.core._requests and not engine.core._seqs and len(engine.output_processor) == 0
 
 
 _ENGINES: dict[str, tuple[LLMEngine, InputBuilder]] = {}

@@ -13,14 +13,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmv.engine.block_manager import BlockManager
+from glmv.engine.config import EngineConfig
 from glmv.engine.sampling import SamplingParams
-from glmv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from glmv.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from glmv.engine.sequence import ImageSpan, Sequence, SequenceStatus
 from glmv.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, OverloadedError
 
@@ -159,6 +161,11 @@ class Driver:
             assert step < max_steps, "did not finish"
 
 
+def limits(**config: Any) -> EngineConfig:
+    """The scheduler's limits come from the engine's one config object."""
+    return EngineConfig(model="unused", **config)
+
+
 def make_driver(
     num_blocks: int = 256,
     block_size: int = 4,
@@ -166,7 +173,7 @@ def make_driver(
     **config: int | bool,
 ) -> Driver:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
-    sched = Scheduler(SchedulerConfig(**config), bm)  # type: ignore[arg-type]
+    sched = Scheduler(limits(**config), bm)  # type: ignore[arg-type]
     return Driver(sched, FakeModel(bm))
 
 
@@ -205,22 +212,22 @@ def assert_drained(sched: Scheduler) -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ConfigError):
-        SchedulerConfig(max_num_seqs=0)
+        limits(max_num_seqs=0)
     with pytest.raises(ConfigError):
-        SchedulerConfig(max_waiting=-1)
+        limits(max_waiting=-1)
     # No more sequences run than the budget has tokens, so every one decodes in every step.
     assert (
-        Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=8), BlockManager(8)).max_running
+        Scheduler(limits(max_num_seqs=16, max_num_batched_tokens=8), BlockManager(8)).max_running
         == 8
     )
     with pytest.raises(ConfigError):
         Scheduler(
-            SchedulerConfig(max_num_batched_tokens=512, max_model_len=1024, enable_chunked_prefill=False),
+            limits(max_num_batched_tokens=512, max_model_len=1024, enable_chunked_prefill=False),
             BlockManager(1024, 16),
         )
     # Without chunking the budget only has to cover what the KV cache can hold.
     sched = Scheduler(
-        SchedulerConfig(max_num_batched_tokens=64, max_model_len=1024, enable_chunked_prefill=False),
+        limits(max_num_batched_tokens=64, max_model_len=1024, enable_chunked_prefill=False),
         BlockManager(4, 16),
     )
     assert sched.max_seq_len == 64
@@ -581,7 +588,7 @@ def test_prefill_chunk_shrinks_before_preempting() -> None:
 
 def test_prefill_yields_blocks_to_decodes_behind_it() -> None:
     bm = BlockManager(4, 4, enable_prefix_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    sched = Scheduler(limits(max_num_batched_tokens=64), bm)
     (p,) = request("p", list(range(10, 26)), eos=False)
     (d,) = request("d", [5, 6, 7, 8], eos=False)
     sched.add([p])

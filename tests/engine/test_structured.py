@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmv.engine.engine import LLMEngine
-from glmv.engine.inputs import InputBuilder
 from glmv.engine.sampling import SamplingParams
 from glmv.engine.structured import (
     BatchMasks,
@@ -36,6 +35,7 @@ from glmv.engine.structured import (
     token_bytes_table,
 )
 from glmv.errors import InvalidRequestError
+from glmv.tasks.inputs import InputBuilder
 from tests.engine.test_engine import make_engine, request, run
 
 PROMPT = [{"role": "user", "content": "Fill in the JSON."}]

@@ -6,7 +6,8 @@ The interpreter tests check what the kernels compute; this checks that the compi
 (its typing rules, which the interpreter does not apply) and that no launch asks for more shared
 memory than a block may have on the target (a launch-time failure on a 24 GB card otherwise). The
 production wrappers run on CPU tensors with the launch replaced by a compile for each target, so
-the launches checked are exactly the ones they make: the int4 defaults of `choose_config` for the
+the launches checked are exactly the ones they make: the FP8 weight product and activation
+rounding, the int4 defaults of `choose_config` for the
 decoder and lm_head shapes at every row-count regime (and the `prefetch` / `gemv_pairs` options),
 paged decode attention at the split counts the engine uses, the fused RMSNorm, SwiGLU and M-RoPE
 at the model sizes. No GPU is needed: ptxas ships with Triton.
@@ -93,6 +94,7 @@ def compiled() -> list[Compiled]:
         _int4_launches()
         _attention_launches()
         _fused_launches()
+        _fp8_launches()
     finally:
         JITFunction.run = original  # type: ignore[method-assign]
     return compiler.results
@@ -161,6 +163,20 @@ def _fused_launches() -> None:
         F.mrope_(torch.empty(5, 34, 128, dtype=dtype), angles, angles)
 
 
+def _fp8_launches() -> None:
+    from glmv.kernels import fp8_triton as F8
+
+    for n, k in [*SHAPES.values(), LM_HEAD]:
+        w = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(n, dtype=torch.float32)
+        for m in (1, 17, 64):
+            for dtype in (torch.bfloat16, torch.float16):
+                F8.fp8_weight_matmul(torch.empty(m, k, dtype=dtype), w, scale, None)
+        F8.fp8_weight_matmul(torch.empty(1, k, dtype=torch.bfloat16), w, scale, torch.empty(n, dtype=torch.bfloat16))
+    for k in (4096, 13696):
+        F8.quantize_rows_fp8(torch.empty(2048, k, dtype=torch.bfloat16))
+
+
 def test_every_launch_compiles_for_each_target(compiled: list[Compiled]) -> None:
     kernels = {c.kernel for c in compiled}
     assert kernels == {
@@ -172,6 +188,8 @@ def test_every_launch_compiles_for_each_target(compiled: list[Compiled]) -> None
         "_rms_norm_kernel",
         "_silu_mul_kernel",
         "_mrope_kernel",
+        "_weight_matmul_kernel",
+        "_quantize_rows_kernel",
     }
     for kernel in kernels:
         assert {c.arch for c in compiled if c.kernel == kernel} == set(SHARED_LIMIT), kernel

@@ -22,7 +22,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from glmv.engine.engine import EngineConfig, LLMEngine
-from glmv.engine.inputs import InputBuilder, load_processors
 from glmv.engine.request import EngineRequest
 from glmv.engine.sampling import SamplingParams
 from glmv.errors import CheckpointError, InvalidRequestError
@@ -32,6 +31,7 @@ from glmv.models.registry import load_model
 from glmv.models.tiny_glm4v_9b import create_tiny_glm4v_9b
 from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
 from glmv.processing.image_9b import ImageProcessor9b, ImageProcessor9bConfig
+from glmv.tasks.inputs import InputBuilder, load_processors
 from tests.models.glm4v_9b_reference import ReferenceGlm4v9b, TiktokenReference, original_prompt, preprocess
 
 TOL = 1e-4

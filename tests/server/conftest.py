@@ -1,9 +1,11 @@
 """Fixtures for the server tests: a tiny checkpoint, in-process apps and a real `glmv serve` process.
 
 * `server_model_dir` / `server_model46_dir`: tiny random-weight checkpoints, built once per session.
-* `shared_engine`: one started `AsyncEngine` on the GLM-4.1V tiny model for the in-process apps.
-* `make_app(**settings)`: `create_app` over the shared engine; `make_client(app)`: an
-  `httpx.AsyncClient` talking to it through ASGI (no sockets).
+* `shared_engine`: one started engine (`start_engine`, an `EngineClient`) on the GLM-4.1V tiny
+  model for the in-process apps; `GLMV_ENGINE_MODE` (process / inprocess) picks where its core
+  runs, for these and for the `glmv serve` processes below.
+* `make_app(**settings)`: `create_app` over the shared engine (images decoded in a thread, not a
+  process pool); `make_client(app)`: an `httpx.AsyncClient` talking to it through ASGI (no sockets).
 * `live_server`: `python -m glmv serve --model DIR --port <free port>` on 127.0.0.1, waited for
   until `/ready` answers 200, stopped with SIGTERM at the end of the session.
 * Helpers as fixtures: `image_url(...)` makes data URLs, `parse_sse(text)` checks and parses a stream.
@@ -29,15 +31,17 @@ import httpx
 import pytest
 from PIL import Image
 
-from glmv.engine.async_engine import AsyncEngine
+from glmv.engine.client import EngineClient, start_engine
 from glmv.models.tiny import create_tiny_model
-from glmv.server.app import build_engine, create_app
+from glmv.server.app import create_app
 from glmv.server.guard import GuardSettings
 from glmv.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 # Small engine settings: a short context keeps unbounded generations short on CPU.
 ENGINE_ARGS = {"max_model_len": 2048, "kv_cache_gb": 0.05, "max_num_seqs": 32}
+# Where the engine cores of the tests run (the default of EngineConfig when unset).
+ENGINE_MODE = os.environ.get("GLMV_ENGINE_MODE") or None
 
 
 # --- checkpoints and in-process apps --------------------------------------------------------------
@@ -55,23 +59,31 @@ def server_model46_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:
     guard = overrides.pop("guard", None) or GuardSettings(access_log=False)
-    values = {"model": str(model_dir), **ENGINE_ARGS, **overrides}
+    values = {"model": str(model_dir), "image_workers": 0, **ENGINE_ARGS, **overrides}
+    if ENGINE_MODE is not None:
+        values.setdefault("engine_mode", ENGINE_MODE)
     settings = Settings(**values)
     settings.guard = guard
     settings.validate()
     return settings
 
 
+def build_engine(settings: Settings) -> EngineClient:
+    """A started engine for `settings` (through `start_engine`, as the service starts its own)."""
+    assert settings.model is not None
+    return start_engine(settings.engine_config(settings.model))
+
+
 @pytest.fixture(scope="session")
-def shared_engine(server_model_dir: Path) -> Iterator[AsyncEngine]:
+def shared_engine(server_model_dir: Path) -> Iterator[EngineClient]:
     engine = build_engine(make_settings(server_model_dir))
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture
-def make_app(shared_engine: AsyncEngine, server_model_dir: Path) -> Callable[..., Any]:
-    def factory(engine: AsyncEngine | None = None, **overrides: Any) -> Any:
+def make_app(shared_engine: EngineClient, server_model_dir: Path) -> Callable[..., Any]:
+    def factory(engine: EngineClient | None = None, **overrides: Any) -> Any:
         return create_app(make_settings(server_model_dir, **overrides), engine or shared_engine)
 
     return factory
@@ -137,6 +149,8 @@ def start_server(
     port = free_port()
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
     clean_env["GLMV_CACHE_DIR"] = str(log_dir / "cache")
+    if ENGINE_MODE is not None:
+        clean_env["GLMV_ENGINE_MODE"] = ENGINE_MODE
     clean_env["PYTHONPATH"] = str(REPO) + os.pathsep + clean_env.get("PYTHONPATH", "")
     clean_env.update(env or {})
     cmd = [

@@ -222,4 +222,4 @@ async def test_unhandled_error_is_logged_as_500(caplog_access: pytest.LogCapture
         r = await c.get("/v1/boom")
     assert r.status_code == 500
     (line,) = access_lines(caplog_access)
-    assert (line["status"], line["error"], line["request_id"]) == (500, None, r.headers["x-request-id"])
+    assert (line["status"], line["error"], line["request_id"]) == (500, "internal_error", r.headers["x-request-id"])

@@ -13,12 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from glmv.engine.async_engine import AsyncEngine
+from glmv.engine.client import EngineClient, EngineStats
 from glmv.engine.request import CompletionDelta, EngineRequest, RequestOutput
 from glmv.errors import EngineError, GlmvError, OverloadedError
-from glmv.server.app import build_engine
 
-from .conftest import make_settings, metric_value, parse_sse
+from .conftest import build_engine, make_settings, metric_value, parse_sse
 
 
 def user(text: str, *images: str) -> list[dict[str, Any]]:
@@ -35,8 +34,9 @@ def user(text: str, *images: str) -> list[dict[str, Any]]:
 Step = str | tuple[str, str] | BaseException | float
 
 
-class ScriptedEngine(AsyncEngine):
-    """Answers every request with the same script instead of running the model.
+class ScriptedEngine:
+    """An `EngineClient` that answers every request with the same script instead of running the
+    model (the real engine's facts: its tokenizer and model config serve the prompt).
 
     A step is a text delta, `(text, finish_reason)` for the last one, an exception to raise, or a
     number of seconds to sleep.
@@ -44,13 +44,16 @@ class ScriptedEngine(AsyncEngine):
 
     def __init__(
         self,
-        real: AsyncEngine,
+        real: EngineClient,
         script: list[Step],
         *,
         admit: GlmvError | None = None,
         max_pending: int | None = None,
     ) -> None:
-        super().__init__(real.engine, max_pending=max_pending)
+        self.real = real
+        self.info = real.info
+        self.max_pending = max_pending if max_pending is not None else real.max_pending
+        self.dead: BaseException | None = None
         self.script = script
         self.admit_error = admit
         self.closed: list[str] = []
@@ -58,6 +61,28 @@ class ScriptedEngine(AsyncEngine):
     @property
     def running(self) -> bool:
         return True
+
+    @property
+    def num_pending(self) -> int:
+        return 0
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        pass
+
+    def validate(self, request: EngineRequest) -> None:
+        pass
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        return self.real.stats()
+
+    def core_stats(self) -> list[EngineStats]:
+        return [self.real.stats()]
 
     def check_admission(self) -> None:
         if self.admit_error is not None:
@@ -425,7 +450,7 @@ REASONING_SCRIPT: list[Step] = [
 
 
 async def test_reasoning_is_split_from_content(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
     async with make_client(make_app(engine=ScriptedEngine(shared_engine, REASONING_SCRIPT))) as c:
         whole = (await c.post("/v1/chat/completions", json={"messages": user("What is it?")})).json()
@@ -449,7 +474,7 @@ async def test_reasoning_is_split_from_content(
 
 
 async def test_mid_stream_error_is_an_error_event(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
     engine = ScriptedEngine(shared_engine, ["Hello", " wor", EngineError("model execution failed: boom")])
     async with make_client(make_app(engine=engine)) as c:
@@ -473,7 +498,7 @@ async def test_mid_stream_error_is_an_error_event(
 
 
 async def test_unexpected_errors_do_not_leak_details(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
     engine = ScriptedEngine(shared_engine, [RuntimeError("secret internal detail")])
     async with make_client(make_app(engine=engine)) as c:
@@ -496,7 +521,7 @@ async def test_unexpected_errors_do_not_leak_details(
 
 
 async def test_request_timeout(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
     engine = ScriptedEngine(shared_engine, [30.0, ("never", "stop")])
     async with make_client(make_app(engine=engine, request_timeout=0.3)) as c:
@@ -514,7 +539,7 @@ async def test_request_timeout(
 
 
 async def test_overload_is_503_before_images_are_decoded(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
     engine = ScriptedEngine(
         shared_engine, [("x", "stop")], admit=OverloadedError("queue full", retry_after=2)
@@ -528,10 +553,12 @@ async def test_overload_is_503_before_images_are_decoded(
 
 
 async def test_capacity_counts_requests_still_preparing(
-    shared_engine: AsyncEngine, make_app: Callable[..., Any], make_client: Any
+    shared_engine: EngineClient, make_app: Callable[..., Any], make_client: Any
 ) -> None:
-    engine = ScriptedEngine(shared_engine, [5.0, ("late", "stop")], max_pending=1)
-    app = make_app(engine=engine, request_timeout=1.0)
+    # The first request holds the only slot until its timeout; the timeout is long enough that the
+    # second request is screened while the first is surely still in flight, even on a loaded box.
+    engine = ScriptedEngine(shared_engine, [60.0, ("late", "stop")], max_pending=1)
+    app = make_app(engine=engine, request_timeout=4.0)
     async with make_client(app) as c:
         first = asyncio.create_task(c.post("/v1/chat/completions", json={"messages": user("x")}))
         while app.state.glmv.inflight == 0:
@@ -548,12 +575,12 @@ async def test_slow_images_hit_the_request_timeout(
     monkeypatch: pytest.MonkeyPatch,
     image_url: Callable[..., str],
 ) -> None:
-    import glmv.server.chat as chat_module
+    from glmv.tasks.images import ImagePreparer
 
-    async def slow_resolve(*args: Any, **kwargs: Any) -> Any:
+    async def slow_prepare(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(30)
 
-    monkeypatch.setattr(chat_module, "resolve_image", slow_resolve)
+    monkeypatch.setattr(ImagePreparer, "prepare_one", slow_prepare)
     app = make_app(request_timeout=0.3)
     async with make_client(app) as c:
         r = await c.post("/v1/chat/completions", json={"messages": user("x", image_url())})
@@ -628,7 +655,10 @@ async def test_metrics_count_requests_tokens_and_statuses(
     assert metric_value(text, "glmv_generation_tokens_total", labels) == 4.0
     assert metric_value(text, "glmv_prompt_tokens_total", labels) == r.json()["usage"]["prompt_tokens"]
     assert metric_value(text, "glmv_time_to_first_token_seconds_count", labels) == 1.0
-    assert metric_value(text, "glmv_inter_token_latency_seconds_count", labels) == 3.0
+    # One observation per stream update after the first; under load the engine hands several tokens
+    # over in one update, so only the bound is fixed: at most one gap per token after the first.
+    itl_count = metric_value(text, "glmv_inter_token_latency_seconds_count", labels)
+    assert itl_count is not None and 0.0 <= itl_count <= 3.0
     assert metric_value(text, "glmv_e2e_request_latency_seconds_count", labels) == 1.0
     assert metric_value(text, "glmv_request_queue_time_seconds_count", labels) == 1.0
     assert metric_value(text, "glmv_requests_finished_total", {"outcome": "length"}) == 1.0
@@ -675,13 +705,14 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
                     seen += 1
                 if seen >= 5:
                     break  # leaving the block closes the connection mid-stream
-        for _ in range(200):
+        deadline = time.monotonic() + 120  # generous: a loaded CI box may take seconds to notice
+        while True:
             text = (await c.get("/metrics")).text
             aborted = metric_value(text, "glmv_requests_finished_total", {"outcome": "aborted"}) or 0.0
             if (
                 aborted > before
                 and metric_value(text, "glmv_requests_running", {"model_name": "tiny-glm41v"}) == 0.0
-            ):
+            ) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         assert aborted == before + 1
@@ -711,7 +742,8 @@ def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[.
         server.process.send_signal(15)  # SIGTERM while the answer is streaming
         # New work is refused while the running stream goes on to its end.
         refused = None
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             if httpx.get(server.base_url + "/ready", timeout=5).status_code == 503:
                 refused = httpx.post(
                     server.api_url + "/chat/completions", json={"messages": user("x")}, timeout=5

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from glmv.engine.async_engine import AsyncEngine
-from glmv.engine.inputs import load_processors
+from glmv.engine.client import EngineClient
 from glmv.models.tiny_glm4v_9b import create_tiny_glm4v_9b
-from glmv.server.app import build_engine, create_app
+from glmv.server.app import create_app
+from glmv.tasks.inputs import load_processors
 
-from .conftest import LiveServer, asgi_client, make_settings, parse_sse
+from .conftest import LiveServer, asgi_client, build_engine, make_settings, parse_sse
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,14 @@ def ckpt9b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine9b(ckpt9b: Path) -> Iterator[AsyncEngine]:
+def engine9b(ckpt9b: Path) -> Iterator[EngineClient]:
     engine = build_engine(make_settings(ckpt9b))
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture
-async def client9b(ckpt9b: Path, engine9b: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+async def client9b(ckpt9b: Path, engine9b: EngineClient) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(create_app(make_settings(ckpt9b), engine9b)) as c:
         yield c
 

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from glmv.errors import InvalidRequestError
 from glmv.processing.bytelevel import unicode_to_bytes
 from glmv.processing.tokenizer import Tokenizer
-from glmv.server.chat import TokenBytes
 from glmv.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -22,6 +21,7 @@ from glmv.server.protocol import (
     loc_to_param,
     validation_error_to_glmv,
 )
+from glmv.tasks.tokens import TokenBytes
 
 
 def error_for(body: Any) -> InvalidRequestError:

@@ -32,9 +32,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from glmv.server.app import build_engine, create_app
+from glmv.server.app import create_app
 
-from .conftest import make_settings
+from .conftest import build_engine, make_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 RUNS = {"positive": 25, "admissible": 25, "negative": 15}

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from glmv.cli import build_parser
+from glmv.cli.serve import run_serve
 from glmv.errors import ConfigError
-from glmv.server.settings import Settings, add_serve_arguments, run_serve
+from glmv.server.settings import Settings, add_serve_arguments
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -133,3 +134,28 @@ def test_help_lists_every_setting_with_its_variable(capsys: pytest.CaptureFixtur
         ("--api-key", "GLMV_API_KEY"),
     ):
         assert flag in text and env in text
+
+
+def test_engine_flags_are_the_engine_config_fields() -> None:
+    import dataclasses
+
+    from glmv.tasks.config import EngineConfig
+
+    engine_fields = [f for f in dataclasses.fields(EngineConfig) if f.name != "model"]
+    settings = load()
+    for f in engine_fields:  # every engine setting is a flag, with EngineConfig's own default
+        assert getattr(settings, f.name) == f.default, f.name
+    s = load("--engine-mode", "inprocess", "--data-parallel-size", "2", "--max-num-seqs", "7",
+             env={"GLMV_KV_CACHE_GB": "0.25"})  # fmt: skip
+    config = s.service_config("/ckpt")
+    assert config.engine == EngineConfig(
+        model="/ckpt", engine_mode="inprocess", data_parallel_size=2, max_num_seqs=7, kv_cache_gb=0.25
+    )
+    assert config.image_limits == s.image_limits() and config.image_workers is None
+    assert load("--image-workers", "0").service_config("/ckpt").image_workers == 0
+    with pytest.raises(ConfigError, match="--engine-mode must be one of process, inprocess"):
+        load(env={"GLMV_ENGINE_MODE": "threads"})
+    with pytest.raises(ConfigError, match="--data-parallel-size must be >= 1"):
+        load("--data-parallel-size", "0")
+    with pytest.raises(ConfigError, match="no model"):
+        load().service_config()

@@ -19,6 +19,7 @@ from glmv.engine.structured import schema_errors
 from glmv.server.moderation import value_scores
 from glmv.tasks.moderation import OPENAI_CATEGORIES, ModerationPolicy
 from glmv.tasks.schemas import BUILTIN_SCHEMAS
+from glmv.tasks.types import LogprobEntry, TopLogprob
 
 SCHEMA = {
     "type": "object",
@@ -282,13 +283,14 @@ async def test_moderation_errors(client: httpx.AsyncClient) -> None:
 
 
 def test_value_scores_from_logprobs() -> None:
-    def entry(token: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
-        return {
-            "token": token,
-            "logprob": logprob,
-            "bytes": list(token.encode()),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
-        }
+    def entry(token: str, logprob: float, top: list[tuple[str, float]]) -> LogprobEntry:
+        return LogprobEntry(
+            token_id=0,
+            token=token,
+            logprob=logprob,
+            bytes=list(token.encode()),
+            top=[TopLogprob(0, t, lp, list(t.encode())) for t, lp in top],
+        )
 
     # {"hate": false, "violence": true} with the value tokens spanning the separator space.
     logprobs = [

@@ -31,12 +31,17 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = 4
-PACK = 32 // BITS  # codes per int32 word
+# The layout constants and the reference matmul are the kernels' (their CPU path); named here too.
+from glmv.kernels.int4_reference import BITS as BITS
+from glmv.kernels.int4_reference import PACK as PACK
+from glmv.kernels.int4_reference import SHIFTS
+from glmv.kernels.int4_reference import dequantize_packed as dequantize_packed
+from glmv.kernels.int4_reference import int4_matmul_reference as int4_matmul_reference
+from glmv.kernels.int4_reference import unpack_rows as unpack_rows
+
 AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER: tuple[int, ...] = (0, 4, 1, 5, 2, 6, 3, 7)
 SEQUENTIAL_ORDER: tuple[int, ...] = tuple(range(PACK))
-_SHIFTS = tuple(BITS * i for i in range(PACK))
 
 
 @dataclass(slots=True)
@@ -141,16 +146,9 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot pack {k} rows into words of {PACK}")
     c = codes.to(torch.int64).view(k // PACK, PACK, n)
     words = torch.zeros(k // PACK, n, dtype=torch.int64, device=codes.device)
-    for i, shift in enumerate(_SHIFTS):
+    for i, shift in enumerate(SHIFTS):
         words |= (c[:, i] & 0xF) << shift
     return _to_int32(words)
-
-
-def unpack_rows(words: torch.Tensor) -> torch.Tensor:
-    """int32 `[K / 8, N]` → uint8 codes `[K, N]` (inverse of `pack_rows`)."""
-    r, n = words.shape
-    parts = [((words >> shift) & 0xF) for shift in _SHIFTS]
-    return torch.stack(parts, dim=1).reshape(r * PACK, n).to(torch.uint8)
 
 
 def pack_columns(codes: torch.Tensor, order: tuple[int, ...] = SEQUENTIAL_ORDER) -> torch.Tensor:
@@ -160,7 +158,7 @@ def pack_columns(codes: torch.Tensor, order: tuple[int, ...] = SEQUENTIAL_ORDER)
         raise ValueError(f"cannot pack {n} columns into words of {PACK}")
     c = codes.to(torch.int64).view(r, n // PACK, PACK)
     words = torch.zeros(r, n // PACK, dtype=torch.int64, device=codes.device)
-    for i, shift in enumerate(_SHIFTS):
+    for i, shift in enumerate(SHIFTS):
         words |= (c[:, :, order[i]] & 0xF) << shift
     return _to_int32(words)
 
@@ -168,7 +166,7 @@ def pack_columns(codes: torch.Tensor, order: tuple[int, ...] = SEQUENTIAL_ORDER)
 def unpack_columns(words: torch.Tensor, order: tuple[int, ...] = SEQUENTIAL_ORDER) -> torch.Tensor:
     """int32 `[R, N / 8]` → uint8 codes `[R, N]` (inverse of `pack_columns` with the same order)."""
     r, c = words.shape
-    nibbles = torch.stack([((words >> shift) & 0xF) for shift in _SHIFTS], dim=-1)  # [R, C, 8] by nibble
+    nibbles = torch.stack([((words >> shift) & 0xF) for shift in SHIFTS], dim=-1)  # [R, C, 8] by nibble
     inverse = [order.index(j) for j in range(PACK)]  # column j sits in nibble inverse[j]
     return nibbles[:, :, inverse].reshape(r, c * PACK).to(torch.uint8)
 
@@ -204,58 +202,6 @@ def from_packed(
         scales=scales.t().contiguous(),
         group_size=group_size,
     )
-
-
-def dequantize_packed(
-    qweight: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    dtype: torch.dtype = torch.float32,
-    *,
-    k_start: int = 0,
-    k_end: int | None = None,
-) -> torch.Tensor:
-    """Dequantize input channels `k_start … k_end` of glmv-layout tensors to `[k_end - k_start, N]`
-    (the transpose of the `nn.Linear` weight), in float32 arithmetic rounded once to `dtype`.
-    `k_start` and `k_end` must be multiples of the group size."""
-    k = qweight.shape[0] * PACK
-    k_end = k if k_end is None else k_end
-    g = group_size
-    rows = qweight[k_start // PACK : k_end // PACK]
-    q = unpack_rows(rows).to(torch.float32)  # [k_len, N]
-    kl, n = q.shape
-    z = zeros[k_start // g : k_end // g].to(torch.float32)
-    s = scales[k_start // g : k_end // g].to(torch.float32)
-    w = (q.view(kl // g, g, n) - z.unsqueeze(1)) * s.unsqueeze(1)
-    return w.view(kl, n).to(dtype)
-
-
-def int4_matmul_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    *,
-    block_k: int = 4096,
-) -> torch.Tensor:
-    """`x @ dequantize(W)` for 2-D `x` `[M, K]`, dequantizing `block_k` input channels at a time
-    so that the full-precision weight never exists at once. Result in `x.dtype`."""
-    k = qweight.shape[0] * PACK
-    g = group_size
-    step = max(g, (block_k // g) * g)
-    out: torch.Tensor | None = None
-    for start in range(0, k, step):
-        end = min(k, start + step)
-        w = dequantize_packed(qweight, zeros, scales, g, x.dtype, k_start=start, k_end=end)
-        part = x[:, start:end] @ w
-        out = part if out is None else out.add_(part)
-    assert out is not None
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out
 
 
 # ------------------------------------------------------------------ checkpoint formats (per part)

@@ -13,7 +13,8 @@ line in `--out` are skipped (`--retry-errors` re-runs those whose line is an err
 off by a crash is dropped before the run appends. A bad file gets an error line and the run goes on.
 `truncated: true` means the token budget ran low and the object was closed early (see
 `close_on_budget` in `glmv.engine.structured`). Exit status: 0 when every file has data, 1 when
-some got error lines.
+some got error lines. The embedded run extracts through the same service and extraction task as
+`POST /v1/extract` (`glmv.tasks.extraction`).
 """
 
 from __future__ import annotations
@@ -26,65 +27,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "Document",
-    "add_extract_arguments",
-    "collect_files",
-    "load_done",
-    "render_document",
-    "run_extract",
-]
+from glmv.tasks.documents import (
+    PDF_SUFFIX,
+    ExtractFileError,
+    collect_files,
+    display_path,
+    render_document,
+    resume_key,
+    text_of,
+)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-PDF_SUFFIX = ".pdf"
-
-
-class ExtractFileError(Exception):
-    """A file that cannot become images (kind: `invalid_image`, `invalid_pdf`, `too_many_pages`, ...)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-@dataclass(slots=True)
-class Document:
-    source: str
-    images: list[Image.Image] = field(default_factory=list)
-
-
-# --- inputs and the output file ---------------------------------------------------------------------
-
-
-def collect_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The files named, and the images and PDFs inside named folders (recursively, sorted)."""
-    out: list[Path] = []
-    seen: set[str] = set()
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {PDF_SUFFIX}
-            )
-        else:
-            found = [path]
-        for p in found:
-            key = str(p)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
+__all__ = ["add_extract_arguments", "add_parser", "load_done", "run_extract"]
 
 
 def load_done(out_path: Path, retry_errors: bool = False) -> set[str]:
@@ -123,56 +82,15 @@ class _Writer:
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        if text_of(line) != line:  # text without a UTF-8 form (e.g. from an error message): escape it
+            line = json.dumps(record)
+        self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         self._fh.close()
-
-
-def render_document(path: Path, *, max_pages: int, dpi: float) -> Document:
-    """The pages of `path` as RGB images: an image file, or each page of a PDF rendered at `dpi`."""
-    if path.suffix.lower() == PDF_SUFFIX:
-        return Document(str(path), _render_pdf(path, max_pages=max_pages, dpi=dpi))
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return Document(str(path), [im.convert("RGB")])
-    except FileNotFoundError:
-        raise ExtractFileError("not_found", f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ExtractFileError("invalid_image", f"{path} is not a readable image: {exc}") from None
-
-
-def _render_pdf(path: Path, *, max_pages: int, dpi: float) -> list[Image.Image]:
-    try:
-        import pypdfium2 as pdfium
-    except ImportError:
-        raise ExtractFileError(
-            "pdf_support_missing", "reading PDFs needs pypdfium2: pip install 'glmv[pdf]'"
-        ) from None
-    try:
-        pdf = pdfium.PdfDocument(str(path))
-    except Exception as exc:  # pdfium raises its own error type for broken files
-        raise ExtractFileError("invalid_pdf", f"{path} is not a readable PDF: {exc}") from None
-    try:
-        count = len(pdf)
-        if count == 0:
-            raise ExtractFileError("invalid_pdf", f"{path} has no pages")
-        if count > max_pages:
-            raise ExtractFileError(
-                "too_many_pages",
-                f"{path} has {count} pages; raise --max-pages (now {max_pages}) to read them all",
-            )
-        pages = []
-        for i in range(count):
-            page = pdf[i]
-            pages.append(page.render(scale=dpi / 72.0).to_pil().convert("RGB"))
-            page.close()
-        return pages
-    finally:
-        pdf.close()
 
 
 def _error_record(source: str, schema: str, kind: str, message: str) -> dict[str, Any]:
@@ -211,135 +129,91 @@ def _schema_arg(value: str) -> tuple[str, dict[str, Any]]:
 def _embedded(
     args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: _Writer
 ) -> int:
-    from tqdm import tqdm
-
-    from glmv.engine.llm import LLM
-    from glmv.engine.sampling import SamplingParams
-    from glmv.engine.structured import closing_reserve, json_schema_output, schema_errors
     from glmv.errors import GlmvError
-    from glmv.models.tiny import is_random_checkpoint
-    from glmv.server.defaults import default_model_dir
-    from glmv.tasks.schemas import BUILTIN_SCHEMAS, extraction_prompt
+    from glmv.tasks.extraction import extraction_spec
 
     try:
-        structured = (
-            json_schema_output(schema, param="schema").with_thinking(args.thinking).with_close_on_budget()
-        )
+        spec = extraction_spec(label if label in _builtin_names() else schema, args.instructions)
     except GlmvError as exc:
         print(f"error: --schema: {exc.message}", file=sys.stderr)
         return 2
-    preset = BUILTIN_SCHEMAS.get(label)
-    prompt = preset.prompt(args.instructions) if preset else extraction_prompt(schema, args.instructions)
+    return asyncio.run(_run_embedded(args, todo, label, spec, writer))
+
+
+async def _run_embedded(
+    args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: _Writer
+) -> int:
+    from tqdm import tqdm
+
+    from glmv.cli.defaults import default_model_dir
+    from glmv.errors import GlmvError
+    from glmv.processing.media import ImageLimits
+    from glmv.tasks.config import EngineConfig, ServiceConfig
+    from glmv.tasks.extraction import extract
+    from glmv.tasks.images import ImageRef
+    from glmv.tasks.service import create_service, is_random_checkpoint
+
     model = args.model or str(default_model_dir())
     if is_random_checkpoint(model):
         print("note: this checkpoint has random weights; its answers are random", file=sys.stderr)
-    engine_kwargs: dict[str, Any] = {"dtype": args.dtype}
+    engine: dict[str, Any] = {"dtype": args.dtype}
     if args.max_model_len:
-        engine_kwargs["max_model_len"] = args.max_model_len
-    llm = LLM(model, **engine_kwargs)
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, structured=structured)
-    kwargs = {"enable_thinking": args.thinking} if llm.inputs.chat.supports_thinking_toggle else None
-    pending: dict[str, tuple[str, int, list[str], float]] = {}  # request id -> (source, pages, text, start)
-    queue: Iterator[Path] = iter(todo)
+        engine["max_model_len"] = args.max_model_len
+    if args.engine_mode:
+        engine["engine_mode"] = args.engine_mode
+    # The pages are this machine's own files: as many as --max-pages, of any size.
+    limits = ImageLimits(max_images=max(1, args.max_pages), max_pixels=2**40, max_total_pixels=2**40)
+    config = ServiceConfig(EngineConfig(model=model, **engine), image_limits=limits, image_workers=args.image_workers)
+    service = create_service(config)
     failures = 0
-    counter = 0
+    queue: Iterator[Path] = iter(todo)
 
-    def submit_next() -> bool:
-        nonlocal failures, counter
-        for path in queue:
-            source = str(path)
-            try:
-                doc = render_document(path, max_pages=args.max_pages, dpi=args.pdf_dpi)
-                content: list[dict[str, Any]] = [{"type": "image"} for _ in doc.images]
-                content.append({"type": "text", "text": prompt})
-                rid = f"extract-{counter}"
-                counter += 1
-                request = llm.inputs.build(
-                    rid,
-                    [{"role": "user", "content": content}],
-                    llm.inputs.preprocess(doc.images),
-                    params,
-                    chat_template_kwargs=kwargs,
-                )
-                engine.add_request(request)
-            except ExtractFileError as exc:
-                writer.write(_error_record(source, label, exc.kind, exc.message))
-                failures += 1
-                bar.update(1)
-                continue
-            except GlmvError as exc:
-                writer.write(_error_record(source, label, exc.code or exc.error_type, exc.message))
-                failures += 1
-                bar.update(1)
-                continue
-            pending[rid] = (source, len(doc.images), [], time.monotonic())
-            return True
-        return False
+    async def one(path: Path, bar: Any) -> None:
+        nonlocal failures
+        source = display_path(path)
+        start = time.monotonic()
+        try:
+            doc = await asyncio.to_thread(render_document, path, max_pages=args.max_pages, dpi=args.pdf_dpi)
+            refs = [ImageRef(image, f"{source}[{i}]") for i, image in enumerate(doc.images)]
+            result = await extract(service, spec, refs, max_tokens=args.max_tokens, thinking=args.thinking)
+            usage = result.usage
+            record: dict[str, Any] = {
+                "source": source,
+                "schema": label,
+                "pages": len(doc.images),
+                "data": result.data,
+                "truncated": result.truncated,
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.total_tokens,
+                },
+                "seconds": round(time.monotonic() - start, 3),
+            }
+        except ExtractFileError as exc:
+            record = _error_record(source, label, exc.kind, exc.message)
+        except GlmvError as exc:
+            record = _error_record(source, label, exc.code or exc.error_type, exc.message)
+        failures += "error" in record
+        writer.write(record)
+        bar.update(1)
 
-    with tqdm(total=len(todo), desc="extract", unit="file", disable=args.no_progress) as bar:
-        while len(pending) < args.concurrency and submit_next():
-            pass
-        while engine.has_unfinished():
-            for out in engine.step():
-                entry = pending.get(out.request_id)
-                if entry is None:
-                    continue
-                source, pages, texts, start = entry
-                texts.extend(d.text for d in out.deltas)
-                if not out.finished:
-                    continue
-                del pending[out.request_id]
-                finish = next((d.finish_reason for d in out.deltas if d.finish_reason), None)
-                record = _finish_record(
-                    source, label, pages, "".join(texts), finish, out.error, schema, schema_errors
-                )
-                if "data" in record:
-                    budget = engine.max_model_len - out.prompt_tokens
-                    if args.max_tokens:
-                        budget = min(budget, args.max_tokens)
-                    record["truncated"] = out.completion_tokens > budget - closing_reserve(budget)
-                record["usage"] = {
-                    "prompt_tokens": out.prompt_tokens,
-                    "completion_tokens": out.completion_tokens,
-                    "total_tokens": out.prompt_tokens + out.completion_tokens,
-                }
-                record["seconds"] = round(time.monotonic() - start, 3)
-                failures += "error" in record
-                writer.write(record)
-                bar.update(1)
-                while len(pending) < args.concurrency and submit_next():
-                    pass
+    async def worker(bar: Any) -> None:
+        for path in queue:  # the workers share one iterator: files go in order
+            await one(path, bar)
+
+    try:
+        with tqdm(total=len(todo), desc="extract", unit="file", disable=args.no_progress) as bar:
+            await asyncio.gather(*(worker(bar) for _ in range(min(args.concurrency, len(todo)))))
+    finally:
+        service.shutdown()
     return 1 if failures else 0
 
 
-def _finish_record(
-    source: str,
-    label: str,
-    pages: int,
-    text: str,
-    finish: str | None,
-    error: Any,
-    schema: dict[str, Any],
-    validate: Any,
-) -> dict[str, Any]:
-    from glmv.processing.reasoning import split
+def _builtin_names() -> frozenset[str]:
+    from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
-    if error is not None:
-        return _error_record(source, label, error.code or error.error_type, error.message)
-    if finish == "length":
-        return _error_record(
-            source, label, "incomplete_output", "the answer reached max_tokens before the JSON was complete"
-        )
-    _, content = split(text)
-    try:
-        data = json.loads(content)
-    except ValueError as exc:
-        return _error_record(source, label, "invalid_output", f"the answer is not JSON: {exc}")
-    problems = validate(schema, data)
-    if problems:
-        return _error_record(source, label, "schema_validation_failed", "; ".join(problems[:5]))
-    return {"source": source, "schema": label, "pages": pages, "data": data}
+    return frozenset(BUILTIN_SCHEMAS)
 
 
 # --- a server -----------------------------------------------------------------------------------------
@@ -389,7 +263,7 @@ async def _remote(
 
     async def one(client: httpx.AsyncClient, path: Path, bar: Any) -> None:
         nonlocal failures
-        source = str(path)
+        source = display_path(path)
         async with semaphore:
             start = time.monotonic()
             try:
@@ -465,6 +339,18 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="checkpoint directory for the embedded engine (default: the tiny one)"
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--engine-mode",
+        default=None,
+        choices=["process", "inprocess"],
+        help="embedded engine: its core in its own process (default) or in a thread of this one",
+    )
+    parser.add_argument(
+        "--image-workers",
+        type=int,
+        default=None,
+        help="processes that resize the pages (default: half the CPUs, at most 8; 0: a thread)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="context cap of the embedded engine")
     parser.add_argument("--instructions", help="extra instructions for the prompt")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens per document")
@@ -484,7 +370,8 @@ def run_extract(args: argparse.Namespace) -> int:
     label, schema = _schema_arg(args.schema)
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
-    todo = [p for p in files if str(p) not in done]
+    done_keys = {resume_key(source) for source in done}
+    todo = [p for p in files if resume_key(p) not in done_keys]
     skipped = len(files) - len(todo)
     if skipped:
         print(f"{skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr)
@@ -497,3 +384,9 @@ def run_extract(args: argparse.Namespace) -> int:
         return _embedded(args, todo, label, schema, writer)
     finally:
         writer.close()
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("extract", help="extract JSON from document images and PDFs into a JSONL file")
+    add_extract_arguments(p)
+    p.set_defaults(func=run_extract)
