@@ -2,7 +2,7 @@
 
     python -m glmv.ray.data scans/ --schema invoice --out results.jsonl --num-actors 8 [--ray-address auto]
 
-The same flags, output and resume semantics as `glmv extract` (see `glmv.extract_cli`): every
+The same flags, output and resume semantics as `glmv extract` (see `glmv.cli.extract`): every
 input file gets exactly one line in `--out`, files that already have a line are skipped (with
 `--retry-errors`, error lines are dropped and run again), a line cut off by a crash is dropped
 before the run appends, and the exit status is 0 when every file has data, 1 when some got
@@ -10,7 +10,7 @@ error lines, 2 for bad arguments.
 
 How it runs: the driver lists the files still to do and hands them to Ray Data as a dataset of
 paths; `map_batches` runs them through a fixed pool of `--num-actors` actors, each loading the
-checkpoint once (`glmv.ray.extract_worker.DocumentExtractor`, one GPU per actor when the cluster
+generation service once and keeping it across batches (`glmv.ray.extract_worker.DocumentExtractor`, one GPU per actor when the cluster
 has GPUs) and extracting `--batch-size` documents at a time with all of them in flight in its
 engine. Records stream back to the driver as batches finish; the driver alone appends to the
 output file, one complete, flushed line per file (a file's line is never written twice, even if
@@ -33,7 +33,7 @@ __all__ = ["add_ray_extract_arguments", "main", "run_extract_ray"]
 
 
 class ExtractActor:
-    """The Ray Data callable class: one `DocumentExtractor` (one engine) per actor."""
+    """The Ray Data callable class: one `DocumentExtractor` (one service and engine) per actor."""
 
     def __init__(self, job: Any) -> None:
         from glmv.ray.extract_worker import DocumentExtractor
@@ -45,9 +45,15 @@ class ExtractActor:
         records = self.extractor.extract(sources)
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
+    def __del__(self) -> None:
+        # Ray drops the actor when the dataset is done: stop the engine with it.
+        extractor = getattr(self, "extractor", None)
+        if extractor is not None:
+            extractor.close()
+
 
 def add_ray_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    from glmv.extract_cli import add_extract_arguments
+    from glmv.cli.extract import add_extract_arguments
 
     add_extract_arguments(parser)
     group = parser.add_argument_group("ray")
@@ -80,10 +86,10 @@ def _resources(args: argparse.Namespace) -> tuple[int, float]:
 def run_extract_ray(args: argparse.Namespace) -> int:
     """Exit status: 0 all files extracted, 1 some files got error lines, 2 bad arguments."""
     require_ray()
-    from glmv.engine.structured import json_schema_output
+    from glmv.cli.extract import RecordWriter, load_done, spec_of
     from glmv.errors import GlmvError
-    from glmv.extract_cli import _Writer, collect_files, load_done
     from glmv.ray.extract_worker import ExtractJob
+    from glmv.tasks.documents import collect_files, display_path, resume_key
 
     if args.server:
         print("error: --server does not apply here: the actors run the model", file=sys.stderr)
@@ -93,13 +99,14 @@ def run_extract_ray(args: argparse.Namespace) -> int:
         return 2
     job = ExtractJob.from_args(args)
     try:  # a bad schema fails here, once, rather than in every actor
-        json_schema_output(job.schema, param="schema")
+        spec_of(job.label, job.schema, job.instructions)
     except GlmvError as exc:
         print(f"error: --schema: {exc.message}", file=sys.stderr)
         return 2
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
-    todo = [str(p) for p in files if str(p) not in done]
+    done_keys = {resume_key(source) for source in done}
+    todo = [str(p) for p in files if resume_key(p) not in done_keys]
     if len(files) != len(todo):
         print(
             f"{len(files) - len(todo)} of {len(files)} files already in {args.out}; {len(todo)} to do",
@@ -131,10 +138,10 @@ def run_extract_ray(args: argparse.Namespace) -> int:
             num_cpus=args.num_cpus_per_actor,
             num_gpus=gpus,
         )
-        wanted = set(todo)
+        wanted = {display_path(s) for s in todo}  # records name their file as `glmv extract` does
         written: set[str] = set()
         failures = 0
-        writer = _Writer(args.out)
+        writer = RecordWriter(args.out)
         try:
             with tqdm(total=len(todo), desc="extract", unit="file", disable=args.no_progress) as bar:
                 for row in dataset.iter_rows():

@@ -150,6 +150,11 @@ class GlmvServer:
         except Exception:  # outside a replica (tests building the class directly)
             self.replica_id = f"local-{os.getpid()}"
         self._replica_header = [(REPLICA_HEADER.encode(), self.replica_id.encode())]
+        if not settings.model:
+            # The embedded tiny checkpoint, made in this node's own cache (not the driver's).
+            from glmv.cli.defaults import default_model_dir
+
+            settings.model = str(default_model_dir())  # this replica's own copy of the settings
         # Built here, on the replica, so the engine lives in this process (and on its GPU).
         self.app = create_app(settings)
         self._lifespan = AppLifespan(self.app)
@@ -167,9 +172,9 @@ class GlmvServer:
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine died (this raises)."""
-        engine = self.app.state.glmv.engine
-        if engine.dead is not None:
-            raise RuntimeError(f"the engine of replica {self.replica_id} died: {engine.dead}")
+        dead = self.app.state.glmv.service.dead
+        if dead is not None:
+            raise RuntimeError(f"the engine of replica {self.replica_id} died: {dead}")
 
     async def __del__(self) -> None:
         await self._lifespan.shutdown()

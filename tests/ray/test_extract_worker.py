@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from glmv.extract_cli import add_extract_arguments, run_extract
+from glmv.cli.extract import add_extract_arguments, run_extract
 from glmv.ray.extract_worker import DocumentExtractor, ExtractJob
 from tests.ray.conftest import SCHEMA, make_documents
 
@@ -29,7 +29,15 @@ def test_document_extractor_matches_glmv_extract(ray_model_dir: Path, tmp_path: 
 
     job = ExtractJob.from_args(parse(argv))
     assert job.label == "inline" and job.schema["required"] == ["total"]
-    records = DocumentExtractor(job).extract([str(p) for p in [*docs, broken]])
+    extractor = DocumentExtractor(job)
+    try:
+        sources = [str(p) for p in [*docs, broken]]
+        records = extractor.extract(sources)
+        assert [r["source"] for r in records] == sources
+        again = extractor.extract(sources[:1])  # the same service serves the next batch
+        assert again[0]["data"] == records[0]["data"]
+    finally:
+        extractor.close()
     got = {r["source"]: r for r in records}
     assert set(got) == set(expected) == {str(p) for p in [*docs, broken]}
     for source, record in got.items():
