@@ -307,7 +307,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def add_ray_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The Ray flags (the `glmv serve` flags are added by `add_serve_arguments`)."""
-    group = parser.add_argument_group("ray")
+    group = parser.add_argument_group("ray", "with --ray (glmv serve) or python -m glmv.ray.serve")
     d = RayServeOptions()
     group.add_argument(
         "--ray-address",

@@ -37,6 +37,30 @@ def test_bad_flags_exit_2_without_starting_ray(capsys: pytest.CaptureFixture[str
     assert main(["--max-num-seqs", "0"]) == 2  # glmv serve's own settings are checked too
 
 
+def test_glmv_serve_ray_takes_the_ray_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from glmv.cli import build_parser
+    from glmv.cli import main as glmv_main
+
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--max-ongoing-requests", "7"])
+    assert args.ray is True
+    assert RayServeOptions.from_mapping(vars(args)).replicas == 3
+    assert RayServeOptions.from_mapping(vars(args)).max_ongoing_requests == 7
+    assert build_parser().parse_args(["serve"]).ray is False
+    assert glmv_main(["serve", "--ray", "--replicas", "0"]) == 2  # checked before Ray starts
+    assert "--replicas must be >= 1" in capsys.readouterr().err
+
+
+def test_glmv_serve_ray_without_ray_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from glmv.cli import main as glmv_main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert glmv_main(["serve", "--ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["glmv serve: --ray: glmv on Ray needs Ray: pip install 'glmv[ray]' (ray[serve,data])"]
+
+
 def test_autoscaling_options() -> None:
     fixed = RayServeOptions(replicas=3)
     assert not fixed.autoscaling and fixed.autoscaling_config() is None
