@@ -44,11 +44,11 @@ from glmv.tasks.documents import (
 )
 
 __all__ = [
+    "RecordWriter",
     "add_extract_arguments",
     "add_parser",
     "extract_record",
     "extraction_service",
-    "RecordWriter",
     "load_done",
     "run_extract",
     "schema_arg",
