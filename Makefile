@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.glmv-base
 DEV    := $(VENV)/.glmv-dev
 
-.PHONY: install install-dev serve test lint system-deps clean
+.PHONY: install install-dev serve test test-ray lint system-deps clean
 
 $(BASE): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ test: $(DEV) system-deps
 	$(PY) -m ruff check glmv tests benchmarks training
 	$(PY) -m pytest -q
 	GLMV_ENGINE_MODE=inprocess $(PY) -m pytest -q tests/engine tests/server tests/tasks
+
+# Only the Ray tests (glmv on Ray Serve and Ray Data, a local Ray instance; part of `make test` too).
+test-ray: $(DEV) system-deps
+	$(PY) -m pytest -q tests/ray
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,7 +1,8 @@
 """The layers of DESIGN.md, read from the code: every import of `glmv/**` runs the right way.
 
 cli → server → tasks → engine → models → kernels, with processing a leaf used by engine and
-tasks. Imports are read with `ast` (those inside functions count too: they run when called;
+tasks. `glmv.ray` (the optional Ray application) is a top layer beside cli: only cli imports it
+(`glmv serve --ray`), and it reaches the engine, like the server, only through tasks. Imports are read with `ast` (those inside functions count too: they run when called;
 those under `if TYPE_CHECKING:` count as well, except where a rule says otherwise). A failure
 lists each offending import with its file and line.
 """
@@ -141,12 +142,26 @@ def test_server_reaches_the_engine_only_through_tasks() -> None:
 
 
 def test_nothing_imports_the_cli() -> None:
+    top = ("glmv.cli", "glmv.ray")  # the two top layers may use each other
     wrong = [
         str(imp)
         for imp in all_imports()
-        if under(imp.target, "glmv.cli") and not under(imp.module, "glmv.cli") and imp.module != "glmv.__main__"
+        if under(imp.target, "glmv.cli") and not under(imp.module, *top) and imp.module != "glmv.__main__"
     ]
     assert wrong == []
+
+
+def test_only_the_cli_imports_ray() -> None:
+    wrong = [
+        str(imp)
+        for imp in all_imports()
+        if under(imp.target, "glmv.ray", "ray") and not under(imp.module, "glmv.cli", "glmv.ray")
+    ]
+    assert wrong == []
+
+
+def test_ray_reaches_the_engine_only_through_tasks() -> None:
+    assert violations("glmv.ray", ("glmv.models", "glmv.kernels", "glmv.engine")) == []
 
 
 def test_errors_and_the_load_generator_stand_alone() -> None:

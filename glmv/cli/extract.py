@@ -43,7 +43,17 @@ from glmv.tasks.documents import (
     text_of,
 )
 
-__all__ = ["add_extract_arguments", "add_parser", "load_done", "run_extract"]
+__all__ = [
+    "RecordWriter",
+    "add_extract_arguments",
+    "add_parser",
+    "extract_record",
+    "extraction_service",
+    "load_done",
+    "run_extract",
+    "schema_arg",
+    "spec_of",
+]
 
 
 def load_done(out_path: Path, retry_errors: bool = False) -> set[str]:
@@ -74,7 +84,7 @@ def load_done(out_path: Path, retry_errors: bool = False) -> set[str]:
     return done
 
 
-class _Writer:
+class RecordWriter:
     """Appends one complete line per record and flushes it at once."""
 
     def __init__(self, path: Path) -> None:
@@ -97,7 +107,7 @@ def _error_record(source: str, schema: str, kind: str, message: str) -> dict[str
     return {"source": source, "schema": schema, "error": {"type": kind, "message": message}}
 
 
-def _schema_arg(value: str) -> tuple[str, dict[str, Any]]:
+def schema_arg(value: str) -> tuple[str, dict[str, Any]]:
     """(label, JSON Schema) of `--schema`: a built-in name, a .json file or inline JSON."""
     from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
@@ -126,74 +136,125 @@ def _schema_arg(value: str) -> tuple[str, dict[str, Any]]:
 # --- the embedded engine ------------------------------------------------------------------------------
 
 
-def _embedded(
-    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: _Writer
-) -> int:
-    from glmv.errors import GlmvError
+def spec_of(label: str, schema: dict[str, Any], instructions: str | None) -> Any:
+    """The `ExtractionSpec` of a `schema_arg` result (a built-in by name, else the schema)."""
     from glmv.tasks.extraction import extraction_spec
 
+    return extraction_spec(label if label in _builtin_names() else schema, instructions)
+
+
+def _embedded(
+    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: RecordWriter
+) -> int:
+    from glmv.errors import GlmvError
+
     try:
-        spec = extraction_spec(label if label in _builtin_names() else schema, args.instructions)
+        spec = spec_of(label, schema, args.instructions)
     except GlmvError as exc:
         print(f"error: --schema: {exc.message}", file=sys.stderr)
         return 2
     return asyncio.run(_run_embedded(args, todo, label, spec, writer))
 
 
+def extraction_service(
+    *,
+    model: str | None,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    engine_mode: str | None = None,
+    max_pages: int = 8,
+    image_workers: int | None = None,
+) -> Any:
+    """The generation service of an embedded extraction run (`glmv extract`, a Ray Data actor)."""
+    from glmv.cli.defaults import default_model_dir
+    from glmv.processing.media import ImageLimits
+    from glmv.tasks.config import EngineConfig, ServiceConfig
+    from glmv.tasks.service import create_service, is_random_checkpoint
+
+    model = model or str(default_model_dir())
+    if is_random_checkpoint(model):
+        print("note: this checkpoint has random weights; its answers are random", file=sys.stderr)
+    engine: dict[str, Any] = {"dtype": dtype}
+    if max_model_len:
+        engine["max_model_len"] = max_model_len
+    if engine_mode:
+        engine["engine_mode"] = engine_mode
+    # The pages are this machine's own files: as many as --max-pages, of any size.
+    limits = ImageLimits(max_images=max(1, max_pages), max_pixels=2**40, max_total_pixels=2**40)
+    config = ServiceConfig(EngineConfig(model=model, **engine), image_limits=limits, image_workers=image_workers)
+    return create_service(config)
+
+
+async def extract_record(
+    service: Any,
+    spec: Any,
+    path: Path,
+    label: str,
+    *,
+    max_pages: int,
+    pdf_dpi: float,
+    max_tokens: int | None,
+    thinking: bool,
+) -> dict[str, Any]:
+    """The output line of one file: its data, `truncated`, usage and time, or an error line."""
+    from glmv.errors import GlmvError
+    from glmv.tasks.extraction import extract
+    from glmv.tasks.images import ImageRef
+
+    source = display_path(path)
+    start = time.monotonic()
+    try:
+        doc = await asyncio.to_thread(render_document, path, max_pages=max_pages, dpi=pdf_dpi)
+        refs = [ImageRef(image, f"{source}[{i}]") for i, image in enumerate(doc.images)]
+        result = await extract(service, spec, refs, max_tokens=max_tokens, thinking=thinking)
+        usage = result.usage
+        return {
+            "source": source,
+            "schema": label,
+            "pages": len(doc.images),
+            "data": result.data,
+            "truncated": result.truncated,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+            "seconds": round(time.monotonic() - start, 3),
+        }
+    except ExtractFileError as exc:
+        return _error_record(source, label, exc.kind, exc.message)
+    except GlmvError as exc:
+        return _error_record(source, label, exc.code or exc.error_type, exc.message)
+
+
 async def _run_embedded(
-    args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: _Writer
+    args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: RecordWriter
 ) -> int:
     from tqdm import tqdm
 
-    from glmv.cli.defaults import default_model_dir
-    from glmv.errors import GlmvError
-    from glmv.processing.media import ImageLimits
-    from glmv.tasks.config import EngineConfig, ServiceConfig
-    from glmv.tasks.extraction import extract
-    from glmv.tasks.images import ImageRef
-    from glmv.tasks.service import create_service, is_random_checkpoint
-
-    model = args.model or str(default_model_dir())
-    if is_random_checkpoint(model):
-        print("note: this checkpoint has random weights; its answers are random", file=sys.stderr)
-    engine: dict[str, Any] = {"dtype": args.dtype}
-    if args.max_model_len:
-        engine["max_model_len"] = args.max_model_len
-    if args.engine_mode:
-        engine["engine_mode"] = args.engine_mode
-    # The pages are this machine's own files: as many as --max-pages, of any size.
-    limits = ImageLimits(max_images=max(1, args.max_pages), max_pixels=2**40, max_total_pixels=2**40)
-    config = ServiceConfig(EngineConfig(model=model, **engine), image_limits=limits, image_workers=args.image_workers)
-    service = create_service(config)
+    service = extraction_service(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        engine_mode=args.engine_mode,
+        max_pages=args.max_pages,
+        image_workers=args.image_workers,
+    )
     failures = 0
     queue: Iterator[Path] = iter(todo)
 
     async def one(path: Path, bar: Any) -> None:
         nonlocal failures
-        source = display_path(path)
-        start = time.monotonic()
-        try:
-            doc = await asyncio.to_thread(render_document, path, max_pages=args.max_pages, dpi=args.pdf_dpi)
-            refs = [ImageRef(image, f"{source}[{i}]") for i, image in enumerate(doc.images)]
-            result = await extract(service, spec, refs, max_tokens=args.max_tokens, thinking=args.thinking)
-            usage = result.usage
-            record: dict[str, Any] = {
-                "source": source,
-                "schema": label,
-                "pages": len(doc.images),
-                "data": result.data,
-                "truncated": result.truncated,
-                "usage": {
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
-                },
-                "seconds": round(time.monotonic() - start, 3),
-            }
-        except ExtractFileError as exc:
-            record = _error_record(source, label, exc.kind, exc.message)
-        except GlmvError as exc:
-            record = _error_record(source, label, exc.code or exc.error_type, exc.message)
+        record = await extract_record(
+            service,
+            spec,
+            path,
+            label,
+            max_pages=args.max_pages,
+            pdf_dpi=args.pdf_dpi,
+            max_tokens=args.max_tokens,
+            thinking=args.thinking,
+        )
         failures += "error" in record
         writer.write(record)
         bar.update(1)
@@ -245,7 +306,7 @@ def _file_url(path: Path) -> str:
 
 
 async def _remote(
-    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: _Writer
+    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: RecordWriter
 ) -> int:
     import httpx
     from tqdm import tqdm
@@ -367,7 +428,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print("error: --concurrency must be >= 1", file=sys.stderr)
         return 2
-    label, schema = _schema_arg(args.schema)
+    label, schema = schema_arg(args.schema)
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
     done_keys = {resume_key(source) for source in done}
@@ -377,7 +438,7 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"{skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr)
     if not todo:
         return 0
-    writer = _Writer(args.out)
+    writer = RecordWriter(args.out)
     try:
         if args.server:
             return asyncio.run(_remote(args, todo, label, schema, writer))

@@ -125,7 +125,10 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
 
 def run_serve(args: argparse.Namespace) -> int:
     """`glmv serve`: load the model, serve until SIGTERM/Ctrl-C, return the exit status (0 after a
-    clean drain, 1 when start-up failed or the engine died, 2 for a bad setting)."""
+    clean drain, 1 when start-up failed or the engine died, 2 for a bad setting). With `--ray`,
+    the same app runs as engine replicas on Ray Serve (`glmv.ray.serve.run_ray_serve`)."""
+    if getattr(args, "ray", False):
+        return _run_on_ray(args)
     try:
         settings = Settings.from_sources(args)
     except GlmvError as exc:
@@ -231,7 +234,30 @@ def resolve_model(model: str | None) -> tuple[Path, bool]:
     return default_model_dir(), True
 
 
+def _run_on_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from glmv.ray import RAY_MISSING
+
+        print(f"glmv serve: --ray: {RAY_MISSING}", file=sys.stderr)
+        return 2
+    from glmv.ray.serve import run_ray_serve
+
+    return run_ray_serve(args)
+
+
 def add_parser(sub: Any) -> None:
+    # glmv.ray.serve imports Ray only when it runs, so its flags are known without Ray installed.
+    from glmv.ray.serve import add_ray_serve_arguments
+
     p = sub.add_parser("serve", help="start the OpenAI-compatible server and web page")
     add_serve_arguments(p)
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: engine replicas behind a cache-aware front (needs glmv[ray]; "
+        "the 'ray' flags below apply)",
+    )
+    add_ray_serve_arguments(p)
     p.set_defaults(func=run_serve)
