@@ -141,11 +141,11 @@ def _max_tokens(item: EvalItem) -> int:
 
 def run_glmv(items: list[EvalItem], model: str, dtype: str, progress: bool = True) -> list[str]:
     """glmv's engine in this process: extraction with the schema grammar, as /v1/extract serves it."""
-    from glmv.engine.llm import LLM
     from tqdm import tqdm
 
     from glmv.engine.sampling import SamplingParams
     from glmv.engine.structured import json_schema_output
+    from glmv.tasks.llm import LLM
 
     llm = LLM(model, dtype=dtype, max_model_len=4096)
     engine = llm.engine
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         answers = [a or "" for a in run_hf(items, args.model, args.model, args.device, args.dtype)]
     else:
         if not args.model:
-            from glmv.server.defaults import default_model_dir
+            from glmv.cli.defaults import default_model_dir
 
             args.model = str(default_model_dir())
         answers = run_glmv(items, args.model, args.dtype)
