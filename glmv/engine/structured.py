@@ -61,6 +61,7 @@ __all__ = [
     "fill_masks",
     "json_object_output",
     "json_schema_output",
+    "lark_output",
     "parse_response_format",
     "token_bytes_table",
 ]
@@ -95,9 +96,11 @@ def _llg() -> Any:
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """A JSON constraint: any JSON object (`json_object`) or one JSON Schema (`json_schema`)."""
+    """A constraint: any JSON object (`json_object`), one JSON Schema (`json_schema`), or a
+    grammar in llguidance's Lark syntax (`lark`, e.g. the tool-call format built by
+    `glmv.tasks.tool_calls`)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "lark"]
     schema: Mapping[str, Any] | None = None  # as the client sent it (validation uses this one)
     name: str | None = None
     strict: bool | None = None
@@ -120,6 +123,8 @@ class StructuredOutput:
         """Messages of what `value` gets wrong against the schema (empty: valid)."""
         if self.kind == "json_object":
             return [] if isinstance(value, dict) else ["the output is not a JSON object"]
+        if self.kind == "lark":
+            return []  # the grammar's owner checks its own results
         return schema_errors(self.schema or {}, value)
 
 
@@ -226,6 +231,23 @@ def json_schema_output(
         grammar=grammar,
         key=hashlib.sha256(grammar.encode()).hexdigest(),
     )
+
+
+def lark_output(grammar: str, *, name: str | None = None, param: str = "grammar") -> StructuredOutput:
+    """A constraint from an llguidance Lark grammar (special tokens as ``<name>``, JSON values as
+    ``%json {schema}``); raises `InvalidRequestError` naming `param` if it does not compile."""
+    llg = _llg()
+    try:
+        compiled = llg.grammar_from("lark", grammar)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(compiled)
+    except Exception as exc:  # the library's own error types
+        raise _invalid(f"{param} cannot be enforced: {exc}", param) from None
+    if is_error:
+        raise InvalidRequestError(
+            _explain(messages[0] if messages else "invalid grammar", param), param=param, code="unsupported_schema"
+        )
+    text = str(compiled)
+    return StructuredOutput("lark", name=name, grammar=text, key=hashlib.sha256(text.encode()).hexdigest())
 
 
 def json_object_output() -> StructuredOutput:
