@@ -5,7 +5,12 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.glmv-base
 DEV    := $(VENV)/.glmv-dev
 
-.PHONY: install install-dev serve test lint system-deps clean
+.PHONY: install install-dev serve test test-openwebui lint system-deps clean
+
+# Open WebUI (for `make test-openwebui` only) lives in its own virtual environment, outside the
+# repository: it pulls several GB of dependencies; the CPU torch goes in first to keep it smaller.
+OPENWEBUI_VENV    ?= $(HOME)/.cache/glmv/openwebui-venv
+OPENWEBUI_VERSION ?= 0.12.4
 
 $(BASE): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +47,17 @@ lint: $(DEV)
 test: $(DEV) system-deps
 	$(PY) -m ruff check glmv tests benchmarks
 	$(PY) -m pytest -q
+
+$(OPENWEBUI_VENV)/bin/open-webui:
+	$(PYTHON) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q "open-webui==$(OPENWEBUI_VERSION)"
+
+# glmv behind a real Open WebUI in default settings, driven by Chromium (tests/openwebui/run.py).
+# Not part of `make test`; ARGS="--capture tests/fixtures/openwebui" refreshes the replay fixtures.
+test-openwebui: $(DEV) system-deps $(OPENWEBUI_VENV)/bin/open-webui
+	$(PY) -m tests.openwebui.run --venv $(OPENWEBUI_VENV) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
