@@ -17,6 +17,12 @@ no dependency on transformers). Output is compact JSON with `json.dumps`' separa
   thinking off (`StructuredOutput.allow_thinking=False`) gets no `<think>`, and `</think>` is
   forced first if the prompt opened it. When the grammar is complete only stop tokens remain
   allowed, so the sequence ends.
+* The guarantee: a constrained sequence can only end (with a stop token) once its grammar is
+  complete. While the model thinks, the stop tokens (and a second `<think>`) are masked out, and
+  when only `closing_reserve(budget)` tokens of the budget are left, `</think>` is forced so the
+  answer has room; a model that has not started thinking by then may no longer start. So the
+  text after the reasoning is a complete document whenever the finish reason is "stop"; only
+  "length" can cut it.
 * `close_on_budget` (glmv extension, used by /v1/extract, moderation and `glmv extract`): in the
   last `closing_reserve(budget)` tokens of the sequence's budget (max_tokens, or what is left of
   the context) the allowed tokens are narrowed to those that finish the document soonest (`null`,
@@ -451,8 +457,21 @@ class GrammarBackend:
         self.think_start_id = _token_id(tokenizer, "<think>")
         self.think_end_id = _token_id(tokenizer, "</think>")
         self.assistant_id = _token_id(tokenizer, "<|assistant|>")
+        self.thinking_mask = self._thinking_mask(tokenizer)
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def _thinking_mask(self, tokenizer: Any) -> np.ndarray:
+        """Packed mask of what a thinking model may write before `</think>`: any token of the
+        tokenizer except the stop tokens and a second `<think>`."""
+        bits = np.zeros(self.words * 32, dtype=np.uint8)
+        for i in range(self.vocab_size):
+            if tokenizer.id_to_token(i) is not None:
+                bits[i] = 1
+        for t in (*self.stop_token_ids, self.think_start_id):
+            if t is not None and t < len(bits):
+                bits[t] = 0
+        return np.packbits(bits, bitorder="little").view(np.int32)
 
     def matcher(self, output: StructuredOutput) -> Any:
         """A fresh matcher for `output`, copied from the compiled one in the cache."""
@@ -493,7 +512,8 @@ class GrammarBackend:
             active=not opens,
             may_open_thinking=may_open,
             force_think_end=opens and not allow,
-            budget=budget if output.close_on_budget else None,
+            budget=budget,
+            close_on_budget=output.close_on_budget and output.kind != "lark",
         )
 
     def _assistant_tail(self, prompt: Sequence[int]) -> Sequence[int]:
@@ -554,6 +574,7 @@ class GrammarState:
         "active",
         "backend",
         "budget",
+        "close_on_budget",
         "error",
         "force_think_end",
         "generated",
@@ -571,6 +592,7 @@ class GrammarState:
         may_open_thinking: bool = False,
         force_think_end: bool = False,
         budget: int | None = None,
+        close_on_budget: bool = False,
     ) -> None:
         self.backend = backend
         self.matcher = matcher
@@ -579,22 +601,30 @@ class GrammarState:
         self.force_think_end = force_think_end  # the next token must be `</think>`
         self.error: str | None = None
         self.num_consumed = 0
-        self.budget = budget  # tokens this sequence may still generate in all (close_on_budget)
+        self.budget = budget  # tokens this sequence may generate in all (None: unknown)
+        self.close_on_budget = close_on_budget  # steer the JSON to close near the budget's end
         self.generated = 0
 
     @property
     def constrains(self) -> bool:
-        """Whether the next token is masked."""
-        return self.active or self.force_think_end
+        """Whether the next token is masked (always: while thinking, stop tokens are masked out)."""
+        return True
+
+    @property
+    def answer_reserve_reached(self) -> bool:
+        """Only the answer's reserve of the budget is left."""
+        return self.budget is not None and self.budget - self.generated <= closing_reserve(self.budget)
+
+    @property
+    def must_end_thinking(self) -> bool:
+        """The next token must be `</think>`: thinking is not allowed, or the budget's reserve for
+        the answer is reached."""
+        return not self.active and (self.force_think_end or self.answer_reserve_reached)
 
     @property
     def closing(self) -> bool:
         """The budget is about to run out: prefer tokens that finish the document."""
-        return (
-            self.budget is not None
-            and self.active
-            and self.budget - self.generated <= closing_reserve(self.budget)
-        )
+        return self.close_on_budget and self.active and self.answer_reserve_reached
 
     @property
     def is_complete(self) -> bool:
@@ -665,14 +695,18 @@ def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
     for k, i in enumerate(rows):
         state = states[i]
         assert state is not None
-        if state.force_think_end and not state.active:
+        if state.must_end_thinking:
             view[k] = 0
             _set_bits(view[k], [backend.think_end_id])  # type: ignore[list-item]
+        elif not state.active:
+            view[k] = backend.thinking_mask  # free reasoning, but it cannot end the sequence
         elif state.error is not None or state.matcher.is_error() or not view[k].any():
             # A broken or finished grammar: end the sequence.
             view[k] = 0
             _set_bits(view[k], backend.stop_token_ids)
-        elif state.may_open_thinking and backend.think_start_id is not None:
+        elif (
+            state.may_open_thinking and backend.think_start_id is not None and not state.answer_reserve_reached
+        ):
             _set_bits(view[k], [backend.think_start_id])
         elif state.closing:
             for preferred in backend.closing_classes:
