@@ -411,3 +411,65 @@ def test_grammar_samples_follow_string_constraints(backend: tuple[Tokenizer, Gra
         for call in calls:
             assert plan.functions["f"].argument_errors(json.loads(call.arguments)) == [], text
     assert finished > 0
+
+
+# --- through the engine --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine46(tiny46_dir: Path) -> Any:
+    from tests.engine.test_engine import make_engine
+
+    return make_engine(tiny46_dir, max_model_len=2048, kv_cache_gb=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("thinking", [True, False])
+def test_engine_required_and_named_calls(engine46: Any, thinking: bool) -> None:
+    """The tiny random GLM-4.6V model, sampling freely under the constraint: every answer that ends
+    with "stop" is one or more well-formed calls whose arguments validate."""
+    from glmv.engine.sampling import SamplingParams
+    from tests.engine.test_engine import request, run
+
+    engine, builder = engine46
+    backend = engine.grammar_backend()
+    messages = [{"role": "user", "content": "Weather in Paris, then search invoices."}]
+    cases = []
+    for i, choice in enumerate(["required", "get_weather", "search", "get_time"] * 2):
+        tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+        plan = plan_tools(TOOLS, tool_choice, supports_tools=True)
+        assert plan.constraint is not None
+        kwargs = {} if thinking else {"enable_thinking": False}
+        prompt = builder.chat.encode(messages, [], [], tools=plan.tools, **kwargs)
+        structured = plan.constraint.with_thinking(thinking)
+        req = request(
+            builder,
+            messages,
+            [],
+            SamplingParams(temperature=1.0, seed=i, max_tokens=96, structured=structured),
+        )
+        req.prompt_token_ids = list(prompt.token_ids)
+        if thinking:  # the template leaves thinking to the model; open it as GLM-4.6V's would
+            req.prompt_token_ids.append(backend.think_start_id)
+        cases.append((choice, plan, req))
+    results = run(engine, [req for _, _, req in cases])
+    stopped = 0
+    for choice, plan, req in cases:
+        result = results[req.request_id]
+        assert result.get("error") is None
+        if result["finish"][0] != "stop":
+            continue
+        stopped += 1
+        tokens = result["tokens"][0]
+        if thinking:
+            assert backend.think_end_id in tokens
+            tokens = tokens[tokens.index(backend.think_end_id) + 1 :]
+        text = engine.tokenizer.decode([t for t in tokens if t not in backend.stop_token_ids])
+        content, calls = parse_tool_calls(text, plan.functions)
+        assert content == "" and calls, text
+        if choice != "required":
+            assert [c.name for c in calls] == [choice]
+        for c in calls:
+            assert plan.functions[c.name].argument_errors(json.loads(c.arguments)) == [], text
+        assert finish_reason("stop", len(calls)) == "tool_calls"
+    assert stopped >= 2
