@@ -43,6 +43,8 @@ from typing import Any, Literal
 from glmv.engine.structured import (
     GRAMMAR_OPTIONS,
     StructuredOutput,
+    _llg,
+    _tighten,
     check_schema,
     lark_output,
     schema_errors,
@@ -307,8 +309,6 @@ def _regex_body(pattern: str) -> str:
 def _lark_regex(regex: str, ascii_classes: str = "") -> str:
     """`regex` as a Lark regex literal; `ascii_classes` "dw" gives JSON Schema's (ECMA) meaning of
     \\d and \\w."""
-    from glmv.engine.structured import _llg
-
     return "/" + _llg().regex_to_lark(regex, ascii_classes) + "/"
 
 
@@ -356,9 +356,8 @@ class _GrammarBuilder:
             if isinstance(root, Mapping) and key in root and key not in sub:
                 sub[key] = copy.deepcopy(root[key])
         sub["x-guidance"] = dict(GRAMMAR_OPTIONS)
-        from glmv.engine.structured import _tighten  # the same strictness as response_format
-
         rule = self.name("json")
+        # The same strictness as response_format: listed properties only.
         self.rules.append(f"{rule}: %json {json.dumps(_tighten(sub), ensure_ascii=False)}")
         return rule
 
@@ -425,8 +424,7 @@ class ToolCallDelta:
             out["type"] = "function"
         if self.name is not None:
             function["name"] = self.name
-        if self.arguments or self.name is None:
-            function["arguments"] = self.arguments
+        function["arguments"] = self.arguments  # "" in a call's first piece, as OpenAI sends it
         out["function"] = function
         return out
 

@@ -174,6 +174,12 @@ def test_every_character_alone() -> None:
 def test_names_come_before_arguments_and_strings_stream() -> None:
     parser = ToolCallParser(functions(), new_id=ids())
     assert parser.feed("<tool_call>get_wea").calls == []
+    named = parser.feed("ther\n").calls
+    assert [d.to_openai() for d in named] == [
+        {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    ]
+    parser = ToolCallParser(functions(), new_id=ids())
+    parser.feed("<tool_call>get_wea")
     first = parser.feed("ther\n<arg_key>city</arg_key>\n<arg_value>Par").calls
     assert first[0].to_openai() == {
         "index": 0,
