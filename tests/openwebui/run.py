@@ -11,8 +11,8 @@ What it does, end to end:
 3. drives Open WebUI with Playwright and Debian's Chromium:
    * a text message: the answer streams back (SSE content deltas, `[DONE]`) and shows in the page;
    * a new chat with an image message: the answer streams back;
-   * a second turn about the image: glmv's `/metrics` show cached prompt tokens covering the
-     image, and no image is encoded again;
+   * a second turn about the image: glmv's `/metrics` show cached prompt tokens, and the image
+     is not encoded again;
    * a third message, stopped with Open WebUI's Stop button while it streams: glmv counts an
      aborted request and its KV cache usage returns to zero;
    and waits for Open WebUI's background tasks (title, tags, follow-up suggestions);
@@ -385,10 +385,11 @@ def drive(
             )
             encoded = end.get("glmv_images_encoded_total", 0) - start.get("glmv_images_encoded_total", 0)
             hits = end.get("glmv_encoder_cache_hits_total", 0) - start.get("glmv_encoder_cache_hits_total", 0)
-            # No image encoded and no embedding fetched: the image's tokens came from the prefix cache.
+            # The image is not encoded again: its tokens come from the prefix cache (and a block the
+            # new turn shares only in part takes the image's embedding from the embedding cache).
             report.check(
-                "second turn: cached prompt tokens in /metrics cover the image",
-                cached > 0 and encoded == 0 and hits == 0,
+                "second turn: cached prompt tokens in /metrics, the image not encoded again",
+                cached > 0 and encoded == 0,
                 f"+{cached:.0f} cached prompt tokens, {encoded:.0f} images encoded, {hits:.0f} embedding cache hits",
             )
             wait_tasks(capture, before, {"follow_ups"}, timeout)
