@@ -5,7 +5,12 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.glmv-base
 DEV    := $(VENV)/.glmv-dev
 
-.PHONY: install install-dev serve test test-ray lint system-deps clean
+.PHONY: install install-dev serve test test-ray test-openwebui lint system-deps clean
+
+# Open WebUI (for `make test-openwebui` only) lives in its own virtual environment, outside the
+# repository: it pulls several GB of dependencies; the CPU torch goes in first to keep it smaller.
+OPENWEBUI_VENV    ?= $(HOME)/.cache/glmv/openwebui-venv
+OPENWEBUI_VERSION ?= 0.12.4
 
 $(BASE): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +59,17 @@ test: $(DEV) system-deps
 # Only the Ray tests (glmv on Ray Serve and Ray Data, a local Ray instance; part of `make test` too).
 test-ray: $(DEV) system-deps
 	$(PY) -m pytest -q tests/ray
+
+$(OPENWEBUI_VENV)/bin/open-webui:
+	$(PYTHON) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/python -m pip install -q "open-webui==$(OPENWEBUI_VERSION)"
+
+# glmv behind a real Open WebUI in default settings, driven by Chromium (tests/openwebui/run.py).
+# Not part of `make test`; ARGS="--capture tests/fixtures/openwebui" refreshes the replay fixtures.
+test-openwebui: $(DEV) system-deps $(OPENWEBUI_VENV)/bin/open-webui
+	$(PY) -m tests.openwebui.run --venv $(OPENWEBUI_VENV) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

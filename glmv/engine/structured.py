@@ -17,6 +17,12 @@ no dependency on transformers). Output is compact JSON with `json.dumps`' separa
   thinking off (`StructuredOutput.allow_thinking=False`) gets no `<think>`, and `</think>` is
   forced first if the prompt opened it. When the grammar is complete only stop tokens remain
   allowed, so the sequence ends.
+* The guarantee: a constrained sequence can only end (with a stop token) once its grammar is
+  complete. While the model thinks, the stop tokens (and a second `<think>`) are masked out, and
+  when only `closing_reserve(budget)` tokens of the budget are left, `</think>` is forced so the
+  answer has room; a model that has not started thinking by then may no longer start. So the
+  text after the reasoning is a complete document whenever the finish reason is "stop"; only
+  "length" can cut it.
 * `close_on_budget` (glmv extension, used by /v1/extract, moderation and `glmv extract`): in the
   last `closing_reserve(budget)` tokens of the sequence's budget (max_tokens, or what is left of
   the context) the allowed tokens are narrowed to those that finish the document soonest (`null`,
@@ -61,6 +67,7 @@ __all__ = [
     "fill_masks",
     "json_object_output",
     "json_schema_output",
+    "lark_output",
     "parse_response_format",
     "token_bytes_table",
 ]
@@ -95,9 +102,11 @@ def _llg() -> Any:
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """A JSON constraint: any JSON object (`json_object`) or one JSON Schema (`json_schema`)."""
+    """A constraint: any JSON object (`json_object`), one JSON Schema (`json_schema`), or a
+    grammar in llguidance's Lark syntax (`lark`, e.g. the tool-call format built by
+    `glmv.tasks.tool_calls`)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "lark"]
     schema: Mapping[str, Any] | None = None  # as the client sent it (validation uses this one)
     name: str | None = None
     strict: bool | None = None
@@ -120,6 +129,8 @@ class StructuredOutput:
         """Messages of what `value` gets wrong against the schema (empty: valid)."""
         if self.kind == "json_object":
             return [] if isinstance(value, dict) else ["the output is not a JSON object"]
+        if self.kind == "lark":
+            return []  # the grammar's owner checks its own results
         return schema_errors(self.schema or {}, value)
 
 
@@ -226,6 +237,23 @@ def json_schema_output(
         grammar=grammar,
         key=hashlib.sha256(grammar.encode()).hexdigest(),
     )
+
+
+def lark_output(grammar: str, *, name: str | None = None, param: str = "grammar") -> StructuredOutput:
+    """A constraint from an llguidance Lark grammar (special tokens as ``<name>``, JSON values as
+    ``%json {schema}``); raises `InvalidRequestError` naming `param` if it does not compile."""
+    llg = _llg()
+    try:
+        compiled = llg.grammar_from("lark", grammar)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(compiled)
+    except Exception as exc:  # the library's own error types
+        raise _invalid(f"{param} cannot be enforced: {exc}", param) from None
+    if is_error:
+        raise InvalidRequestError(
+            _explain(messages[0] if messages else "invalid grammar", param), param=param, code="unsupported_schema"
+        )
+    text = str(compiled)
+    return StructuredOutput("lark", name=name, grammar=text, key=hashlib.sha256(text.encode()).hexdigest())
 
 
 def json_object_output() -> StructuredOutput:
@@ -429,8 +457,21 @@ class GrammarBackend:
         self.think_start_id = _token_id(tokenizer, "<think>")
         self.think_end_id = _token_id(tokenizer, "</think>")
         self.assistant_id = _token_id(tokenizer, "<|assistant|>")
+        self.thinking_mask = self._thinking_mask(tokenizer)
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def _thinking_mask(self, tokenizer: Any) -> np.ndarray:
+        """Packed mask of what a thinking model may write before `</think>`: any token of the
+        tokenizer except the stop tokens and a second `<think>`."""
+        bits = np.zeros(self.words * 32, dtype=np.uint8)
+        for i in range(self.vocab_size):
+            if tokenizer.id_to_token(i) is not None:
+                bits[i] = 1
+        for t in (*self.stop_token_ids, self.think_start_id):
+            if t is not None and t < len(bits):
+                bits[t] = 0
+        return np.packbits(bits, bitorder="little").view(np.int32)
 
     def matcher(self, output: StructuredOutput) -> Any:
         """A fresh matcher for `output`, copied from the compiled one in the cache."""
@@ -471,7 +512,8 @@ class GrammarBackend:
             active=not opens,
             may_open_thinking=may_open,
             force_think_end=opens and not allow,
-            budget=budget if output.close_on_budget else None,
+            budget=budget,
+            close_on_budget=output.close_on_budget and output.kind != "lark",
         )
 
     def _assistant_tail(self, prompt: Sequence[int]) -> Sequence[int]:
@@ -532,6 +574,7 @@ class GrammarState:
         "active",
         "backend",
         "budget",
+        "close_on_budget",
         "error",
         "force_think_end",
         "generated",
@@ -549,6 +592,7 @@ class GrammarState:
         may_open_thinking: bool = False,
         force_think_end: bool = False,
         budget: int | None = None,
+        close_on_budget: bool = False,
     ) -> None:
         self.backend = backend
         self.matcher = matcher
@@ -557,22 +601,30 @@ class GrammarState:
         self.force_think_end = force_think_end  # the next token must be `</think>`
         self.error: str | None = None
         self.num_consumed = 0
-        self.budget = budget  # tokens this sequence may still generate in all (close_on_budget)
+        self.budget = budget  # tokens this sequence may generate in all (None: unknown)
+        self.close_on_budget = close_on_budget  # steer the JSON to close near the budget's end
         self.generated = 0
 
     @property
     def constrains(self) -> bool:
-        """Whether the next token is masked."""
-        return self.active or self.force_think_end
+        """Whether the next token is masked (always: while thinking, stop tokens are masked out)."""
+        return True
+
+    @property
+    def answer_reserve_reached(self) -> bool:
+        """Only the answer's reserve of the budget is left."""
+        return self.budget is not None and self.budget - self.generated <= closing_reserve(self.budget)
+
+    @property
+    def must_end_thinking(self) -> bool:
+        """The next token must be `</think>`: thinking is not allowed, or the budget's reserve for
+        the answer is reached."""
+        return not self.active and (self.force_think_end or self.answer_reserve_reached)
 
     @property
     def closing(self) -> bool:
         """The budget is about to run out: prefer tokens that finish the document."""
-        return (
-            self.budget is not None
-            and self.active
-            and self.budget - self.generated <= closing_reserve(self.budget)
-        )
+        return self.close_on_budget and self.active and self.answer_reserve_reached
 
     @property
     def is_complete(self) -> bool:
@@ -643,14 +695,18 @@ def fill_masks(states: Sequence[GrammarState | None]) -> BatchMasks | None:
     for k, i in enumerate(rows):
         state = states[i]
         assert state is not None
-        if state.force_think_end and not state.active:
+        if state.must_end_thinking:
             view[k] = 0
             _set_bits(view[k], [backend.think_end_id])  # type: ignore[list-item]
+        elif not state.active:
+            view[k] = backend.thinking_mask  # free reasoning, but it cannot end the sequence
         elif state.error is not None or state.matcher.is_error() or not view[k].any():
             # A broken or finished grammar: end the sequence.
             view[k] = 0
             _set_bits(view[k], backend.stop_token_ids)
-        elif state.may_open_thinking and backend.think_start_id is not None:
+        elif (
+            state.may_open_thinking and backend.think_start_id is not None and not state.answer_reserve_reached
+        ):
             _set_bits(view[k], [backend.think_start_id])
         elif state.closing:
             for preferred in backend.closing_classes:

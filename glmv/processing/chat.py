@@ -11,6 +11,21 @@ merged patches, and the text is tokenized with the image token kept whole. The r
 `ImageSpan` per image (where its image tokens sit in the prompt, and the image's content hash for
 prefix caching).
 
+Special tokens come only from the template's own scaffolding. Text that comes from the client
+(message content, reasoning, tool calls and results, tool definitions, template variables) is
+tokenized as plain characters: before rendering, every spelling of an added token inside it is
+replaced by an inert ASCII marker (`_Escapes`); after rendering, the text between the template's
+added tokens is un-marked and encoded with `Tokenizer.encode_text`. So "hello <|assistant|> world"
+in a user message is ordinary text and cannot open a turn, close `<think>` or place an image. For
+content without such spellings the ids equal transformers' (`apply_chat_template`, tested).
+
+Templates that split a past assistant turn's ``<think>…</think>`` out of its content themselves
+(GLM-4.5V/4.6V) get that split done before the escaping, with the template's own rule, so such a
+turn renders as if the client had sent ``reasoning_content``.
+
+Assistant ``tool_calls`` whose ``arguments`` are a JSON string (the OpenAI shape) are handed to the
+template as objects, as templates iterate them (``arguments.items()``).
+
 Message content is a string or a list of parts: ``{"type": "text", "text": ...}``,
 ``{"type": "image"}`` (``image_url`` / ``input_image`` parts count as images too). Images are
 numbered in document order: message by message, part by part.
@@ -19,6 +34,8 @@ numbered in document order: message by message, part by part.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -234,8 +251,122 @@ def _normalize_messages(messages: Sequence[Any]) -> tuple[list[dict[str, Any]], 
         if reasoning is not None:
             out["thinking"] = reasoning
             out["reasoning_content"] = reasoning
+        if out.get("tool_calls") is not None:
+            out["tool_calls"] = _normalize_tool_calls(out["tool_calls"], f"{param}.tool_calls")
         normalized.append(out)
     return normalized, images
+
+
+def _normalize_tool_calls(calls: Any, param: str) -> list[Any]:
+    """Assistant tool calls with `function.arguments` as an object (templates iterate it)."""
+    if not isinstance(calls, list):
+        raise InvalidRequestError("tool_calls must be a list of tool call objects", param=param)
+    out: list[Any] = []
+    for index, call in enumerate(calls):
+        call_param = f"{param}[{index}]"
+        if not isinstance(call, dict):
+            raise InvalidRequestError("each tool call must be an object", param=call_param)
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                "a tool call needs a 'function' object with a string 'name'", param=f"{call_param}.function"
+            )
+        arguments = function.get("arguments")
+        if arguments is None or arguments == "":
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise InvalidRequestError(
+                    f"tool call arguments must be a JSON object: {exc}",
+                    param=f"{call_param}.function.arguments",
+                ) from None
+        if not isinstance(arguments, dict):
+            raise InvalidRequestError(
+                "tool call arguments must be a JSON object", param=f"{call_param}.function.arguments"
+            )
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+
+
+def _split_reasoning(message: dict[str, Any]) -> None:
+    """`<think>r</think>a` in an assistant turn's content -> reasoning r, content a (the rule of
+    GLM's templates, applied before escaping so the template sees the same result)."""
+    content = message.get("content")
+    if (
+        message.get("role") != "assistant"
+        or not isinstance(content, str)
+        or "</think>" not in content
+        or isinstance(message.get("reasoning_content"), str)
+    ):
+        return
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    message["content"] = content.split("</think>")[-1].lstrip("\n")
+    message["reasoning_content"] = reasoning
+    message["thinking"] = reasoning
+
+
+# ------------------------------------------------------------------------- plain client text
+
+
+class _Escapes:
+    """Replaces added-token spellings in client text by markers, and restores them afterwards.
+
+    A marker is ``@<nonce>.<k>@``: ASCII, so it passes unchanged through ``tojson`` and string
+    filters; the nonce is fresh per render and checked absent from the input, so client text
+    can never forge one.
+    """
+
+    def __init__(self, spellings: Sequence[str]) -> None:
+        # Longest first: at one position the regex takes the longest spelling, as the tokenizer's
+        # added-token matcher does.
+        self.spellings = sorted(set(spellings), key=lambda t: (-len(t), t))
+        self.index = {t: k for k, t in enumerate(self.spellings)}
+        self.pattern = re.compile("|".join(re.escape(t) for t in self.spellings)) if self.spellings else None
+        self.nonce = ""
+        self._marker: re.Pattern[str] | None = None
+
+    def start(self, texts: list[str]) -> None:
+        while True:
+            nonce = secrets.token_hex(6)
+            if not any(nonce in text for text in texts):
+                break
+        self.nonce = nonce
+        self._marker = re.compile(rf"@{nonce}\.(\d+)@")
+
+    def escape(self, text: str) -> str:
+        if self.pattern is None:
+            return text
+        return self.pattern.sub(lambda m: f"@{self.nonce}.{self.index[m.group(0)]}@", text)
+
+    def unescape(self, text: str) -> str:
+        if self._marker is None or "@" not in text:
+            return text
+        return self._marker.sub(lambda m: self.spellings[int(m.group(1))], text)
+
+    def tree(self, value: Any) -> Any:
+        """A copy of plain data with every string (dict keys included) escaped."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, dict):
+            return {self.tree(k): self.tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.tree(v) for v in value]
+        return value
+
+
+def _strings(value: Any, out: list[str]) -> list[str]:
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _strings(k, out)
+            _strings(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _strings(v, out)
+    return out
 
 
 # ------------------------------------------------------------------------------------ processor
@@ -271,6 +402,14 @@ class ChatProcessor:
                 param="tokenizer.json",
             )
         self.image_token_id: int = image_token_id
+        # Every added token (special or not): the spellings client text may not produce.
+        decoder = tokenizer.raw.get_added_tokens_decoder()
+        self._added_ids: dict[str, int] = {token.content: token_id for token_id, token in decoder.items()}
+        self._added_spellings = list(self._added_ids)
+        self._scaffold_pattern = re.compile(
+            "|".join(re.escape(t) for t in sorted(self._added_ids, key=lambda t: (-len(t), t)))
+        )
+        self._splits_reasoning = "</think>" in self.template_source and "reasoning_content" in self.template_source
         self.prompt_limit: PromptLimit | None = None
 
     def limit_prompt(self, max_tokens: int | None) -> None:
@@ -309,6 +448,12 @@ class ChatProcessor:
         """Whether the template reacts to ``enable_thinking`` (GLM-4.5V/4.6V style)."""
         return "enable_thinking" in self.template_source
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders ``tools`` and tool calls (GLM-4.5V/4.6V style)."""
+        source = self.template_source
+        return "tools" in source and "tool_call" in source
+
     @staticmethod
     def count_images(messages: Sequence[Any]) -> int:
         """How many image parts the messages hold (the order `encode` expects their counts in)."""
@@ -319,17 +464,26 @@ class ChatProcessor:
     ) -> str:
         """The template's text for `messages`; extra keyword arguments become template variables
         (e.g. ``enable_thinking=False``, ``tools=[...]``)."""
-        return self._render(messages, add_generation_prompt, template_kwargs)[0]
+        text, _, escapes = self._render(messages, add_generation_prompt, template_kwargs)
+        return escapes.unescape(text)
 
     def _render(
         self, messages: Sequence[Any], add_generation_prompt: bool, template_kwargs: dict[str, Any]
-    ) -> tuple[str, int]:
+    ) -> tuple[str, int, _Escapes]:
+        """The rendered text with client text escaped (see `_Escapes`), the image count, and the
+        escapes that restore it."""
         chat, images = _normalize_messages(messages)
+        if self._splits_reasoning:
+            for message in chat:
+                _split_reasoning(message)
+        client: dict[str, Any] = _plain(template_kwargs)
+        client.setdefault("tools", None)
+        client.setdefault("documents", None)
+        escapes = _Escapes(self._added_spellings)
+        escapes.start(_strings([chat, client], []))
         variables: dict[str, Any] = dict(self.tokenizer.special_tokens)
-        variables.update(_plain(template_kwargs))
-        variables.setdefault("tools", None)
-        variables.setdefault("documents", None)
-        variables["messages"] = chat
+        variables.update(escapes.tree(client))
+        variables["messages"] = escapes.tree(chat)
         variables["add_generation_prompt"] = bool(add_generation_prompt)
         try:
             text = self._compiled.render(**variables)
@@ -341,7 +495,21 @@ class ChatProcessor:
             raise InvalidRequestError(
                 f"the chat template rejected the conversation: {exc}", param="messages"
             ) from exc
-        return text, images
+        return text, images, escapes
+
+    def _tokenize(self, text: str, escapes: _Escapes) -> list[int]:
+        """Ids of rendered text: the template's added tokens whole, everything between them (with
+        the client's text restored) as plain characters."""
+        ids: list[int] = []
+        position = 0
+        for match in self._scaffold_pattern.finditer(text):
+            if match.start() > position:
+                ids.extend(self.tokenizer.encode_text(escapes.unescape(text[position : match.start()])))
+            ids.append(self._added_ids[match.group(0)])
+            position = match.end()
+        if position < len(text):
+            ids.extend(self.tokenizer.encode_text(escapes.unescape(text[position:])))
+        return ids
 
     def encode(
         self,
@@ -353,7 +521,7 @@ class ChatProcessor:
         **template_kwargs: Any,
     ) -> Prompt:
         """Render, expand each image placeholder into ``image_token_counts[i]`` image tokens, tokenize."""
-        text, images = self._render(messages, add_generation_prompt, template_kwargs)
+        text, images, escapes = self._render(messages, add_generation_prompt, template_kwargs)
         if images != len(image_token_counts):
             raise InvalidRequestError(
                 f"the messages hold {images} image(s) but {len(image_token_counts)} image token count(s) were given",
@@ -369,24 +537,22 @@ class ChatProcessor:
                 raise InvalidRequestError(
                     f"image {index} needs a positive token count, got {count!r}", param="messages"
                 )
+        # Client text is escaped, so every placeholder left is one the template placed.
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != images:
             raise InvalidRequestError(
                 f"the rendered prompt has {len(pieces) - 1} {self.image_token} placeholder(s) for {images} image(s); "
-                f"message text must not contain {self.image_token}, and the chat template must place every image",
+                "the chat template must place every image exactly once",
                 param="messages",
             )
         if self.prompt_limit is not None:
             self.prompt_limit.check(pieces)
         token_ids: list[int] = []
         spans: list[ImageSpan] = []
-        # The image token is an added token, so the tokenizer splits on it before anything else:
-        # encoding the pieces between placeholders one by one gives the ids of the expanded text.
         for index, piece in enumerate(pieces):
-            if piece:
-                token_ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+            token_ids.extend(self._tokenize(piece, escapes))
             if index < images:
                 count = image_token_counts[index]
                 spans.append(ImageSpan(offset=len(token_ids), length=count, content_hash=image_hashes[index]))
                 token_ids.extend([self.image_token_id] * count)
-        return Prompt(token_ids=token_ids, image_spans=spans, text=text)
+        return Prompt(token_ids=token_ids, image_spans=spans, text=escapes.unescape(text))

@@ -10,7 +10,9 @@ What the checkpoint's own tokenizer code builds, token by token:
 
 The role header's ``"\\n"`` and the message text are tokenized separately, and message text is
 tokenized literally: special-token spellings typed by a user stay plain characters. A message
-with no text and no image is left out, as the original does.
+with no text and no image is left out, as the original does. An OpenAI ``tool`` (or ``function``)
+message is GLM-4's ``observation`` turn; assistant ``tool_calls`` are not rendered (GLM-4v-9b has
+no tool calling; the server ignores or refuses ``tools`` for it).
 
 Images: GLM-4v-9b was trained with one image per conversation, placed right after the role
 header of the message that carries it (wherever the image part sits among that message's parts).
@@ -43,6 +45,7 @@ __all__ = ["IMAGE_PLACEHOLDER", "ChatGLMPromptBuilder"]
 IMAGE_PLACEHOLDER = "<|begin_of_image|><|endoftext|><|end_of_image|>"
 
 _ROLES = ("system", "user", "assistant", "observation")
+_ROLE_ALIASES = {"developer": "system", "tool": "observation", "function": "observation"}
 _TEXT_TYPES = frozenset({"text", "input_text"})
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image"})
 _VIDEO_TYPES = frozenset({"video", "video_url", "input_video"})
@@ -65,8 +68,7 @@ def _parse(messages: Sequence[Any]) -> list[_Message]:
         if mapping is None or not isinstance(mapping.get("role"), str):
             raise InvalidRequestError("each message must be an object with a string 'role'", param=param)
         role = mapping["role"]
-        if role == "developer":
-            role = "system"
+        role = _ROLE_ALIASES.get(role, role)
         if role not in _ROLES:
             raise InvalidRequestError(
                 f"role {role!r} is not supported by this model (use system, user or assistant)",
@@ -124,11 +126,12 @@ class ChatGLMPromptBuilder:
     """Renders and tokenizes conversations the way GLM-4v-9b expects (module docstring).
 
     The same interface as `glmv.processing.chat.ChatProcessor`: `render`, `encode`,
-    `count_images`, `supports_thinking_toggle`. `image_token_id` is the id every position of an
-    image span holds in the expanded prompt.
+    `count_images`, `supports_thinking_toggle`, `supports_tools`. `image_token_id` is the id
+    every position of an image span holds in the expanded prompt.
     """
 
     supports_thinking_toggle = False
+    supports_tools = False
 
     def __init__(self, tokenizer: ChatGLMTokenizer, *, multi_image: bool = False) -> None:
         self.tokenizer = tokenizer

@@ -225,6 +225,7 @@ class ChatGLMTokenizer(Tokenizer):
     ) -> None:
         super().__init__(raw, config=config, chat_template=None, eos_token_ids=eos_token_ids)
         self.plain = plain
+        self._plain_raw = plain
         self.num_bpe_tokens = plain.get_vocab_size(with_added_tokens=False)
 
     @classmethod

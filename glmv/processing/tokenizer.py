@@ -6,6 +6,10 @@ special tokens and the legacy ``chat_template`` field, ``chat_template.jinja`` /
 ``chat_template.json`` for the chat template, and ``generation_config.json`` / ``config.json``
 for the ids that end a generation. Encoding and decoding are delegated to `tokenizers`, so ids
 equal what `transformers.AutoTokenizer` produces for the same directory.
+
+`encode` parses added tokens (``<|user|>`` becomes the role token); `encode_text` takes every
+character literally, which is how text that comes from a client (messages, tool results, tool
+definitions) must be tokenized: only the chat template's own scaffolding may produce special tokens.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Tokenizer:
         eos_token_ids: list[int] | None = None,
     ) -> None:
         self.raw = raw
+        self._plain_raw: _RawTokenizer | None = None
         self.config: dict[str, Any] = dict(config or {})
         self.chat_template = chat_template
         self.special_tokens: dict[str, str] = {}
@@ -150,7 +155,51 @@ class Tokenizer:
         return self.raw.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text`; spellings of added tokens become those tokens."""
         return self.raw.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` with every character taken literally: ``"<|user|>"`` typed in a message
+        becomes ordinary byte-level pieces, never the added token."""
+        if not text:
+            return []
+        plain = self._plain()
+        try:
+            ids = plain.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # Lone surrogates (JSON allows "\ud800") have no UTF-8 form: encode them as U+FFFD.
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            ids = plain.encode(text, add_special_tokens=False).ids
+        if self.added_token_ids.isdisjoint(ids):
+            return ids
+        return self._split_added(ids)
+
+    def _plain(self) -> _RawTokenizer:
+        """The tokenizer without its added tokens (built once, on first use)."""
+        if self._plain_raw is None:
+            data = json.loads(self.raw.to_str())
+            data["added_tokens"] = []
+            self._plain_raw = _RawTokenizer.from_str(json.dumps(data))
+        return self._plain_raw
+
+    def _split_added(self, ids: list[int]) -> list[int]:
+        """A vocabulary whose BPE can merge up to an added token's id (the token is also a model
+        piece): re-encode such a token's text in two halves so the id never appears."""
+        out: list[int] = []
+        for token_id in ids:
+            if token_id not in self.added_token_ids:
+                out.append(token_id)
+                continue
+            text = self.raw.decode([token_id], skip_special_tokens=False)
+            if len(text) < 2:
+                raise CheckpointError(
+                    f"the tokenizer cannot spell {text!r} without its added token id {token_id}",
+                    param="tokenizer.json",
+                )
+            half = len(text) // 2
+            out.extend(self.encode_text(text[:half]))
+            out.extend(self.encode_text(text[half:]))
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -7,8 +7,17 @@ Requests: `ChatCompletionRequest` with messages whose content is a string or a l
 servers do; fields that glmv knows but cannot honour are rejected by the handler with a 400 that
 names them.
 
+Tool calling, in OpenAI's shapes: `tools` (`ToolDefinition`: a function's name, description and
+JSON Schema `parameters`), `tool_choice` (`"none"`, `"auto"`, `"required"` or a `NamedToolChoice`),
+`parallel_tool_calls`; in the history, assistant messages with `tool_calls` (`ToolCall`, whose
+`arguments` are a JSON string) and `role: "tool"` messages with `tool_call_id` (content: text, and
+images where the model's chat template takes them).
+
 Responses: `ChatCompletionResponse`, `ChatCompletionChunk` (the SSE events), `ModelList` and
 `ErrorResponse`, shaped exactly as OpenAI's, plus `reasoning_content` on messages and deltas.
+Messages carry `tool_calls` (`ToolCall`); stream deltas carry `DeltaToolCall`s: the first delta of a
+call has its `index`, `id`, `type` and `function.name`, later ones `function.arguments` pieces
+whose concatenation is the call's arguments JSON.
 
 `validation_error_to_glmv` turns a pydantic validation error into an `InvalidRequestError` whose
 `param` is the OpenAI-style path of the offending field (`messages[2].content[1].image_url`).
@@ -16,6 +25,7 @@ Responses: `ChatCompletionResponse`, `ChatCompletionChunk` (the SSE events), `Mo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
@@ -104,10 +114,38 @@ MessageContent = Annotated[
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
+# OpenAI's rule for function names, plus '.' and ':' that tool-server names use.
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class FunctionCall(_Lenient):
+    """A function call as the model made it: `arguments` is a JSON object as text."""
+
+    name: str = Field(min_length=1)
+    arguments: str = Field(
+        "{}", description="The arguments as a JSON object in a string (an object is accepted too)."
+    )
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _arguments_text(cls, value: Any) -> Any:
+        # Some clients send the arguments back as an object; OpenAI's shape is its JSON text.
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+        return "{}" if value is None else value
+
+
+class ToolCall(_Lenient):
+    """One entry of an assistant message's `tool_calls` (request history and responses alike)."""
+
+    id: str = Field(description="The call's id; the tool message that answers it names it in `tool_call_id`.")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class ChatMessage(_Lenient):
     role: Role = Field(
-        description="`developer` is treated as `system`; `tool` and `function` are not supported."
+        description="`developer` is treated as `system`; `function` is the old name of `tool`."
     )
     content: MessageContent | None = None
     name: str | None = None
@@ -115,8 +153,10 @@ class ChatMessage(_Lenient):
         None,
         description="An earlier assistant turn's reasoning; the chat template decides whether it is kept.",
     )
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="An assistant message's tool calls (`arguments` as JSON text)."
+    )
+    tool_call_id: str | None = Field(None, description="For `role: tool`: the id of the call it answers.")
 
 
 # --- request: options ------------------------------------------------------------------------
@@ -150,6 +190,36 @@ class ThinkingOptions(_Lenient):
     type: Literal["enabled", "disabled"]
 
 
+class FunctionDefinition(_Lenient):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN, description="1-64 characters: a-z, A-Z, 0-9, _ . : -")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON Schema of the arguments object (absent: no arguments)."
+    )
+    strict: bool | None = Field(
+        None, description="Accepted; with tool_choice required or named the arguments always follow the schema."
+    )
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Lenient):
+    """`{"type": "function", "function": {"name": ...}}`: the model must call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]  # noqa: UP007
+
+
 class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = Field(None, description="The served model name (see GET /v1/models); defaults to it.")
@@ -168,9 +238,16 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    tools: list[ToolDefinition] | None = Field(
+        None, description="Functions the model may call (models whose chat template has tool calling)."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description="`none`, `auto` (the default with tools), `required` (at least one call) or a named "
+        "function; required and named calls are enforced token by token, arguments valid against the schema.",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Whether one answer may hold several calls.")
     # Known to OpenAI, not offered by glmv: rejected by the handler when used.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
@@ -218,7 +295,7 @@ class AssistantMessage(BaseModel):
     content: str | None
     reasoning_content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class Choice(BaseModel):
@@ -252,10 +329,25 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first one of a call has `id`, `type` and the name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -388,19 +480,28 @@ __all__ = [
     "ChoiceLogprobs",
     "ChunkChoice",
     "ContentPart",
+    "DeltaFunctionCall",
     "DeltaMessage",
+    "DeltaToolCall",
     "ErrorBody",
     "ErrorResponse",
+    "FunctionCall",
+    "FunctionDefinition",
     "ImageContentPart",
     "ImageURL",
     "ModelCard",
     "ModelList",
+    "NamedFunction",
+    "NamedToolChoice",
     "PromptTokensDetails",
     "ResponseFormat",
     "StreamOptions",
     "TextContentPart",
     "ThinkingOptions",
     "TokenLogprobEntry",
+    "ToolCall",
+    "ToolChoice",
+    "ToolDefinition",
     "TopLogprob",
     "Usage",
     "loc_to_param",

@@ -27,6 +27,7 @@ from glmv.engine.structured import (
     GrammarBackend,
     StructuredOutput,
     apply_masks,
+    closing_reserve,
     fill_masks,
     json_object_output,
     json_schema_output,
@@ -257,10 +258,14 @@ def test_grammar_state_thinking_rules(engine41: tuple[LLMEngine, InputBuilder]) 
     first = allowed(state)
     assert backend.think_start_id in first and len(first) >= 2
     state.advance(backend.think_start_id)
-    assert not state.constrains  # free reasoning
+    # Free reasoning, except that it cannot end the sequence (nor open <think> again).
+    reasoning = allowed(state)
+    assert not reasoning & set(backend.stop_token_ids)
+    assert backend.think_start_id not in reasoning
+    assert backend.think_end_id in reasoning and set(tok.encode("let me think")) <= reasoning
     for t in tok.encode("let me think"):
         state.advance(t)
-    assert not state.constrains
+    assert allowed(state) == reasoning
     state.advance(backend.think_end_id)
     assert state.constrains and backend.think_start_id not in allowed(state)
     for t in tok.encode('{"n": 7}'):
@@ -274,10 +279,39 @@ def test_grammar_state_thinking_rules(engine41: tuple[LLMEngine, InputBuilder]) 
     # The prompt already closed thinking (<think></think>): no <think> either.
     closed = [*assistant, backend.think_start_id, backend.think_end_id]
     assert backend.think_start_id not in allowed(backend.new_state(output, closed))
-    # The prompt opened thinking and thinking is allowed: unconstrained until </think>.
+    # The prompt opened thinking and thinking is allowed: free until </think>, but no end.
     opened = backend.new_state(output, [*assistant, backend.think_start_id])
-    assert not opened.constrains
-    assert fill_masks([opened]) is None
+    assert allowed(opened) == reasoning
+
+
+def test_thinking_is_closed_within_the_budget(engine41: tuple[LLMEngine, InputBuilder]) -> None:
+    engine, _ = engine41
+    backend = engine.grammar_backend()
+    output = json_object_output()
+    prompt = [backend.assistant_id, backend.think_start_id]
+
+    def allowed(state: Any) -> set[int]:
+        masks = fill_masks([state])
+        assert masks is not None
+        bits = np.unpackbits(masks.bitmask.numpy().view(np.uint8), bitorder="little")
+        return set(np.flatnonzero(bits).tolist())
+
+    budget = 100
+    reserve = closing_reserve(budget)
+    state = backend.new_state(output, prompt, budget)
+    text = engine.tokenizer.encode("a")[0]
+    for _ in range(budget - reserve):
+        assert backend.think_end_id in allowed(state) and len(allowed(state)) > 1
+        state.advance(text)
+    # Only the answer's reserve is left: </think> is the one token allowed.
+    assert allowed(state) == {backend.think_end_id}
+    state.advance(backend.think_end_id)
+    assert state.active and not state.closing  # close_on_budget not asked: no narrowing
+    assert allowed(state) and not allowed(state) & set(backend.stop_token_ids)
+    # A budget smaller than the reserve: a silent prompt may not open thinking at all.
+    small = backend.new_state(output, [backend.assistant_id], 16)
+    assert backend.think_start_id not in allowed(small)
+    assert backend.think_start_id in allowed(backend.new_state(output, [backend.assistant_id], 4096))
 
 
 # --- masks, cache, errors -----------------------------------------------------------------------------

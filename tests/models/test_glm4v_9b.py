@@ -278,8 +278,10 @@ def test_render_text_and_rules(processors: tuple[ChatGLMTokenizer, InputBuilder]
         ]
     ) == ("[gMASK]<sop><|system|>\nBe terse.<|user|>\nHi<|assistant|>")
     assert chat.supports_thinking_toggle is False
+    # A tool result is GLM-4's observation turn.
+    assert chat.render([{"role": "tool", "content": "x"}]) == "[gMASK]<sop><|observation|>\nx<|assistant|>"
     with pytest.raises(InvalidRequestError) as bad_role:
-        chat.render([{"role": "tool", "content": "x"}])
+        chat.render([{"role": "narrator", "content": "x"}])
     assert bad_role.value.param == "messages[0].role"
     with pytest.raises(InvalidRequestError):
         chat.render([{"role": "user", "content": [{"type": "video"}]}])

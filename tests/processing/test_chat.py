@@ -147,7 +147,7 @@ CASES: dict[str, list[dict[str, Any]]] = {
         },
         {"role": "assistant", "content": "A red bus in front of a brick building."},
         {"role": "user", "content": [{"type": "text", "text": "What colour is the bus?"}]},
-        {"role": "assistant", "content": "<think>The bus is red.</think><answer>Red.</answer>"},
+        {"role": "assistant", "content": "Red."},
         {"role": "user", "content": "Thanks! 🙂"},
     ],
     "system_prompt": [
@@ -272,12 +272,14 @@ def test_image_count_mismatch_is_rejected(v41: Setup) -> None:
         v41.chat.encode([{"role": "user", "content": "no images"}], [4], ["a"])
 
 
-def test_placeholder_typed_by_the_user_is_rejected(v41: Setup) -> None:
+def test_placeholder_typed_by_the_user_is_plain_text(v41: Setup) -> None:
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "see <|image|> here"}]}
     ]
-    with pytest.raises(InvalidRequestError, match="placeholder"):
-        v41.chat.encode(messages, [4], ["a"])
+    prompt = v41.chat.encode(messages, [4], ["a"])
+    image_id = v41.tokenizer.token_to_id("<|image|>")
+    assert prompt.token_ids.count(image_id) == 4
+    assert "see <|image|> here" in prompt.text
 
 
 @pytest.mark.parametrize(

@@ -327,7 +327,6 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     ),
     ({"messages": user("x"), "thinking": {"type": "maybe"}}, 400, "thinking.type", None),
     ({"messages": user("x"), "model": "gpt-4o"}, 404, "model", "model_not_found"),
-    ({"messages": user("x" + "<|image|>")}, 400, "messages", None),
 ]
 
 
