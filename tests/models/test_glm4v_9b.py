@@ -160,7 +160,13 @@ def paged_logits(
     mask = torch.zeros(n, dtype=torch.bool)
     embeds = None
     if request.images:
-        pixels = torch.cat([im.pixel_values for im in request.images])  # type: ignore[misc]
+        from glmv.processing.image_9b import ImageProcessor9b
+
+        rows = [
+            im.pixel_values if im.pixel_values is not None else ImageProcessor9b().to_patches(im.pixels)
+            for im in request.images
+        ]
+        pixels = torch.cat(rows)
         embeds = torch.cat(model.encode_images(pixels, [im.grid_thw for im in request.images]))
         for im in request.images:
             mask[im.offset : im.offset + im.length] = True
@@ -510,7 +516,8 @@ def paged_logits_bf16(model: Glm4v9bModel, req: EngineRequest) -> torch.Tensor:
     (im,) = req.images
     mask = torch.zeros(n, dtype=torch.bool)
     mask[im.offset : im.offset + im.length] = True
-    embeds = model.encode_images(im.pixel_values, [im.grid_thw])[0]  # type: ignore[arg-type]
+    rows = ImageProcessor9b().to_patches(im.pixels, dtype=torch.bfloat16)
+    embeds = model.encode_images(rows, [im.grid_thw])[0]
     meta = AttentionMetadata.build(query_lens=[n], seq_lens=[n], block_tables=[list(range(n))], block_size=1)
     with torch.inference_mode():
         return model.compute_logits(model(ids, pos, caches, meta, embeds, mask))
