@@ -144,12 +144,13 @@ def test_engine_flags_are_the_engine_config_fields() -> None:
     engine_fields = [f for f in dataclasses.fields(EngineConfig) if f.name != "model"]
     settings = load()
     for f in engine_fields:  # every engine setting is a flag, with EngineConfig's own default
-        assert getattr(settings, f.name) == f.default, f.name
-    s = load("--engine-mode", "inprocess", "--data-parallel-size", "2", "--max-num-seqs", "7",
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        assert getattr(settings, f.name) == default, f.name
+    s = load("--engine-mode", "process", "--data-parallel-size", "2", "--max-num-seqs", "7",
              env={"GLMV_KV_CACHE_GB": "0.25"})  # fmt: skip
     config = s.service_config("/ckpt")
     assert config.engine == EngineConfig(
-        model="/ckpt", engine_mode="inprocess", data_parallel_size=2, max_num_seqs=7, kv_cache_gb=0.25
+        model="/ckpt", engine_mode="process", data_parallel_size=2, max_num_seqs=7, kv_cache_gb=0.25
     )
     assert config.image_limits == s.image_limits() and config.image_workers is None
     assert load("--image-workers", "0").service_config("/ckpt").image_workers == 0
