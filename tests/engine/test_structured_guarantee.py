@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from glmv.engine.inputs import InputBuilder
 
 from glmv.engine.engine import LLMEngine
 from glmv.engine.sampling import SamplingParams
 from glmv.engine.structured import StructuredOutput, json_object_output, json_schema_output
+from glmv.tasks.inputs import InputBuilder
 from tests.engine.test_engine import make_engine, request, run
 
 SCHEMAS = 200
