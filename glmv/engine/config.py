@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from glmv.errors import ConfigError
+from glmv.models.quant.methods import QUANTIZATIONS
 
 ENGINE_MODES = ("process", "inprocess")
 ENGINE_MODE_ENV = "GLMV_ENGINE_MODE"
@@ -50,6 +51,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     encoder_cache_mb: int = 512
     seed: int | None = None
+    # "fp8": the large linear layers get per-channel FP8 weights at load (GPUs with FP8 tensor
+    # cores; a float reference path elsewhere). INT4 checkpoints say so in their own config.
+    quantization: str | None = None
     # "process": the scheduler, runner and sampler run in their own process(es), reached over
     # ZeroMQ; "inprocess": on a thread of this process (tests, debugging).
     engine_mode: str = field(default_factory=default_engine_mode)
@@ -75,6 +79,11 @@ class EngineConfig:
             raise ConfigError(
                 f"engine_mode must be one of {', '.join(ENGINE_MODES)}, got {self.engine_mode!r}.",
                 param="engine_mode",
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}.",
+                param="quantization",
             )
         if self.data_parallel_size > 1 and self.engine_mode != "process":
             raise ConfigError(

@@ -109,7 +109,9 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.model = (
-            model if model is not None else load_model(config.model, dtype=config.dtype, device=config.device)
+            model if model is not None else load_model(
+                config.model, dtype=config.dtype, device=config.device, quantization=config.quantization
+            )
         )
         if tokenizer is None:
             from glmv.processing.loader import load_tokenizer

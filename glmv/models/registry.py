@@ -11,6 +11,7 @@ import torch
 
 from glmv.errors import CheckpointError, ConfigError
 from glmv.models.base import ServedModel
+from glmv.models.quant.methods import QUANTIZATIONS
 
 Loader = Callable[..., Any]
 
@@ -49,7 +50,6 @@ def model_type_of(path: str | Path) -> str:
     return str(data.get("model_type")) if isinstance(data, dict) else ""
 
 
-QUANTIZATIONS = ("fp8",)
 
 
 def load_model(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from glmv.errors import ConfigError
-from glmv.tasks.config import EngineConfig, ServiceConfig
+from glmv.tasks.config import QUANTIZATIONS, EngineConfig, ServiceConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +76,7 @@ ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "enable_prefix_caching": ("reuse the KV cache of shared prompt prefixes (and images)", None),
     "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
     "seed": ("seed of the default random generator", None),
+    "quantization": ("'fp8': FP8 weights made at load from a bf16 checkpoint (Ada/Hopper GPUs)", QUANTIZATIONS),
     "engine_mode": (
         "where the engine core runs: 'process' (its own process per core) or 'inprocess' (a thread "
         "of the server, for tests and debugging)",

@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+# The engine's configuration module is pure Python: `glmv serve --help` needs no torch.
+from glmv.engine.config import QUANTIZATIONS, EngineConfig
 from glmv.processing.media import ImageLimits, RemoteImagePolicy
 
-try:  # the engine's configuration module (pure Python: `glmv serve --help` needs no torch)
-    from glmv.engine.config import EngineConfig  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # before the engine had one, the client module named it
-    from glmv.engine.client import EngineConfig
-
-__all__ = ["EngineConfig", "ServiceConfig", "default_image_workers"]
+__all__ = ["QUANTIZATIONS", "EngineConfig", "ServiceConfig", "default_image_workers"]
 
 
 def default_image_workers() -> int:

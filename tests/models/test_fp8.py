@@ -122,3 +122,19 @@ for m, n, k, bias in ((1, 48, 256, True), (5, 40, 200, False), (33, 64, 128, Tru
     assert torch.allclose(s, rs) and q.dtype == torch.float8_e4m3fn and q.shape == (m, k)
 """
     )
+
+
+def test_engine_config_quantization_loads_fp8_weights(tiny41_dir: Path) -> None:
+    """`--quantization fp8` flows as one setting: flag → EngineConfig → the core's `load_model`."""
+    from glmv.engine.core import EngineCore
+    from glmv.engine.engine import EngineConfig
+    from glmv.server.settings import Settings
+
+    settings = Settings(model=str(tiny41_dir), quantization="fp8", device="cpu", engine_mode="inprocess")
+    config = settings.engine_config(tiny41_dir)
+    assert config.quantization == "fp8"
+    core = EngineCore(config)
+    converted = [m for m in core.model.modules() if isinstance(m, Fp8Linear)]
+    assert len(converted) >= 4 * core.model.config.text.num_hidden_layers
+    with pytest.raises(ConfigError, match="quantization must be one of fp8"):
+        EngineConfig(model=str(tiny41_dir), quantization="int3")
