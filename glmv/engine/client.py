@@ -4,34 +4,20 @@ Everything above the engine (the service in `glmv.tasks`, hence the server, the 
 and `glmv extract`) holds an `EngineClient` and nothing else of the engine: it submits
 `EngineRequest`s and iterates `RequestOutput`s. Whether the engine core runs in this process (a
 thread, for tests and debugging) or in its own process(es) is a choice of `start_engine`.
-`EngineInfo` is what the front end may know about the served model without touching it.
+`EngineInfo` (from `info`) is what the front end may know about the served model.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from glmv.engine.config import EngineConfig
+from glmv.engine.info import EngineInfo
 from glmv.engine.request import EngineRequest, RequestOutput
 from glmv.engine.stats import EngineStats
 
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """Facts about the served model and the core's capacity, fixed once the core has started."""
-
-    model_dir: str
-    model_type: str
-    device: str  # "cpu" / "cuda"
-    max_model_len: int
-    vocab_size: int
-    image_token_id: int
-    eos_token_ids: tuple[int, ...]
-    num_blocks: int
-    block_size: int
-    memory: str | None = None  # the core's memory report (GPU), one line
+__all__ = ["EngineClient", "EngineInfo", "EngineStats", "start_engine"]
 
 
 class EngineClient(Protocol):

@@ -38,7 +38,7 @@ from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
 
 if TYPE_CHECKING:
-    from glmv.engine.client import EngineInfo
+    from glmv.engine.info import EngineInfo
 
 
 @dataclass(slots=True)
@@ -263,7 +263,7 @@ class EngineCore:
         return (1, h // cfg.patch_size, w // cfg.patch_size)
 
     def info(self) -> EngineInfo:
-        from glmv.engine.client import EngineInfo
+        from glmv.engine.info import EngineInfo
 
         m = self.model
         return EngineInfo(

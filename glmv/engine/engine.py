@@ -23,8 +23,8 @@ from glmv.models.base import ServedModel
 
 if TYPE_CHECKING:
     from glmv.engine.block_manager import BlockManager
-    from glmv.engine.client import EngineInfo
     from glmv.engine.encoder_cache import EncoderCache
+    from glmv.engine.info import EngineInfo
     from glmv.engine.runner import ModelRunner
     from glmv.engine.scheduler import Scheduler
     from glmv.engine.structured import GrammarBackend

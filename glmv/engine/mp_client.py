@@ -49,9 +49,9 @@ from typing import Any
 
 import zmq
 
-from glmv.engine.client import EngineInfo
 from glmv.engine.config import EngineConfig
 from glmv.engine.core_proc import run_core
+from glmv.engine.info import EngineInfo
 from glmv.engine.messages import (
     Abort,
     AddRequest,
