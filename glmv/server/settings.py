@@ -264,7 +264,8 @@ class Settings:
         need(self.image_workers is None or self.image_workers >= 0, "image_workers", "must be >= 0")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.metadata["kind"].endswith("?")):
                 need(False, f.name, f"must be one of {', '.join(choices)}")
         need(self.request_timeout >= 0, "request_timeout", "must be >= 0")
         need(self.shutdown_timeout >= 0, "shutdown_timeout", "must be >= 0")
