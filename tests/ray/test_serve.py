@@ -123,7 +123,18 @@ def deployed(
     try:
         yield Deployed(f"http://127.0.0.1:{serve_port}", shared_limits=redis_url is not None)
     finally:
-        serve.delete(APP)
+        _delete_app(APP)
+
+
+def _delete_app(name: str, deadline_s: float = 600.0) -> None:
+    """Delete the application and wait until Serve has reaped it. `serve.delete` itself gives up
+    after a fixed 60 s, which a replica killed by a test can outlast on a loaded machine."""
+    serve.delete(name, _blocking=False)
+    end = time.monotonic() + deadline_s
+    while name in serve.status().applications:
+        if time.monotonic() > end:
+            raise TimeoutError(f"Ray Serve did not delete application {name!r} within {deadline_s:.0f} s")
+        time.sleep(0.5)
 
 
 def image_message(text: str, image: str) -> dict[str, Any]:
