@@ -12,12 +12,13 @@ default the embedded tiny checkpoint) or a running server (`--server URL`, POST 
 line in `--out` are skipped (`--retry-errors` re-runs those whose line is an error), and a line cut
 off by a crash is dropped before the run appends. A bad file gets an error line and the run goes on.
 `truncated: true` means the token budget ran low and the object was closed early (see
-`close_on_budget` in `glmv.engine.structured`). Mistakes are found before the model loads or a
-file is sent (paths that do not exist, a bad schema or `--model`, PDFs without pypdfium2, a server
-that cannot be reached) and reported as one line. The run ends with a summary on stderr (files
-done, skipped and failed, the output file, the first errors). Exit status: 0 when every file has
-data, 1 when some got error lines or the server cannot be reached, 2 for a usage error. The embedded run extracts through the same service and extraction task as
-`POST /v1/extract` (`glmv.tasks.extraction`).
+`close_on_budget` in `glmv.engine.structured`). Mistakes are found before the model loads or a file
+is sent (paths that do not exist, a bad schema or `--model`, PDFs without pypdfium2, a server that
+cannot be reached) and reported as one line. The run ends with a summary on stderr (files done,
+skipped and failed, the output file, the first errors). Exit status: 0 when every file has data, 1
+when some got error lines or the server cannot be reached, 2 for a usage error. The embedded run
+extracts through the same service and extraction task as `POST /v1/extract`
+(`glmv.tasks.extraction`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """`glmv serve`: load the model, serve the API and web page with uvicorn, drain on SIGTERM.
 
-`run_serve` builds the settings (flags, `GLMV_*` variables, TOML), checks the checkpoint
-folder and binds the port once (a mistake is one line and status 2 before any model loads), makes
-the generation service (which starts the engine: its own process per core, or a thread with
-`--engine-mode inprocess`), prints where the web page and the API are, warns when the weights are random, and serves with
-uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work (new requests get 503 with
-`Retry-After`, `/ready` turns 503), lets running requests finish for up to `shutdown_timeout`
-seconds, ends those still running with a 503 (streams: an error event and `[DONE]`), then exits 0. When the engine dies (a core process killed, a crash in its loop), the
+`run_serve` builds the settings (flags, `GLMV_*` variables, TOML), checks the checkpoint folder and
+binds the port once (a mistake is one line and status 2 before any model loads), makes the
+generation service (which starts the engine: its own process per core, or a thread with
+`--engine-mode inprocess`), prints where the web page and the API are, warns when the weights are
+random, and serves with uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work (new
+requests get 503 with `Retry-After`, `/ready` turns 503), lets running requests finish for up to
+`shutdown_timeout` seconds, ends those still running with a 503 (streams: an error event and
+`[DONE]`), then exits 0. When the engine dies (a core process killed, a crash in its loop), the
 requests in flight get their errors at once and `glmv serve` exits with status 1, so that a
 supervisor (systemd, Kubernetes) starts it again.
 """
