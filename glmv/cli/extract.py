@@ -12,9 +12,13 @@ default the embedded tiny checkpoint) or a running server (`--server URL`, POST 
 line in `--out` are skipped (`--retry-errors` re-runs those whose line is an error), and a line cut
 off by a crash is dropped before the run appends. A bad file gets an error line and the run goes on.
 `truncated: true` means the token budget ran low and the object was closed early (see
-`close_on_budget` in `glmv.engine.structured`). Exit status: 0 when every file has data, 1 when
-some got error lines. The embedded run extracts through the same service and extraction task as
-`POST /v1/extract` (`glmv.tasks.extraction`).
+`close_on_budget` in `glmv.engine.structured`). Mistakes are found before the model loads or a file
+is sent (paths that do not exist, a bad schema or `--model`, PDFs without pypdfium2, a server that
+cannot be reached) and reported as one line. The run ends with a summary on stderr (files done,
+skipped and failed, the output file, the first errors). Exit status: 0 when every file has data, 1
+when some got error lines or the server cannot be reached, 2 for a usage error. The embedded run
+extracts through the same service and extraction task as `POST /v1/extract`
+(`glmv.tasks.extraction`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ from typing import Any
 
 from PIL import Image
 
+from glmv.cli.checks import check_model_dir
+from glmv.cli.errors import CommandFailure, UsageError, reporting_errors
+from glmv.cli.extract_report import Tally
 from glmv.tasks.documents import (
+    IMAGE_SUFFIXES,
+    PDF_INSTALL,
     PDF_SUFFIX,
     ExtractFileError,
     collect_files,
@@ -108,7 +117,8 @@ def _error_record(source: str, schema: str, kind: str, message: str) -> dict[str
 
 
 def schema_arg(value: str) -> tuple[str, dict[str, Any]]:
-    """(label, JSON Schema) of `--schema`: a built-in name, a .json file or inline JSON."""
+    """(label, JSON Schema) of `--schema`: a built-in name, a .json file or inline JSON; a
+    `UsageError` for anything else."""
     from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
     if value in BUILTIN_SCHEMAS:
@@ -118,18 +128,18 @@ def schema_arg(value: str) -> tuple[str, dict[str, Any]]:
     if not value.lstrip().startswith("{"):
         path = Path(value)
         if not path.is_file():
-            raise SystemExit(
-                f"error: --schema {value!r} is neither a built-in schema ({', '.join(BUILTIN_SCHEMAS)}) "
-                "nor a JSON Schema file"
+            raise UsageError(
+                f"--schema {value!r} is neither a built-in schema ({', '.join(BUILTIN_SCHEMAS)}) "
+                "nor a JSON Schema file; pass one of those names, a .json file or inline JSON"
             )
         text = path.read_text(encoding="utf-8")
         label = str(path)
     try:
         schema = json.loads(text)
     except ValueError as exc:
-        raise SystemExit(f"error: --schema {value!r} is not valid JSON: {exc}") from None
+        raise UsageError(f"--schema {value!r} is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
-        raise SystemExit("error: --schema must be a JSON object (a JSON Schema)")
+        raise UsageError("--schema must be a JSON object (a JSON Schema)")
     return label, schema
 
 
@@ -143,17 +153,14 @@ def spec_of(label: str, schema: dict[str, Any], instructions: str | None) -> Any
     return extraction_spec(label if label in _builtin_names() else schema, instructions)
 
 
-def _embedded(
-    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: RecordWriter
-) -> int:
+def _checked_spec(label: str, schema: dict[str, Any], instructions: str | None) -> Any:
+    """`spec_of`, with a schema the grammar cannot enforce as a `UsageError`."""
     from glmv.errors import GlmvError
 
     try:
-        spec = spec_of(label, schema, args.instructions)
+        return spec_of(label, schema, instructions)
     except GlmvError as exc:
-        print(f"error: --schema: {exc.message}", file=sys.stderr)
-        return 2
-    return asyncio.run(_run_embedded(args, todo, label, spec, writer))
+        raise UsageError(f"--schema: {exc.message}") from None
 
 
 def extraction_service(
@@ -228,8 +235,8 @@ async def extract_record(
 
 
 async def _run_embedded(
-    args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: RecordWriter
-) -> int:
+    args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: RecordWriter, tally: Tally
+) -> None:
     from tqdm import tqdm
 
     service = extraction_service(
@@ -240,11 +247,9 @@ async def _run_embedded(
         max_pages=args.max_pages,
         image_workers=args.image_workers,
     )
-    failures = 0
     queue: Iterator[Path] = iter(todo)
 
     async def one(path: Path, bar: Any) -> None:
-        nonlocal failures
         record = await extract_record(
             service,
             spec,
@@ -255,8 +260,8 @@ async def _run_embedded(
             max_tokens=args.max_tokens,
             thinking=args.thinking,
         )
-        failures += "error" in record
         writer.write(record)
+        tally.add(record)
         bar.update(1)
 
     async def worker(bar: Any) -> None:
@@ -268,7 +273,6 @@ async def _run_embedded(
             await asyncio.gather(*(worker(bar) for _ in range(min(args.concurrency, len(todo)))))
     finally:
         service.shutdown()
-    return 1 if failures else 0
 
 
 def _builtin_names() -> frozenset[str]:
@@ -305,25 +309,60 @@ def _file_url(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+def _server_url(server: str) -> str:
+    """The API base (`.../v1`) of `--server`."""
+    url = server.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--server {server!r} is not an http(s) URL; pass e.g. --server http://127.0.0.1:8000"
+        )
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def _api_headers(args: argparse.Namespace) -> dict[str, str]:
+    key = args.api_key or os.environ.get("GLMV_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _check_server(args: argparse.Namespace) -> None:
+    """Reach `--server` once before any file is read: a server that is not there, or that refuses
+    the key, is one line instead of an error line per file."""
+    import httpx
+
+    url = _server_url(args.server)
+    try:
+        response = httpx.get(url + "/models", headers=_api_headers(args), timeout=httpx.Timeout(30.0))
+    except httpx.TransportError as exc:
+        raise CommandFailure(
+            f"cannot reach the server at {args.server} ({type(exc).__name__}: {exc or 'no answer'}); "
+            "start it (`glmv serve`) or pass the right --server URL"
+        ) from None
+    if response.status_code in (401, 403):
+        raise UsageError(
+            f"the server at {args.server} refused the API key (HTTP {response.status_code}); pass "
+            "--api-key or set GLMV_API_KEY"
+        )
+
+
 async def _remote(
-    args: argparse.Namespace, todo: list[Path], label: str, schema: dict[str, Any], writer: RecordWriter
-) -> int:
+    args: argparse.Namespace,
+    todo: list[Path],
+    label: str,
+    schema: dict[str, Any],
+    writer: RecordWriter,
+    tally: Tally,
+) -> None:
     import httpx
     from tqdm import tqdm
 
     from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
-    url = args.server.rstrip("/")
-    if not url.endswith("/v1"):
-        url += "/v1"
-    key = args.api_key or os.environ.get("GLMV_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = _server_url(args.server)
+    headers = _api_headers(args)
     schema_field: str | dict[str, Any] = label if label in BUILTIN_SCHEMAS else schema
     semaphore = asyncio.Semaphore(args.concurrency)
-    failures = 0
 
     async def one(client: httpx.AsyncClient, path: Path, bar: Any) -> None:
-        nonlocal failures
         source = display_path(path)
         async with semaphore:
             start = time.monotonic()
@@ -367,15 +406,14 @@ async def _remote(
                 record = _error_record(source, label, "request_failed", f"{type(exc).__name__}: {exc}")
             if "error" not in record:
                 record["seconds"] = round(time.monotonic() - start, 3)
-            failures += "error" in record
             writer.write(record)
+            tally.add(record)
             bar.update(1)
 
     timeout = httpx.Timeout(args.timeout, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout) as client:
         with tqdm(total=len(todo), desc="extract", unit="file", disable=args.no_progress) as bar:
             await asyncio.gather(*(one(client, p, bar) for p in todo))
-    return 1 if failures else 0
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -390,7 +428,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         "a JSON Schema file, or inline JSON",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("results.jsonl"), help="JSON Lines output (appended)"
+        "--out",
+        type=Path,
+        default=Path("results.jsonl"),
+        help="JSON Lines output, appended to; files already in it are skipped (default: %(default)s)",
     )
     parser.add_argument("--concurrency", type=int, default=8, help="documents in flight")
     parser.add_argument("--server", help="base URL of a glmv server (default: run the model here)")
@@ -423,28 +464,77 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_files(paths: list[str]) -> list[Path]:
+    """The documents named by `paths` (see `collect_files`); a `UsageError` for a path that does
+    not exist or when there is nothing to read."""
+    for raw in paths:
+        if not Path(raw).exists():
+            raise UsageError(f"{display_path(raw)} does not exist; check the path")
+    files = collect_files(paths)
+    if not files:
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES | {PDF_SUFFIX}))
+        raise UsageError(
+            f"no documents found in {' '.join(map(display_path, paths))}: glmv extract reads {suffixes}"
+        )
+    return files
+
+
+def _check_pdf_support(todo: list[Path]) -> None:
+    """PDFs need pypdfium2 (the `pdf` extra): without it, one line before any file is read."""
+    pdfs = [p for p in todo if p.suffix.lower() == PDF_SUFFIX]
+    if not pdfs:
+        return
+    try:
+        import pypdfium2  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"{len(pdfs)} of the files are PDFs ({display_path(pdfs[0])}, ...) and reading PDFs needs "
+            f"pypdfium2, which is not installed: {PDF_INSTALL} (or leave the PDFs out)"
+        ) from None
+
+
+@reporting_errors("glmv extract")
 def run_extract(args: argparse.Namespace) -> int:
-    """Exit status: 0 all files extracted, 1 some files got error lines, 2 bad arguments."""
+    """Exit status: 0 all files extracted, 1 some files got error lines (or the server cannot be
+    reached), 2 bad arguments (found before any model loads or any file is sent). Ends with a
+    summary on stderr (`Tally.summary`)."""
     if args.concurrency < 1:
-        print("error: --concurrency must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--concurrency must be >= 1")
     label, schema = schema_arg(args.schema)
-    files = collect_files(args.files)
+    spec = None
+    if not args.server:
+        if args.model:
+            check_model_dir(args.model)
+        spec = _checked_spec(label, schema, args.instructions)
+    files = _check_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
     done_keys = {resume_key(source) for source in done}
     todo = [p for p in files if resume_key(p) not in done_keys]
-    skipped = len(files) - len(todo)
-    if skipped:
-        print(f"{skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr)
-    if not todo:
-        return 0
-    writer = RecordWriter(args.out)
-    try:
+    tally = Tally(skipped=len(files) - len(todo))
+    if tally.skipped:
+        print(
+            f"{tally.skipped} of {len(files)} files already in {args.out}; {len(todo)} to do", file=sys.stderr
+        )
+    if todo:
+        _check_pdf_support(todo)
         if args.server:
-            return asyncio.run(_remote(args, todo, label, schema, writer))
-        return _embedded(args, todo, label, schema, writer)
-    finally:
-        writer.close()
+            _check_server(args)
+        writer = RecordWriter(args.out)
+        try:
+            if args.server:
+                asyncio.run(_remote(args, todo, label, schema, writer, tally))
+            else:
+                asyncio.run(_run_embedded(args, todo, label, spec, writer, tally))
+        finally:
+            writer.close()
+            _print_summary(tally, args.out)  # also after Ctrl-C: what was written is kept
+    else:
+        _print_summary(tally, args.out)
+    return tally.status
+
+
+def _print_summary(tally: Tally, out: Path) -> None:
+    print("\n".join(tally.summary(out)), file=sys.stderr, flush=True)
 
 
 def add_parser(sub: Any) -> None:

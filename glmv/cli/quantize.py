@@ -1,20 +1,39 @@
-"""`glmv quantize SRC DST`: write a 4-bit (AWQ layout) copy of a checkpoint."""
+"""`glmv quantize SRC DST`: write a 4-bit (AWQ layout) copy of a checkpoint.
+
+Before the model loads: SRC must be a checkpoint folder, DST a new or empty folder (`--force`
+writes over one that holds files, removing its old weight files first), and the group size must
+fit at least one linear layer (otherwise nothing would be quantized: one line, status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from glmv.cli.errors import UsageError, reporting_errors
 
 __all__ = ["add_parser"]
 
 
+@reporting_errors("glmv quantize")
 def run_quantize(args: argparse.Namespace) -> int:
+    from glmv.cli.checks import check_model_dir, check_output_dir, clear_weights
+
+    src = check_model_dir(args.src, flag="SRC")
+    if src.resolve() == args.dst.resolve():
+        raise UsageError(f"DST {args.dst} is the source checkpoint; choose another output folder")
+    check_output_dir(args.dst, force=args.force, what="DST")
+
     from tqdm import tqdm
 
-    from glmv.errors import GlmvError
-    from glmv.models.quant.quantize import quantize_checkpoint
+    from glmv.models.quant.quantize import check_quantizable, quantize_checkpoint, skip_list
+
+    # Before the model loads and before --force removes anything: an already quantized SRC, or a
+    # group size that fits no layer (nothing would be quantized), is one line and status 2.
+    check_quantizable(src, args.group_size, skip_list(args.quantize_vision, not args.keep_lm_head))
+    if args.force:
+        clear_weights(args.dst)
 
     bars: dict[str, tqdm] = {}
 
@@ -27,7 +46,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     try:
         report = quantize_checkpoint(
-            args.src,
+            src,
             args.dst,
             method=args.method,
             group_size=args.group_size,
@@ -39,9 +58,6 @@ def run_quantize(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=progress,
         )
-    except GlmvError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
     finally:
         for bar in bars.values():
             bar.close()
@@ -57,7 +73,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("quantize", help="write a 4-bit (AWQ layout) copy of a checkpoint")
     p.add_argument("src", type=Path, help="float checkpoint directory")
-    p.add_argument("dst", type=Path, help="output directory")
+    p.add_argument("dst", type=Path, help="output directory (new or empty, unless --force)")
     p.add_argument(
         "--method", default="awq", choices=["awq", "rtn"], help="activation-aware scaling or round-to-nearest"
     )
@@ -76,4 +92,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--calib-max-tokens", type=int, default=512, help="longest calibration conversation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into DST even when it holds files (its old weights are removed)",
+    )
     p.set_defaults(func=run_quantize)

@@ -1,11 +1,13 @@
 """`glmv serve`: load the model, serve the API and web page with uvicorn, drain on SIGTERM.
 
-`run_serve` builds the settings (flags, `GLMV_*` variables, TOML), makes the generation service
-(which starts the engine: its own process per core, or a thread with `--engine-mode inprocess`),
-prints where the web page and the API are, warns when the weights are random, and serves with
-uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work (new requests get 503 with
-`Retry-After`, `/ready` turns 503), lets running requests finish for up to `shutdown_timeout`
-seconds, ends those still running with a 503 (streams: an error event and `[DONE]`), then exits 0. When the engine dies (a core process killed, a crash in its loop), the
+`run_serve` builds the settings (flags, `GLMV_*` variables, TOML), checks the checkpoint folder and
+binds the port once (a mistake is one line and status 2 before any model loads), makes the
+generation service (which starts the engine: its own process per core, or a thread with
+`--engine-mode inprocess`), prints where the web page and the API are, warns when the weights are
+random, and serves with uvicorn (one worker). On SIGTERM or Ctrl-C it stops admitting work (new
+requests get 503 with `Retry-After`, `/ready` turns 503), lets running requests finish for up to
+`shutdown_timeout` seconds, ends those still running with a 503 (streams: an error event and
+`[DONE]`), then exits 0. When the engine dies (a core process killed, a crash in its loop), the
 requests in flight get their errors at once and `glmv serve` exits with status 1, so that a
 supervisor (systemd, Kubernetes) starts it again.
 """
@@ -23,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from glmv.errors import GlmvError
+from glmv.cli.checks import check_model_dir, check_port_free
+from glmv.cli.errors import reporting_errors
 from glmv.server.settings import Settings, add_serve_arguments
 
 if TYPE_CHECKING:
@@ -123,17 +126,19 @@ def _make_server(config: uvicorn.Config, state: ServerState, banner: Callable[[i
     return _Server()
 
 
+@reporting_errors("glmv serve")
 def run_serve(args: argparse.Namespace) -> int:
     """`glmv serve`: load the model, serve until SIGTERM/Ctrl-C, return the exit status (0 after a
-    clean drain, 1 when start-up failed or the engine died, 2 for a bad setting). With `--ray`,
+    clean drain, 1 when start-up failed or the engine died, 2 for a bad setting, a checkpoint
+    folder that is not one or a port that is taken, found before the model loads). With `--ray`,
     the same app runs as engine replicas on Ray Serve (`glmv.ray.serve.run_ray_serve`)."""
     if getattr(args, "ray", False):
         return _run_on_ray(args)
-    try:
-        settings = Settings.from_sources(args)
-    except GlmvError as exc:
-        print(f"glmv serve: {exc.message}", file=sys.stderr)
-        return 2
+    settings = Settings.from_sources(args)  # a bad setting: status 2 (reporting_errors)
+    # What can be checked is checked before the model loads: the checkpoint folder and the port.
+    if settings.model:
+        check_model_dir(settings.model)
+    check_port_free(settings.host, settings.port)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -144,17 +149,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from glmv.server.http_limits import limited_protocol, raise_open_file_limit
     from glmv.tasks.service import create_service
 
-    try:
-        model_dir, embedded = resolve_model(settings.model)
-        settings.model = str(model_dir)
-        print(
-            f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
-            flush=True,
-        )
-        service = create_service(settings.service_config())
-    except GlmvError as exc:
-        print(f"glmv serve: {exc.message}", file=sys.stderr)
-        return 1
+    model_dir, embedded = resolve_model(settings.model)
+    settings.model = str(model_dir)
+    print(
+        f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
+        flush=True,
+    )
+    service = create_service(settings.service_config())  # its errors: one line (reporting_errors)
     try:
         app = create_app(settings, service=service)
     except BaseException:

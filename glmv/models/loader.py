@@ -263,6 +263,13 @@ def _materialize(model: Glm4vModel, device: torch.device) -> Glm4vModel:
     return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
+def model_skeleton(config: ModelConfig) -> Glm4vModel:
+    """The model's modules on the meta device: names and shapes, no memory, no initialisation
+    (what a plan needs, e.g. which linear layers a quantization would reach)."""
+    with _meta_init():
+        return Glm4vModel(config)
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Glm4vModel:
     """An uninitialised model of the given shape, allocated directly on `device`."""
     with _meta_init():

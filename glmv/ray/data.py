@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="glmv-ray-extract", description="glmv extract on a Ray cluster (Ray Data, one engine per actor)."
     )
     add_ray_extract_arguments(parser)
-    return run_extract_ray(parser.parse_args(argv))
+    from glmv.cli.errors import reporting_errors
+
+    return reporting_errors("glmv-ray-extract")(run_extract_ray)(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ this route checks the request, serves the generation like any other (admission c
 checks, timeouts, metrics, batching) and answers with the object and the usage.
 
 Errors name the extract request's own fields: `images[1]`, `schema`, `max_tokens`. An answer
-that reached `max_tokens` before the JSON was complete is a 422 (`incomplete_output`).
+that reached `max_tokens` before the JSON was complete is a 422 (`incomplete_output`), as is one
+that does not validate or holds a number no JSON response can carry (`1e999`: `non_finite_number`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PDF_INSTALL",
     "PDF_SUFFIX",
     "Document",
     "ExtractFileError",
@@ -30,6 +31,8 @@ __all__ = [
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PDF_SUFFIX = ".pdf"
+# How to get PDF support (glmv is installed from its checkout, not from a package index).
+PDF_INSTALL = "pip install 'pypdfium2>=4.30' (in a glmv checkout: pip install -e '.[pdf]')"
 
 
 class ExtractFileError(Exception):
@@ -112,7 +115,7 @@ def _render_pdf(path: Path, *, max_pages: int, dpi: float) -> list[Image.Image]:
         import pypdfium2 as pdfium
     except ImportError:
         raise ExtractFileError(
-            "pdf_support_missing", "reading PDFs needs pypdfium2: pip install 'glmv[pdf]'"
+            "pdf_support_missing", f"reading PDFs needs pypdfium2: {PDF_INSTALL}"
         ) from None
     try:
         pdf = pdfium.PdfDocument(str(path))

@@ -12,6 +12,7 @@ asked for. `extraction_result` parses the answer, validates it against the schem
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,15 @@ from glmv.tasks.service import GenerationService
 from glmv.tasks.structured import closing_reserve, json_schema_output, schema_errors
 from glmv.tasks.types import Generation, GenerationRequest, SamplingParams, Usage
 
-__all__ = ["Extraction", "ExtractionSpec", "extract", "extraction_request", "extraction_result", "extraction_spec"]
+__all__ = [
+    "Extraction",
+    "ExtractionSpec",
+    "extract",
+    "extraction_request",
+    "extraction_result",
+    "extraction_spec",
+    "non_finite_numbers",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +102,8 @@ def extraction_result(
     spec: ExtractionSpec, generation: Generation, *, max_tokens: int | None, max_model_len: int
 ) -> Extraction:
     """The validated object of a finished extraction; 422 when the answer was cut by the budget
-    or does not validate, 500 when it is not JSON at all."""
+    or does not validate (or holds a number JSON cannot carry, such as `1e999`), 500 when it is
+    not JSON at all."""
     choice = generation.choices[0]
     if choice.finish_reason == "length":
         limit = f"max_tokens ({max_tokens})" if max_tokens else "the context length"
@@ -107,6 +117,15 @@ def extraction_result(
         data = json.loads(choice.content)
     except ValueError as exc:
         raise EngineError(f"The model's answer is not JSON ({exc}).", code="invalid_output") from None
+    non_finite = non_finite_numbers(data)
+    if non_finite:
+        # JSON grammar allows `1e999`, which parses to infinity: no JSON response can carry it.
+        raise UnprocessableEntityError(
+            "The extracted object holds a number too large for JSON (infinite or not a number) at "
+            f"{', '.join(non_finite[:5])}; bound the field with minimum and maximum in the schema, or ask again.",
+            param="schema",
+            code="non_finite_number",
+        )
     problems = schema_errors(spec.schema, data)
     if problems or not isinstance(data, dict):
         raise UnprocessableEntityError(
@@ -125,6 +144,17 @@ def extraction_result(
         finish_reason=str(choice.finish_reason),
         usage=usage,
     )
+
+
+def non_finite_numbers(value: Any, path: str = "$") -> list[str]:
+    """JSON paths (`$.total`, `$.items[2].price`) of the infinite or NaN floats in a parsed value."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_numbers(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in non_finite_numbers(v, f"{path}[{i}]")]
+    return []
 
 
 async def extract(

@@ -384,9 +384,9 @@ def test_cli_quantize_rtn_and_refusals(
         assert (dst / name).is_file()
     model = load_model(dst, dtype="float32", device="cpu")
     assert isinstance(model.layers[1].self_attn.o_proj, Int4Linear)
-    # Quantizing a quantized checkpoint, or onto itself, is refused.
-    assert cli_main(["quantize", str(dst), str(tmp_path / "again"), "--method", "rtn", "--quiet"]) == 1
-    assert cli_main(["quantize", str(tiny41_dir), str(tiny41_dir), "--quiet"]) == 1
+    # Quantizing a quantized checkpoint, or onto itself, is refused (usage errors: status 2).
+    assert cli_main(["quantize", str(dst), str(tmp_path / "again"), "--method", "rtn", "--quiet"]) == 2
+    assert cli_main(["quantize", str(tiny41_dir), str(tiny41_dir), "--quiet"]) == 2
 
 
 def test_quantize_vision_and_lm_head(tiny46_dir: Path, tmp_path: Path) -> None:

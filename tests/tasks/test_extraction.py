@@ -9,7 +9,7 @@ import math
 import pytest
 
 from glmv.errors import EngineError, InvalidRequestError, UnprocessableEntityError
-from glmv.tasks.extraction import extraction_request, extraction_result, extraction_spec
+from glmv.tasks.extraction import extraction_request, extraction_result, extraction_spec, non_finite_numbers
 from glmv.tasks.images import ImageRef
 from glmv.tasks.moderation import ModerationPolicy
 from glmv.tasks.moderator import ModerationInput, moderation_request, moderation_verdict
@@ -98,3 +98,13 @@ def test_moderation_request_and_verdict() -> None:
     assert verdict.category_applied_input_types["violence"] == ["text", "image"]
     with pytest.raises(EngineError):
         moderation_verdict(policy, item, answer("{", "length"))
+
+
+def test_a_number_json_cannot_carry_is_a_422() -> None:
+    spec = extraction_spec({"type": "object", "properties": {"total": {"type": "number"}}})
+    with pytest.raises(UnprocessableEntityError) as info:
+        extraction_result(spec, answer('{"total": -1e999}'), max_tokens=None, max_model_len=2048)
+    assert (info.value.param, info.value.code) == ("schema", "non_finite_number") and "$.total" in info.value.message
+    assert non_finite_numbers({"a": [1.0, {"b": math.nan}], "c": math.inf, "d": 10**400}) == ["$.a[1].b", "$.c"]
+    result = extraction_result(spec, answer('{"total": 1e308}'), max_tokens=None, max_model_len=2048)
+    assert result.data == {"total": 1e308}

@@ -1,6 +1,7 @@
 """`glmv quantize`: a float checkpoint in, a 4-bit AutoAWQ-layout checkpoint out.
 
-Steps: load the float model with glmv's loader; choose the linear layers to quantize (the text
+Steps: check the source (a float checkpoint, and at least one linear layer the group size
+fits: `check_quantizable`, from the config alone); load the float model with glmv's loader; choose the linear layers to quantize (the text
 decoder's always, the vision tower's and `lm_head` on request, any whose input width the group
 size does not divide stay float); for `awq`, build the calibration set and quantize block by
 block (vision blocks on the calibration images, then decoder layers on the calibration
@@ -24,14 +25,15 @@ from torch import nn
 
 from glmv.errors import CheckpointError, ConfigError
 from glmv.kernels.metadata import AttentionMetadata
-from glmv.models.loader import load_model
+from glmv.models.config import ModelConfig
+from glmv.models.loader import load_model, model_skeleton
 from glmv.models.quant.awq import AwqSettings, ScaleGroup, quantize_block
 from glmv.models.quant.calibration import (
     CalibrationSample,
     build_calibration_set,
     random_calibration_set,
 )
-from glmv.models.quant.int4 import QuantizedWeight, quantize_rtn
+from glmv.models.quant.int4 import PACK, QuantizedWeight, quantize_rtn
 from glmv.models.quant.linear import quantizable_linears
 from glmv.models.quant.writer import awq_quantization_config, copy_side_files, write_quantized_checkpoint
 
@@ -51,7 +53,7 @@ class QuantizeReport:
     files: list[str] = field(default_factory=list)
 
 
-def _skip_list(quantize_vision: bool, quantize_lm_head: bool) -> tuple[str, ...]:
+def skip_list(quantize_vision: bool, quantize_lm_head: bool) -> tuple[str, ...]:
     skip: list[str] = []
     if not quantize_vision:
         skip.append("visual")
@@ -200,6 +202,33 @@ def _quantize_text(
         progress("decoder layers", 1)
 
 
+def check_quantizable(src: Path, group_size: int, skip: tuple[str, ...]) -> list[str]:
+    """The linear layers of `src` that would be quantized, read from its config (the model is
+    built on the meta device). A `CheckpointError` when `src` is no float checkpoint, a
+    `ConfigError` when no layer would be quantized (a group size that divides no input width)."""
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src}: not a checkpoint directory (no config.json)")
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        raise CheckpointError(
+            f"{src}: already quantized ({config['quantization_config'].get('quant_method')}); "
+            "quantize the float checkpoint it came from"
+        )
+    model = model_skeleton(ModelConfig.from_pretrained(src))
+    targets = quantizable_linears(model, group_size, skip=skip)
+    if not targets:
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        widths = sorted({m.in_features for n, m in linears if not any(s in n for s in skip)})
+        raise ConfigError(
+            f"nothing to quantize: group size {group_size} does not divide the input width of any linear "
+            f"layer into groups of a multiple of {PACK} (widths: {', '.join(map(str, widths))}); use a "
+            "group size that does (128, 64, 32) or -1 for one group per output channel",
+            param="group_size",
+            code="nothing_to_quantize",
+        )
+    return targets
+
+
 def quantize_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -225,12 +254,9 @@ def quantize_checkpoint(
         raise ConfigError("the output directory must differ from the source checkpoint")
     step: Progress = progress or (lambda _stage, _n: None)
     report = QuantizeReport(method, group_size)
-    skip = _skip_list(quantize_vision, quantize_lm_head)
+    skip = skip_list(quantize_vision, quantize_lm_head)
+    check_quantizable(src, group_size, skip)  # before anything is loaded or written
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization_config"):
-        raise CheckpointError(
-            f"{src}: already quantized ({config['quantization_config'].get('quant_method')})"
-        )
     if config.get("glmv_random_init") is not None and not any(src.glob("*.safetensors")):
         dst.mkdir(parents=True, exist_ok=True)
         copy_side_files(src, dst, awq_quantization_config(group_size, skip))

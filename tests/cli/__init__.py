@@ -1,0 +1,1 @@
+"""Tests of the `glmv` command line: one-line errors, checks made before a model loads."""
