@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.glmv-base
 DEV    := $(VENV)/.glmv-dev
 
-.PHONY: install install-dev serve test test-ray test-openwebui lint system-deps clean
+.PHONY: install install-dev serve test test-inprocess test-ray test-openwebui lint system-deps clean
 
 # Open WebUI (for `make test-openwebui` only) lives in its own virtual environment, outside the
 # repository: it pulls several GB of dependencies; the CPU torch goes in first to keep it smaller.
@@ -49,11 +49,15 @@ system-deps:
 lint: $(DEV)
 	$(PY) -m ruff check glmv tests benchmarks training
 
-# The whole suite with the engine core in its own process (the default), then the engine, server
-# and task suites again with the core in a thread of the server (`--engine-mode inprocess`).
+# The whole suite with the engine core in its own process (the default), then the engine and task
+# suites again with the core in a thread of the caller (`--engine-mode inprocess`).
 test: $(DEV) system-deps
 	$(PY) -m ruff check glmv tests benchmarks training
 	$(PY) -m pytest -q
+	GLMV_ENGINE_MODE=inprocess $(PY) -m pytest -q tests/engine tests/tasks
+
+# The engine, server and task suites with the core in-process (the server suite too; longer).
+test-inprocess: $(DEV) system-deps
 	GLMV_ENGINE_MODE=inprocess $(PY) -m pytest -q tests/engine tests/server tests/tasks
 
 # Only the Ray tests (glmv on Ray Serve and Ray Data, a local Ray instance; part of `make test` too).
