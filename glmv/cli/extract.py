@@ -18,7 +18,9 @@ cannot be reached) and reported as one line. The run ends with a summary on stde
 skipped and failed, the output file, the first errors). Exit status: 0 when every file has data, 1
 when some got error lines or the server cannot be reached, 2 for a usage error. The embedded run
 extracts through the same service and extraction task as `POST /v1/extract`
-(`glmv.tasks.extraction`).
+(`glmv.tasks.extraction`); the records, the schema and resuming are `glmv.tasks.batch_extract`'s.
+With `--ray` the run goes to Ray Data instead (`glmv.ray.data`: one engine per actor, across a
+cluster), with the same checks first, the same records and the same resuming.
 """
 
 from __future__ import annotations
@@ -334,7 +336,10 @@ def _check_pdf_support(todo: list[Path]) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     """Exit status: 0 all files extracted, 1 some files got error lines (or the server cannot be
     reached), 2 bad arguments (found before any model loads or any file is sent). Ends with a
-    summary on stderr (`Tally.summary`)."""
+    summary on stderr (`Tally.summary`). With `--ray`, the same checks, then the run goes to Ray
+    Data (`glmv.ray.data.run_extract_ray`)."""
+    on_ray = bool(getattr(args, "ray", False))
+    _check_ray_flags(args, on_ray)
     if args.concurrency < 1:
         raise UsageError("--concurrency must be >= 1")
     label, schema = parse_schema(args.schema)  # a ConfigError: one line, status 2
@@ -344,6 +349,8 @@ def run_extract(args: argparse.Namespace) -> int:
             check_model_dir(args.model)
         spec = _checked_spec(label, schema, args.instructions)
     files = _check_files(args.files)
+    if on_ray:
+        return _run_on_ray(args)
     done = load_done(args.out, retry_errors=args.retry_errors)
     done_keys = {resume_key(source) for source in done}
     todo = [p for p in files if resume_key(p) not in done_keys]
@@ -374,7 +381,43 @@ def _print_summary(tally: Tally, out: Path) -> None:
     print("\n".join(tally.summary(out)), file=sys.stderr, flush=True)
 
 
+def _check_ray_flags(args: argparse.Namespace, on_ray: bool) -> None:
+    """`--ray` and `--server` exclude each other; the Ray flags do nothing without `--ray`."""
+    if on_ray:
+        if args.server:
+            raise UsageError("--server does not apply with --ray: the actors run the model; leave one of them out")
+        return
+    from glmv.ray.data import ray_flags_given
+
+    given = ray_flags_given(args)
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{', '.join(given)} only {verb} with --ray (the run on Ray Data); add --ray or leave them out")
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from glmv.ray import RAY_MISSING
+
+        raise UsageError(f"--ray: {RAY_MISSING}") from None
+    from glmv.ray.data import run_extract_ray
+
+    return run_extract_ray(args)
+
+
 def add_parser(sub: Any) -> None:
+    # glmv.ray.data imports Ray only when it runs, so its flags are known without Ray installed.
+    from glmv.ray.data import add_ray_extract_arguments
+
     p = sub.add_parser("extract", help="extract JSON from document images and PDFs into a JSONL file")
     add_extract_arguments(p)
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data: one engine per actor, on any number of GPUs and machines (needs glmv[ray]; "
+        "the 'ray' flags below apply)",
+    )
+    add_ray_extract_arguments(p)
     p.set_defaults(func=run_extract)

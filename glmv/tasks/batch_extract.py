@@ -152,7 +152,9 @@ def extraction_service(
         engine["engine_mode"] = engine_mode
     # The pages are this machine's own files: as many as --max-pages, of any size.
     limits = ImageLimits(max_images=max(1, max_pages), max_pixels=2**40, max_total_pixels=2**40)
-    config = ServiceConfig(EngineConfig(model=model, **engine), image_limits=limits, image_workers=image_workers)
+    config = ServiceConfig(
+        EngineConfig(model=model, **engine), image_limits=limits, image_workers=image_workers
+    )
     return create_service(config)
 
 
