@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from glmv.cli import main
-from glmv.cli.extract import load_done
 from glmv.engine.structured import schema_errors
+from glmv.tasks.batch_extract import load_done
 from glmv.tasks.documents import ExtractFileError, collect_files, render_document
 from glmv.tasks.schemas import BUILTIN_SCHEMAS
 

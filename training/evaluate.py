@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         answers = [a or "" for a in run_hf(items, args.model, args.model, args.device, args.dtype)]
     else:
         if not args.model:
-            from glmv.cli.defaults import default_model_dir
+            from glmv.models.defaults import default_model_dir
 
             args.model = str(default_model_dir())
         answers = run_glmv(items, args.model, args.dtype)

@@ -18,7 +18,7 @@ __all__ = ["add_parser", "run_chat"]
 @reporting_errors("glmv chat")
 def run_chat(args: argparse.Namespace) -> int:
     from glmv.cli.checks import check_image_file, check_model_dir
-    from glmv.cli.defaults import default_model_dir
+    from glmv.models.defaults import default_model_dir
 
     model = str(check_model_dir(args.model)) if args.model else None
     images = [check_image_file(path) for path in args.image]

@@ -18,7 +18,9 @@ cannot be reached) and reported as one line. The run ends with a summary on stde
 skipped and failed, the output file, the first errors). Exit status: 0 when every file has data, 1
 when some got error lines or the server cannot be reached, 2 for a usage error. The embedded run
 extracts through the same service and extraction task as `POST /v1/extract`
-(`glmv.tasks.extraction`).
+(`glmv.tasks.extraction`); the records, the schema and resuming are `glmv.tasks.batch_extract`'s.
+With `--ray` the run goes to Ray Data instead (`glmv.ray.data`: one engine per actor, across a
+cluster), with the same checks first, the same records and the same resuming.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import os
 import sys
 import time
@@ -40,6 +41,15 @@ from PIL import Image
 from glmv.cli.checks import check_model_dir
 from glmv.cli.errors import CommandFailure, UsageError, reporting_errors
 from glmv.cli.extract_report import Tally
+from glmv.tasks.batch_extract import (
+    RecordWriter,
+    error_record,
+    extract_record,
+    extraction_service,
+    load_done,
+    parse_schema,
+    spec_of,
+)
 from glmv.tasks.documents import (
     IMAGE_SUFFIXES,
     PDF_INSTALL,
@@ -49,108 +59,12 @@ from glmv.tasks.documents import (
     display_path,
     render_document,
     resume_key,
-    text_of,
 )
 
-__all__ = [
-    "RecordWriter",
-    "add_extract_arguments",
-    "add_parser",
-    "extract_record",
-    "extraction_service",
-    "load_done",
-    "run_extract",
-    "schema_arg",
-    "spec_of",
-]
-
-
-def load_done(out_path: Path, retry_errors: bool = False) -> set[str]:
-    """Sources already in the output file. Repairs the file first: a last line without its newline
-    (a crash mid-write) is cut off; with `retry_errors`, error lines are removed."""
-    if not out_path.exists():
-        return set()
-    raw = out_path.read_bytes()
-    keep_upto = raw.rfind(b"\n") + 1
-    lines = raw[:keep_upto].decode("utf-8", errors="replace").splitlines()
-    done: set[str] = set()
-    kept: list[str] = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("source"), str):
-            continue
-        if retry_errors and "error" in record:
-            continue
-        done.add(record["source"])
-        kept.append(line)
-    if keep_upto != len(raw) or len(kept) != len(lines):
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, out_path)
-    return done
-
-
-class RecordWriter:
-    """Appends one complete line per record and flushes it at once."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False)
-        if text_of(line) != line:  # text without a UTF-8 form (e.g. from an error message): escape it
-            line = json.dumps(record)
-        self._fh.write(line + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def _error_record(source: str, schema: str, kind: str, message: str) -> dict[str, Any]:
-    return {"source": source, "schema": schema, "error": {"type": kind, "message": message}}
-
-
-def schema_arg(value: str) -> tuple[str, dict[str, Any]]:
-    """(label, JSON Schema) of `--schema`: a built-in name, a .json file or inline JSON; a
-    `UsageError` for anything else."""
-    from glmv.tasks.schemas import BUILTIN_SCHEMAS
-
-    if value in BUILTIN_SCHEMAS:
-        return value, BUILTIN_SCHEMAS[value].schema
-    text = value
-    label = "inline"
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise UsageError(
-                f"--schema {value!r} is neither a built-in schema ({', '.join(BUILTIN_SCHEMAS)}) "
-                "nor a JSON Schema file; pass one of those names, a .json file or inline JSON"
-            )
-        text = path.read_text(encoding="utf-8")
-        label = str(path)
-    try:
-        schema = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--schema {value!r} is not valid JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise UsageError("--schema must be a JSON object (a JSON Schema)")
-    return label, schema
+__all__ = ["add_extract_arguments", "add_parser", "run_extract"]
 
 
 # --- the embedded engine ------------------------------------------------------------------------------
-
-
-def spec_of(label: str, schema: dict[str, Any], instructions: str | None) -> Any:
-    """The `ExtractionSpec` of a `schema_arg` result (a built-in by name, else the schema)."""
-    from glmv.tasks.extraction import extraction_spec
-
-    return extraction_spec(label if label in _builtin_names() else schema, instructions)
 
 
 def _checked_spec(label: str, schema: dict[str, Any], instructions: str | None) -> Any:
@@ -163,84 +77,15 @@ def _checked_spec(label: str, schema: dict[str, Any], instructions: str | None) 
         raise UsageError(f"--schema: {exc.message}") from None
 
 
-def extraction_service(
-    *,
-    model: str | None,
-    dtype: str = "auto",
-    max_model_len: int | None = None,
-    engine_mode: str | None = None,
-    max_pages: int = 8,
-    image_workers: int | None = None,
-) -> Any:
-    """The generation service of an embedded extraction run (`glmv extract`, a Ray Data actor)."""
-    from glmv.cli.defaults import default_model_dir
-    from glmv.processing.media import ImageLimits
-    from glmv.tasks.config import EngineConfig, ServiceConfig
-    from glmv.tasks.service import create_service, is_random_checkpoint
-
-    model = model or str(default_model_dir())
-    if is_random_checkpoint(model):
-        print("note: this checkpoint has random weights; its answers are random", file=sys.stderr)
-    engine: dict[str, Any] = {"dtype": dtype}
-    if max_model_len:
-        engine["max_model_len"] = max_model_len
-    if engine_mode:
-        engine["engine_mode"] = engine_mode
-    # The pages are this machine's own files: as many as --max-pages, of any size.
-    limits = ImageLimits(max_images=max(1, max_pages), max_pixels=2**40, max_total_pixels=2**40)
-    config = ServiceConfig(EngineConfig(model=model, **engine), image_limits=limits, image_workers=image_workers)
-    return create_service(config)
-
-
-async def extract_record(
-    service: Any,
-    spec: Any,
-    path: Path,
-    label: str,
-    *,
-    max_pages: int,
-    pdf_dpi: float,
-    max_tokens: int | None,
-    thinking: bool,
-) -> dict[str, Any]:
-    """The output line of one file: its data, `truncated`, usage and time, or an error line."""
-    from glmv.errors import GlmvError
-    from glmv.tasks.extraction import extract
-    from glmv.tasks.images import ImageRef
-
-    source = display_path(path)
-    start = time.monotonic()
-    try:
-        doc = await asyncio.to_thread(render_document, path, max_pages=max_pages, dpi=pdf_dpi)
-        refs = [ImageRef(image, f"{source}[{i}]") for i, image in enumerate(doc.images)]
-        result = await extract(service, spec, refs, max_tokens=max_tokens, thinking=thinking)
-        usage = result.usage
-        return {
-            "source": source,
-            "schema": label,
-            "pages": len(doc.images),
-            "data": result.data,
-            "truncated": result.truncated,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-            "seconds": round(time.monotonic() - start, 3),
-        }
-    except ExtractFileError as exc:
-        return _error_record(source, label, exc.kind, exc.message)
-    except GlmvError as exc:
-        return _error_record(source, label, exc.code or exc.error_type, exc.message)
-
-
 async def _run_embedded(
     args: argparse.Namespace, todo: list[Path], label: str, spec: Any, writer: RecordWriter, tally: Tally
 ) -> None:
     from tqdm import tqdm
 
+    from glmv.models.defaults import default_model_dir
+
     service = extraction_service(
-        model=args.model,
+        model=args.model or str(default_model_dir()),
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         engine_mode=args.engine_mode,
@@ -273,12 +118,6 @@ async def _run_embedded(
             await asyncio.gather(*(worker(bar) for _ in range(min(args.concurrency, len(todo)))))
     finally:
         service.shutdown()
-
-
-def _builtin_names() -> frozenset[str]:
-    from glmv.tasks.schemas import BUILTIN_SCHEMAS
-
-    return frozenset(BUILTIN_SCHEMAS)
 
 
 # --- a server -----------------------------------------------------------------------------------------
@@ -385,7 +224,7 @@ async def _remote(
                 payload = response.json()
                 if response.status_code != 200:
                     err = payload.get("error", {}) if isinstance(payload, dict) else {}
-                    record = _error_record(
+                    record = error_record(
                         source,
                         label,
                         err.get("code") or err.get("type") or f"http_{response.status_code}",
@@ -401,9 +240,9 @@ async def _remote(
                         "usage": payload.get("usage"),
                     }
             except ExtractFileError as exc:
-                record = _error_record(source, label, exc.kind, exc.message)
+                record = error_record(source, label, exc.kind, exc.message)
             except (httpx.HTTPError, ValueError) as exc:
-                record = _error_record(source, label, "request_failed", f"{type(exc).__name__}: {exc}")
+                record = error_record(source, label, "request_failed", f"{type(exc).__name__}: {exc}")
             if "error" not in record:
                 record["seconds"] = round(time.monotonic() - start, 3)
             writer.write(record)
@@ -497,16 +336,21 @@ def _check_pdf_support(todo: list[Path]) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     """Exit status: 0 all files extracted, 1 some files got error lines (or the server cannot be
     reached), 2 bad arguments (found before any model loads or any file is sent). Ends with a
-    summary on stderr (`Tally.summary`)."""
+    summary on stderr (`Tally.summary`). With `--ray`, the same checks, then the run goes to Ray
+    Data (`glmv.ray.data.run_extract_ray`)."""
+    on_ray = bool(getattr(args, "ray", False))
+    _check_ray_flags(args, on_ray)
     if args.concurrency < 1:
         raise UsageError("--concurrency must be >= 1")
-    label, schema = schema_arg(args.schema)
+    label, schema = parse_schema(args.schema)  # a ConfigError: one line, status 2
     spec = None
     if not args.server:
         if args.model:
             check_model_dir(args.model)
         spec = _checked_spec(label, schema, args.instructions)
     files = _check_files(args.files)
+    if on_ray:
+        return _run_on_ray(args)
     done = load_done(args.out, retry_errors=args.retry_errors)
     done_keys = {resume_key(source) for source in done}
     todo = [p for p in files if resume_key(p) not in done_keys]
@@ -537,7 +381,43 @@ def _print_summary(tally: Tally, out: Path) -> None:
     print("\n".join(tally.summary(out)), file=sys.stderr, flush=True)
 
 
+def _check_ray_flags(args: argparse.Namespace, on_ray: bool) -> None:
+    """`--ray` and `--server` exclude each other; the Ray flags do nothing without `--ray`."""
+    if on_ray:
+        if args.server:
+            raise UsageError("--server does not apply with --ray: the actors run the model; leave one of them out")
+        return
+    from glmv.ray.data import ray_flags_given
+
+    given = ray_flags_given(args)
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{', '.join(given)} only {verb} with --ray (the run on Ray Data); add --ray or leave them out")
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        from glmv.ray import RAY_MISSING
+
+        raise UsageError(f"--ray: {RAY_MISSING}") from None
+    from glmv.ray.data import run_extract_ray
+
+    return run_extract_ray(args)
+
+
 def add_parser(sub: Any) -> None:
+    # glmv.ray.data imports Ray only when it runs, so its flags are known without Ray installed.
+    from glmv.ray.data import add_ray_extract_arguments
+
     p = sub.add_parser("extract", help="extract JSON from document images and PDFs into a JSONL file")
     add_extract_arguments(p)
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data: one engine per actor, on any number of GPUs and machines (needs glmv[ray]; "
+        "the 'ray' flags below apply)",
+    )
+    add_ray_extract_arguments(p)
     p.set_defaults(func=run_extract)

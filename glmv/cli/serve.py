@@ -230,7 +230,7 @@ def resolve_model(model: str | None) -> tuple[Path, bool]:
     """The checkpoint directory to serve and whether it is the embedded tiny default."""
     if model:
         return Path(model), False
-    from glmv.cli.defaults import default_model_dir
+    from glmv.models.defaults import default_model_dir
 
     return default_model_dir(), True
 

@@ -1,21 +1,23 @@
-"""`glmv extract` at scale on Ray Data: one engine per actor, one JSONL file written by the driver.
+"""`glmv extract --ray` at scale on Ray Data: one engine per actor, one JSONL file written by the driver.
 
-    python -m glmv.ray.data scans/ --schema invoice --out results.jsonl --num-actors 8 [--ray-address auto]
+    glmv extract --ray scans/ --schema invoice --out results.jsonl --num-actors 8 [--ray-address auto]
 
-The same flags, output and resume semantics as `glmv extract` (see `glmv.cli.extract`): every
+The same flags, output and resume semantics as `glmv extract` (`glmv.tasks.batch_extract`): every
 input file gets exactly one line in `--out`, files that already have a line are skipped (with
 `--retry-errors`, error lines are dropped and run again), a line cut off by a crash is dropped
 before the run appends, and the exit status is 0 when every file has data, 1 when some got
-error lines, 2 for bad arguments.
+error lines, 2 for bad arguments. `glmv extract` adds the flags of this module
+(`add_ray_extract_arguments`, plain argparse: `glmv extract --help` needs no Ray) and hands a
+`--ray` run to `run_extract_ray`.
 
 How it runs: the driver lists the files still to do and hands them to Ray Data as a dataset of
 paths; `map_batches` runs them through a fixed pool of `--num-actors` actors, each loading the
-generation service once and keeping it across batches (`glmv.ray.extract_worker.DocumentExtractor`, one GPU per actor when the cluster
-has GPUs) and extracting `--batch-size` documents at a time with all of them in flight in its
-engine. Records stream back to the driver as batches finish; the driver alone appends to the
-output file, one complete, flushed line per file (a file's line is never written twice, even if
-Ray runs a batch again after an actor failed). Killing the driver loses only the batches in
-flight: the next run skips every file already written.
+generation service once and keeping it across batches (`glmv.ray.extract_worker.DocumentExtractor`,
+one GPU per actor when the cluster has GPUs) and extracting `--batch-size` documents at a time
+with all of them in flight in its engine. Records stream back to the driver as batches finish;
+the driver alone appends to the output file, one complete, flushed line per file (a file's line
+is never written twice, even if Ray runs a batch again after an actor failed). Killing the driver
+loses only the batches in flight: the next run skips every file already written.
 """
 
 from __future__ import annotations
@@ -24,12 +26,24 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from glmv.ray import require_ray
 
-__all__ = ["add_ray_extract_arguments", "main", "run_extract_ray"]
+__all__ = ["add_ray_extract_arguments", "ray_flags_given", "run_extract_ray"]
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_NUM_CPUS_PER_ACTOR = 1.0
+
+# The flags of a --ray run (dest -> flag); none has a default, so a given one is known.
+RAY_EXTRACT_FLAGS = {
+    "ray_address": "--ray-address",
+    "ray_num_cpus": "--ray-num-cpus",
+    "num_actors": "--num-actors",
+    "num_gpus_per_actor": "--num-gpus-per-actor",
+    "num_cpus_per_actor": "--num-cpus-per-actor",
+    "batch_size": "--batch-size",
+}
 
 
 class ExtractActor:
@@ -53,10 +67,8 @@ class ExtractActor:
 
 
 def add_ray_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    from glmv.cli.extract import add_extract_arguments
-
-    add_extract_arguments(parser)
-    group = parser.add_argument_group("ray")
+    """The flags of `glmv extract --ray` (the `glmv extract` flags are the command's own)."""
+    group = parser.add_argument_group("ray", "with --ray: the run on Ray Data, one engine per actor")
     group.add_argument(
         "--ray-address",
         help="Ray cluster to use: 'auto' or HOST:PORT (default: $RAY_ADDRESS, else a new local instance)",
@@ -66,8 +78,17 @@ def add_ray_extract_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0"
     )
-    group.add_argument("--num-cpus-per-actor", type=float, default=1.0)
-    group.add_argument("--batch-size", type=int, default=16, help="documents an actor extracts together")
+    group.add_argument(
+        "--num-cpus-per-actor", type=float, help=f"default: {DEFAULT_NUM_CPUS_PER_ACTOR:g}"
+    )
+    group.add_argument(
+        "--batch-size", type=int, help=f"documents an actor extracts together (default: {DEFAULT_BATCH_SIZE})"
+    )
+
+
+def ray_flags_given(args: argparse.Namespace) -> list[str]:
+    """The --ray flags set in `args` (a mistake without --ray: they would do nothing)."""
+    return [flag for dest, flag in RAY_EXTRACT_FLAGS.items() if getattr(args, dest, None) is not None]
 
 
 def _resources(args: argparse.Namespace) -> tuple[int, float]:
@@ -84,25 +105,25 @@ def _resources(args: argparse.Namespace) -> tuple[int, float]:
 
 
 def run_extract_ray(args: argparse.Namespace) -> int:
-    """Exit status: 0 all files extracted, 1 some files got error lines, 2 bad arguments."""
+    """Exit status: 0 all files extracted, 1 some files got error lines. A bad argument is a
+    `ConfigError` (status 2 from `glmv extract`), raised before Ray starts."""
     require_ray()
-    from glmv.cli.extract import RecordWriter, load_done, spec_of
-    from glmv.errors import GlmvError
+    from glmv.errors import ConfigError, GlmvError
     from glmv.ray.extract_worker import ExtractJob
+    from glmv.tasks.batch_extract import RecordWriter, load_done, spec_of
     from glmv.tasks.documents import collect_files, display_path, resume_key
 
     if args.server:
-        print("error: --server does not apply here: the actors run the model", file=sys.stderr)
-        return 2
-    if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
-        print("error: --batch-size and --num-actors must be >= 1", file=sys.stderr)
-        return 2
-    job = ExtractJob.from_args(args)
-    try:  # a bad schema fails here, once, rather than in every actor
+        raise ConfigError("--server does not apply with --ray: the actors run the model; leave one of them out")
+    batch_size = args.batch_size if args.batch_size is not None else DEFAULT_BATCH_SIZE
+    cpus_per_actor = args.num_cpus_per_actor if args.num_cpus_per_actor is not None else DEFAULT_NUM_CPUS_PER_ACTOR
+    if batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
+        raise ConfigError("--batch-size and --num-actors must be >= 1")
+    job = ExtractJob.from_args(args)  # a bad --schema: ConfigError
+    try:  # a schema the grammar cannot enforce fails here, once, rather than in every actor
         spec_of(job.label, job.schema, job.instructions)
     except GlmvError as exc:
-        print(f"error: --schema: {exc.message}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--schema: {exc.message}") from None
     files = collect_files(args.files)
     done = load_done(args.out, retry_errors=args.retry_errors)
     done_keys = {resume_key(source) for source in done}
@@ -128,14 +149,14 @@ def run_extract_ray(args: argparse.Namespace) -> int:
         actors, gpus = _resources(args)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # glmv's own bar counts files
-        blocks = max(1, min(len(todo) // args.batch_size + (len(todo) % args.batch_size > 0), 100_000))
+        blocks = max(1, min(len(todo) // batch_size + (len(todo) % batch_size > 0), 100_000))
         dataset = ray.data.from_items([{"source": s} for s in todo], override_num_blocks=blocks).map_batches(
             ExtractActor,
             fn_constructor_kwargs={"job": job},
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=args.num_cpus_per_actor,
+            num_cpus=cpus_per_actor,
             num_gpus=gpus,
         )
         wanted = {display_path(s) for s in todo}  # records name their file as `glmv extract` does
@@ -159,20 +180,10 @@ def run_extract_ray(args: argparse.Namespace) -> int:
         ray.shutdown()
     missing = len(wanted) - len(written)
     if missing:
-        print(f"error: {missing} files got no result; run again to finish them", file=sys.stderr)
-        return 1
+        raise GlmvError(f"{missing} files got no result; run again to finish them")
     return 1 if failures else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="glmv-ray-extract", description="glmv extract on a Ray cluster (Ray Data, one engine per actor)."
-    )
-    add_ray_extract_arguments(parser)
-    from glmv.cli.errors import reporting_errors
-
-    return reporting_errors("glmv-ray-extract")(run_extract_ray)(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print("python -m glmv.ray.data: error: run `glmv extract --ray ...` instead (the same flags)", file=sys.stderr)
+    raise SystemExit(2)

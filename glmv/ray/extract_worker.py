@@ -3,7 +3,7 @@
 `DocumentExtractor(job)` starts the service (and its engine) once and keeps it across batches;
 `extract(sources)` runs a batch of files through it (all of them in flight together, the engine
 batches them) and returns one record per file, exactly the records `glmv extract` writes
-(`glmv.cli.extract.extract_record`: the extraction task of `glmv.tasks.extraction`).
+(`glmv.tasks.batch_extract.extract_record`: the extraction task of `glmv.tasks.extraction`).
 `ExtractJob` is the picklable description the driver ships to every actor.
 """
 
@@ -25,7 +25,7 @@ class ExtractJob:
 
     label: str
     schema: dict[str, Any]
-    model: str | None = None
+    model: str | None = None  # None: the embedded default, resolved on each actor's own node
     dtype: str = "auto"
     max_model_len: int | None = None
     engine_mode: str | None = None
@@ -38,9 +38,9 @@ class ExtractJob:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExtractJob:
-        from glmv.cli.extract import schema_arg
+        from glmv.tasks.batch_extract import parse_schema
 
-        label, schema = schema_arg(args.schema)
+        label, schema = parse_schema(args.schema)
         return cls(
             label=label,
             schema=schema,
@@ -61,12 +61,14 @@ class DocumentExtractor:
     """The service of one actor and the extraction it runs (schema and prompt)."""
 
     def __init__(self, job: ExtractJob) -> None:
-        from glmv.cli.extract import extraction_service, spec_of
+        from glmv.models.defaults import default_model_dir
+        from glmv.tasks.batch_extract import extraction_service, spec_of
 
         self.job = job
         self.spec = spec_of(job.label, job.schema, job.instructions)
         self.service = extraction_service(
-            model=job.model,
+            # The embedded tiny checkpoint is made in this node's own cache (not the driver's).
+            model=job.model or str(default_model_dir()),
             dtype=job.dtype,
             max_model_len=job.max_model_len,
             engine_mode=job.engine_mode,
@@ -80,7 +82,7 @@ class DocumentExtractor:
         return asyncio.run(self._extract(sources))
 
     async def _extract(self, sources: Sequence[str]) -> list[dict[str, Any]]:
-        from glmv.cli.extract import extract_record
+        from glmv.tasks.batch_extract import extract_record
 
         job = self.job
         return list(

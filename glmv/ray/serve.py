@@ -152,7 +152,7 @@ class GlmvServer:
         self._replica_header = [(REPLICA_HEADER.encode(), self.replica_id.encode())]
         if not settings.model:
             # The embedded tiny checkpoint, made in this node's own cache (not the driver's).
-            from glmv.cli.defaults import default_model_dir
+            from glmv.models.defaults import default_model_dir
 
             settings.model = str(default_model_dir())  # this replica's own copy of the settings
         # Built here, on the replica, so the engine lives in this process (and on its GPU).

@@ -2,7 +2,7 @@
 moderation), health, readiness and Prometheus endpoints, the guardrails and the web chat page.
 
 The routes are thin adapters: protocol validation, then the generation service of `glmv.tasks`,
-then JSON or SSE. Start it with `glmv serve` (`glmv.cli.serve`; settings in
+then JSON or SSE. Start it with `glmv serve` (the command line; settings in
 `glmv.server.settings`), or build the ASGI app yourself with
 `glmv.server.app.create_app(settings)` (optionally over a started `EngineClient`).
 """

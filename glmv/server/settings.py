@@ -14,7 +14,8 @@ a `Settings` field of the same name, type and default, and so a flag, a variable
 (`ENGINE_FLAGS` adds help texts and choices). `service_config(model_dir)` builds the one
 `ServiceConfig` (with its `EngineConfig`) that the server and its engine are made from.
 
-`glmv serve` itself (loading, serving, draining on SIGTERM) is `glmv.cli.serve`.
+`glmv serve` itself (loading, serving, draining on SIGTERM) is a command of the command line,
+above this layer.
 """
 
 from __future__ import annotations

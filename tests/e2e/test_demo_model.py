@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from glmv.cli.defaults import DEMO_MODEL_NAME, demo_model_dir
+from glmv.models.defaults import DEMO_MODEL_NAME, demo_model_dir
 from glmv.synth import Augment, FontsMissingError, SyntheticDocument, generate
 from tests.e2e.conftest import free_port
 

@@ -1,4 +1,4 @@
-"""`glmv extract` on Ray Data: 200 generated images on 2 actors, the driver killed (-9) halfway and
+"""`glmv extract --ray` (Ray Data): 200 generated images on 2 actors, the driver killed (-9) halfway and
 run again; every file ends up with exactly one line."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_extraction_on_two_actors_every_file_once_and_resumable_after_kill(
     docs = make_documents(tmp_path / "docs", 200, seed=7)
     out = tmp_path / "out.jsonl"
     cmd = [
-        sys.executable, "-m", "glmv.ray.data", str(tmp_path / "docs"),
+        sys.executable, "-m", "glmv", "extract", "--ray", str(tmp_path / "docs"),
         "--schema", SCHEMA, "--out", str(out), "--model", str(ray_model_dir), "--max-tokens", "8",
         "--num-actors", "2", "--num-cpus-per-actor", "0.5", "--batch-size", "8",
         "--ray-address", ray_cluster, "--no-progress",
