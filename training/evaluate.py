@@ -140,38 +140,47 @@ def _max_tokens(item: EvalItem) -> int:
 
 
 def run_glmv(items: list[EvalItem], model: str, dtype: str, progress: bool = True) -> list[str]:
-    """glmv's engine in this process: extraction with the schema grammar, as /v1/extract serves it."""
-    from tqdm import tqdm
-
-    from glmv.engine.sampling import SamplingParams
-    from glmv.engine.structured import json_schema_output
+    """glmv's offline `LLM` in this process: extraction with the schema grammar, as /v1/extract
+    serves it. Items that share sampling settings (the task, and the schema of an extraction) are
+    submitted together and batched by the engine."""
     from glmv.tasks.llm import LLM
+    from glmv.tasks.structured import json_schema_output
+    from glmv.tasks.types import SamplingParams
 
     llm = LLM(model, dtype=dtype, max_model_len=4096)
-    engine = llm.engine
-    texts: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, item in enumerate(items):
-        structured = None
-        if item.task == "extract":
-            schema = BUILTIN_SCHEMAS[item.key].schema
-            structured = (
-                json_schema_output(schema, param="schema").with_thinking(False).with_close_on_budget()
+        groups.setdefault((item.task, item.key if item.task == "extract" else ""), []).append(i)
+    answers = [""] * len(items)
+    try:
+        for (task, schema_name), indices in groups.items():
+            structured = None
+            if task == "extract":
+                schema = BUILTIN_SCHEMAS[schema_name].schema
+                structured = (
+                    json_schema_output(schema, param="schema").with_thinking(False).with_close_on_budget()
+                )
+            params = SamplingParams(
+                temperature=0.0, max_tokens=_max_tokens(items[indices[0]]), structured=structured
             )
-        params = SamplingParams(temperature=0.0, max_tokens=_max_tokens(item), structured=structured)
-        content = [{"type": "image"}, {"type": "text", "text": item.prompt}]
-        image = item.document().image
-        request = llm.inputs.build(
-            f"eval-{i}", [{"role": "user", "content": content}], llm.inputs.preprocess([image]), params
-        )
-        engine.add_request(request)
-        texts[f"eval-{i}"] = []
-    with tqdm(total=len(items), desc="eval", disable=not progress) as bar:
-        while engine.has_unfinished():
-            for out in engine.step():
-                texts[out.request_id].extend(d.text for d in out.deltas)
-                if out.finished:
-                    bar.update(1)
-    return ["".join(texts[f"eval-{i}"]) for i in range(len(items))]
+            conversations = [
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": items[i].document().image},
+                            {"type": "text", "text": items[i].prompt},
+                        ],
+                    }
+                ]
+                for i in indices
+            ]
+            results = llm.chat(conversations, params, use_tqdm=progress)
+            for i, result in zip(indices, results, strict=True):
+                answers[i] = result.outputs[0].text if result.outputs else ""
+    finally:
+        llm.close()
+    return answers
 
 
 def _data_url(item: EvalItem) -> str:
