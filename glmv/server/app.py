@@ -29,6 +29,7 @@ from glmv.server.chat import ChatHandler
 from glmv.server.errors import install_error_handlers, internal_error_response
 from glmv.server.extract import install_extract_routes
 from glmv.server.http_limits import BodyReadMiddleware
+from glmv.server.json_body import JsonRoute
 from glmv.server.metrics import CONTENT_TYPE, EngineSource, ServerMetrics
 from glmv.server.moderation import install_moderation_routes
 from glmv.server.protocol import (
@@ -197,6 +198,7 @@ def create_app(
         version=getattr(glmv, "__version__", "0"),
         lifespan=lifespan,
     )
+    app.router.route_class = JsonRoute  # large JSON bodies parsed with msgspec (json_body.py)
     app.state.glmv = state
     install_error_handlers(app)
     chat = ChatHandler(state)
