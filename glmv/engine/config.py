@@ -48,6 +48,11 @@ class EngineConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Schedule and launch step N+1 while step N still runs on the device; the sampled ids of step
+    # N feed step N+1 there. Outputs are the same as with it off (synchronous: each step's results
+    # are applied before the next one is scheduled). Steps that need the previous token on the
+    # host (structured output, penalties) run synchronously either way.
+    async_scheduling: bool = True
     encoder_cache_mb: int = 512
     seed: int | None = None
     # "process": the scheduler, runner and sampler run in their own process(es), reached over

@@ -74,6 +74,11 @@ ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "enable_cuda_graphs": ("capture CUDA graphs for decode steps (GPU only)", None),
     "block_size": ("tokens per KV-cache block", None),
     "enable_prefix_caching": ("reuse the KV cache of shared prompt prefixes (and images)", None),
+    "async_scheduling": (
+        "prepare the next engine step on the host while the device runs the current one "
+        "(same outputs; off: one step at a time)",
+        None,
+    ),
     "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
     "seed": ("seed of the default random generator", None),
     "engine_mode": (
