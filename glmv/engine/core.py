@@ -167,6 +167,10 @@ class EngineCore:
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
         self._grammar_lock = threading.Lock()
         self._in_flight: _Launched | None = None  # asynchronous scheduling: the step on the device
+        # Steps launched while the one before was still in flight, and steps in flight that had to
+        # be applied before the next was scheduled (see `_can_overlap`).
+        self.num_overlapped_steps = 0
+        self.num_synchronized_steps = 0
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -425,10 +429,13 @@ class EngineCore:
         outputs: list[CoreOutput] = []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and not self._can_overlap(previous):
+            self.num_synchronized_steps += 1
             outputs += self._apply(previous)
             previous = None
         scheduled = self.schedule()
         launched = _Launched(scheduled, self.launch(scheduled)) if scheduled.chunks else None
+        if launched is not None and previous is not None:
+            self.num_overlapped_steps += 1
         if previous is not None:
             outputs += self._apply(previous)
         if launched is not None:
