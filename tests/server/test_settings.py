@@ -160,3 +160,10 @@ def test_engine_flags_are_the_engine_config_fields() -> None:
         load("--data-parallel-size", "0")
     with pytest.raises(ConfigError, match="no model"):
         load().service_config()
+
+
+def test_async_scheduling_reaches_the_engine_config() -> None:
+    assert load().engine_config("m").async_scheduling is True  # EngineConfig's default
+    assert load("--no-async-scheduling").engine_config("m").async_scheduling is False
+    assert load(env={"GLMV_ASYNC_SCHEDULING": "false"}).engine_config("m").async_scheduling is False
+    assert load("--async-scheduling", env={"GLMV_ASYNC_SCHEDULING": "0"}).async_scheduling is True
