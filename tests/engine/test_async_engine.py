@@ -240,3 +240,26 @@ def test_failed_image_fails_alone(tiny41_dir: Path, async_scheduling: bool) -> N
     res = drive(engine, [good, bad], arrivals=[0, 2])
     assert len(res[0]["tokens"][0]) == 6 and res[0]["finish"][0] == ("length", None)
     assert res[1]["error"] is not None and res[1]["finish"][0][0] == "error"
+
+
+def test_device_benchmark_measures_batch1_decode_both_ways(tiny41_dir: Path) -> None:
+    """The GPU benchmark's batch-1 decode measurement, run on the CPU: it switches the mode between
+    runs, restores it, and both runs give the same tokens (its timings are not checked here)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "device_engine.py"
+    spec = importlib.util.spec_from_file_location("device_engine_under_test", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    engine, builder = make_engine(tiny41_dir)
+    msgs = [{"role": "user", "content": "Read the invoice aloud."}]
+
+    def make(rid: str) -> EngineRequest:
+        return builder.build(rid, msgs, [], SamplingParams(max_tokens=12, **GREEDY))
+
+    ms_async, tokens_async = bench.decode_ms_per_token(engine, make, True)
+    ms_sync, tokens_sync = bench.decode_ms_per_token(engine, make, False)
+    assert len(tokens_async) == 12 and tokens_async == tokens_sync
+    assert ms_async >= 0.0 and ms_sync >= 0.0
+    assert engine.config.async_scheduling is True and not engine.core.step_in_flight
