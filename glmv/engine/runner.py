@@ -294,10 +294,11 @@ class ModelRunner:
 
         n = len(token_ids)
         ids = self._h2d(torch.tensor(token_ids, dtype=torch.int64))
-        if fill_rows:
+        if fill_rows:  # a gather and a scatter on the device: nothing waits for the previous step
             assert prev_tokens is not None
             src = self._h2d(torch.tensor(fill_from, dtype=torch.int64))
-            ids[self._h2d(torch.tensor(fill_rows, dtype=torch.int64))] = prev_tokens[src]
+            dst = self._h2d(torch.tensor(fill_rows, dtype=torch.int64))
+            ids.index_copy_(0, dst, prev_tokens.index_select(0, src))
         pos = self._h2d(torch.cat(positions, dim=1))
         if self.graphs is not None and not image_rows and n == len(chunks) and self.graphs.fits(n):
             hidden = self._decode_with_graph(chunks, ids, pos)  # pragma: no cover - CUDA only
@@ -357,7 +358,7 @@ class ModelRunner:
             if c.samples:
                 last_rows.append(cursor - 1)
         if last_rows != list(range(hidden.shape[0])):  # unless every row is a sampling decode
-            hidden = hidden[self._h2d(torch.tensor(last_rows, dtype=torch.int64))]
+            hidden = hidden.index_select(0, self._h2d(torch.tensor(last_rows, dtype=torch.int64)))
         logits = self.model.compute_logits(hidden)
         # A row with non-finite logits fails when the results arrive; it is sampled anyway, so
         # that the step needs no read-back here.
