@@ -175,7 +175,7 @@ def set_async_scheduling(engine: LLMEngine, on: bool) -> None:
     assert not engine.core.has_unfinished()
     while engine.core.step_in_flight:  # the last step of the previous run, if still on the device
         engine.core.step()
-    engine.core.config.async_scheduling = on
+    engine.core.async_scheduling = on
 
 
 def decode_ms_per_token(
@@ -183,7 +183,7 @@ def decode_ms_per_token(
 ) -> tuple[float, list[int]]:
     """Median gap between consecutive tokens of one request decoding alone (batch 1), with
     asynchronous scheduling on or off; and the request's token ids (the same either way)."""
-    before = engine.core.config.async_scheduling
+    before = engine.core.async_scheduling
     set_async_scheduling(engine, async_scheduling)
     try:
         rid = f"b1-{'async' if async_scheduling else 'sync'}"
@@ -293,6 +293,7 @@ def full_size(tmp: Path, quick: bool) -> None:
     # 4. 64 concurrent (asynchronous scheduling; with --sync-throughput also the synchronous loop).
     n_req = 16 if quick else 64
     modes = (True, False) if SYNC_THROUGHPUT else (True,)
+    default = engine.core.async_scheduling
     tps = 0.0
     for on in modes:
         set_async_scheduling(engine, on)
@@ -311,7 +312,7 @@ def full_size(tmp: Path, quick: bool) -> None:
             f"{rate:.0f} tok/s",
             "(target >= 2000 over HTTP)",
         )
-    set_async_scheduling(engine, True)
+    set_async_scheduling(engine, default)
     del engine
     torch.cuda.empty_cache()
     ROWS.append(("_tps", str(tps), ""))

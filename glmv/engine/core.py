@@ -8,15 +8,15 @@ to end a choice whose text hit a stop string (`stop_seq`).
 
 A step is three parts: `schedule` (which tokens of which sequences), `launch` (images, forward
 pass, sampling, queued on the device) and `update` (apply the sampled tokens, finish sequences,
-collect outputs). With `async_scheduling` (the default) `step` overlaps them: it schedules and
-launches step N+1 while step N still runs on the device, then waits for step N's sampled ids
-(only those) and applies them, so the host work between two device steps hides behind the device
-work. The scheduler counts step N's tokens as placeholders, and the runner feeds them to step N+1
-on the device. A step whose sequences need step N's token on the host (structured output: the
-grammar mask; penalties: the history), or whose launch already failed, is applied before the next
-one is scheduled, as in the synchronous loop (`async_scheduling=False`, every step). Either way
-the outputs are the same; requests aborted or stopped while a step is in flight simply have their
-part of it ignored.
+collect outputs). With asynchronous scheduling (the default on CUDA) `step` overlaps them: it
+schedules and launches step N+1 while step N still runs on the device, then waits for step N's
+sampled ids (only those) and applies them, so the host work between two device steps hides
+behind the device work. The scheduler counts step N's tokens as placeholders, and the runner
+feeds them to step N+1 on the device. A step whose sequences need step N's token on the host
+(structured output: the grammar mask; penalties: the history), or whose launch already failed,
+is applied before the next one is scheduled, as in the synchronous loop (every step with it off,
+the CPU's default). Either way the outputs are the same; requests aborted or stopped while a step
+is in flight simply have their part of it ignored.
 
 The same core runs on a thread of the API process (in-process mode, via `LLMEngine`) or in its own
 process (`glmv.engine.core_proc`).
@@ -166,6 +166,7 @@ class EngineCore:
         self.num_generated_tokens = 0
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
         self._grammar_lock = threading.Lock()
+        self.async_scheduling = config.uses_async_scheduling(self.model.device.type)
         self._in_flight: _Launched | None = None  # asynchronous scheduling: the step on the device
         # Steps launched while the one before was still in flight, and steps in flight that had to
         # be applied before the next was scheduled (see `_can_overlap`).
@@ -439,7 +440,7 @@ class EngineCore:
         if previous is not None:
             outputs += self._apply(previous)
         if launched is not None:
-            if self.config.async_scheduling:
+            if self.async_scheduling:
                 self._in_flight = launched
             else:
                 outputs += self._apply(launched)
@@ -454,7 +455,7 @@ class EngineCore:
         """Whether the next step may be scheduled before `launched` is applied: not when its
         launch failed, nor when a sequence it samples needs that token on the host to go on."""
         pending = launched.pending
-        if isinstance(pending, Exception) or pending.result.failed:
+        if not self.async_scheduling or isinstance(pending, Exception) or pending.result.failed:
             return False
         for chunk in launched.scheduled.chunks:
             if not chunk.samples:
