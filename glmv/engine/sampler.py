@@ -47,7 +47,7 @@ class SampledBatch:
     of finite logits along with the ids, so it comes back in the same copy."""
 
     token_ids: torch.Tensor  # [B] int64, on the logits' device
-    top_k: list[int | None]  # per row: alternatives wanted (None: no logprobs)
+    num_alternatives: list[int | None]  # per row: top logprobs wanted (None: no logprobs)
     logprobs: torch.Tensor | None = None  # [B] logprob of each chosen token
     top_ids: torch.Tensor | None = None  # [B, K] best alternatives (K = the largest k asked)
     top_logprobs: torch.Tensor | None = None  # [B, K]
@@ -85,7 +85,7 @@ class SampledBatch:
             lps = lp_t.tolist()
             top_ids = top_ids_t.tolist() if top_ids_t is not None else None
             top_lps = top_lp_t.tolist() if top_lp_t is not None else None
-            for i, k in enumerate(self.top_k):
+            for i, k in enumerate(self.num_alternatives):
                 if k is None:
                     continue
                 out[i].logprob = lps[i]
@@ -195,11 +195,11 @@ def sample_batch(
         gen = row.generator if row.generator is not None else default_generator
         noise = torch.empty_like(probs).exponential_(generator=gen)
         chosen[i] = (probs / noise).argmax()
-    top_k = [row.params.logprobs for row in rows]
-    batch = SampledBatch(chosen, top_k, finite=finite)
+    wanted = [row.params.logprobs for row in rows]
+    batch = SampledBatch(chosen, wanted, finite=finite)
     if raw_logprobs is not None:
         batch.logprobs = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        k_max = max(k for k in top_k if k is not None)
+        k_max = max(k for k in wanted if k is not None)
         if k_max > 0:
             batch.top_logprobs, batch.top_ids = raw_logprobs.topk(k_max, dim=-1)
     batch.start_copy()

@@ -17,6 +17,8 @@ One unified step, in the manner of vLLM v1. Every sequence has `num_computed_tok
 
 After the model ran, `postprocess` advances the computed counts, registers newly full blocks in
 the prefix cache, appends the sampled tokens and finishes sequences on eos / stop tokens / length.
+The oldest running sequence is never preempted by others; it waits at most for the decodes behind
+it, whose number cannot grow while it waits (nothing is admitted then). So every sequence finishes.
 
 Asynchronous scheduling: the engine may schedule step N+1 before it calls `postprocess` for step N
 (whose tokens are still on the device). A chunk counts its tokens as in flight on its sequence, and
@@ -29,8 +31,6 @@ chunks of finished sequences, so that token is never appended and the blocks are
 sequence preempted while its step was in flight keeps that step's token (its KV is recomputed
 later, the token is not drawn again), and is not readmitted before that step was applied. With
 nothing in flight, all of this reduces to the synchronous loop.
-The oldest running sequence is never preempted by others; it waits at most for the decodes behind
-it, whose number cannot grow while it waits (nothing is admitted then). So every sequence finishes.
 """
 
 from __future__ import annotations
