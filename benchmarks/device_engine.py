@@ -7,11 +7,14 @@
 2. Greedy tokens of the tiny checkpoint on CUDA (Triton + CUDA graphs) vs the CPU reference path.
 3. The full-size GLM-4.6V-Flash shape with random weights (a weightless checkpoint, drawn on the
    GPU), bf16, through glmv's engine:
-   - batch-1 decode ms/token vs the floor (LM bytes per step / copy bandwidth measured here);
+   - batch-1 decode ms/token vs the floor (LM bytes per step / copy bandwidth measured here),
+     with asynchronous scheduling on (the default) and off, and the tokens of both compared;
    - TTFT for one 1120x1120 image + 32 text tokens, idle;
    - second turn about the same image: TTFT vs the first;
    - 64 concurrent requests, each its own 1120x1120 image + 64 text tokens, 256 output tokens;
    - transformers on a slice of the same workload (batch 8) for the ratio.
+4. With --http: `glmv serve` on the same checkpoint; TTFT, batch-1 decode over HTTP (vs the graph
+   replay time) and 64 concurrent streams (vs the engine figure: HTTP keeps >= 95 %).
 Prints a table last.
 """
 
@@ -23,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from glmv.models.tiny import create_tiny_model
 
 ROWS: list[tuple[str, str, str]] = []
 PROFILE = False
+SYNC_THROUGHPUT = False
 
 
 def row(name: str, value: str, target: str = "") -> None:
@@ -146,8 +151,11 @@ def image_request(
     return EngineRequest(rid, ids, params, [image])
 
 
-def run_requests(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[float]]:
-    """Submit together; per request the wall time of every token's arrival (first = TTFT)."""
+def run_requests(
+    engine: LLMEngine, reqs: list[EngineRequest], tokens: dict[str, list[int]] | None = None
+) -> dict[str, list[float]]:
+    """Submit together; per request the wall time of every token's arrival (first = TTFT).
+    `tokens`, when given, collects each request's token ids."""
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
     for r in reqs:
@@ -157,7 +165,34 @@ def run_requests(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list
             now = time.perf_counter() - t0
             for d in out.deltas:
                 times[out.request_id].extend([now] * len(d.token_ids))
+                if tokens is not None:
+                    tokens.setdefault(out.request_id, []).extend(d.token_ids)
     return times
+
+
+def set_async_scheduling(engine: LLMEngine, on: bool) -> None:
+    """Switch the engine's asynchronous scheduling between runs (it is read at every step)."""
+    assert not engine.core.has_unfinished()
+    while engine.core.step_in_flight:  # the last step of the previous run, if still on the device
+        engine.core.step()
+    engine.core.async_scheduling = on
+
+
+def decode_ms_per_token(
+    engine: LLMEngine, make_request: Callable[[str], EngineRequest], async_scheduling: bool
+) -> tuple[float, list[int]]:
+    """Median gap between consecutive tokens of one request decoding alone (batch 1), with
+    asynchronous scheduling on or off; and the request's token ids (the same either way)."""
+    before = engine.core.async_scheduling
+    set_async_scheduling(engine, async_scheduling)
+    try:
+        rid = f"b1-{'async' if async_scheduling else 'sync'}"
+        tokens: dict[str, list[int]] = {}
+        times = run_requests(engine, [make_request(rid)], tokens)[rid]
+    finally:
+        set_async_scheduling(engine, before)
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+    return statistics.median(gaps), tokens[rid]
 
 
 def full_size(tmp: Path, quick: bool) -> None:
@@ -180,24 +215,35 @@ def full_size(tmp: Path, quick: bool) -> None:
     # Warm-up (and prefix cache off for the timing requests by using fresh image hashes).
     run_requests(engine, [image_request("warm", 999, 32, 8, image_id)])
 
-    # 1. batch-1 decode.
-    times = run_requests(engine, [image_request("b1", 1, 32, 257, image_id)])["b1"]
-    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
-    tpot = statistics.median(gaps)
+    # 1. batch-1 decode, asynchronous scheduling on (the default) and off, same request.
+    def b1_request(rid: str) -> EngineRequest:
+        return image_request(rid, 1, 32, 257, image_id)
+
+    tpot, tokens_async = decode_ms_per_token(engine, b1_request, True)
+    tpot_sync, tokens_sync = decode_ms_per_token(engine, b1_request, False)
     kv_bytes = (1640 + 128) * 40 * 1024
     floor = (lm_bytes + kv_bytes) / bw
     row("copy bandwidth", f"{bw / 1e12:.2f} TB/s")
     row(
-        "batch-1 decode ms/token (median step)",
+        "batch-1 decode ms/token (median step), async scheduling",
         f"{tpot * 1e3:.2f} ms",
         f"floor {floor * 1e3:.2f} ms -> {tpot / floor:.2f}x floor (target <= 1.15x)",
     )
+    row(
+        "batch-1 decode ms/token (median step), synchronous loop",
+        f"{tpot_sync * 1e3:.2f} ms",
+        f"async saves {(tpot_sync - tpot) * 1e3:.2f} ms/token; same tokens: {tokens_async == tokens_sync}",
+    )
+    ROWS.append(("_b1_ms", str(tpot * 1e3), ""))
 
     # GPU time of one decode graph replay (no Python around it), for the CPU-overhead split.
     for b in (1, 64):
         replay = decode_replay_ms(engine, b)
         if replay is not None:
             row(f"decode graph replay alone, batch {b} (GPU time)", f"{replay:.2f} ms")
+            if b == 1:
+                ROWS.append(("_replay_ms", str(replay), ""))
+                row("batch-1 host overhead per token (async step - replay)", f"{tpot * 1e3 - replay:.2f} ms")
 
     # 2. TTFT idle, 3 fresh images.
     ttfts = [
@@ -244,19 +290,29 @@ def full_size(tmp: Path, quick: bool) -> None:
             )
             pstats.Stats(pr).sort_stats("tottime").print_stats(12)
 
-    # 4. 64 concurrent.
+    # 4. 64 concurrent (asynchronous scheduling; with --sync-throughput also the synchronous loop).
     n_req = 16 if quick else 64
-    reqs = [image_request(f"c{i}", 100 + i, 64, 256, image_id) for i in range(n_req)]
-    t = time.perf_counter()
-    times_all = run_requests(engine, reqs)
-    elapsed = time.perf_counter() - t
-    total = sum(len(v) for v in times_all.values())
-    tps = total / elapsed
-    row(
-        f"{n_req} concurrent image requests x 256 tokens: output tok/s (engine)",
-        f"{tps:.0f} tok/s",
-        "(target >= 2000 over HTTP)",
-    )
+    modes = (True, False) if SYNC_THROUGHPUT else (True,)
+    default = engine.core.async_scheduling
+    tps = 0.0
+    for on in modes:
+        set_async_scheduling(engine, on)
+        tag = "" if on else "s"
+        reqs = [image_request(f"c{tag}{i}", 100 + i + (0 if on else 1000), 64, 256, image_id) for i in range(n_req)]
+        t = time.perf_counter()
+        times_all = run_requests(engine, reqs)
+        elapsed = time.perf_counter() - t
+        total = sum(len(v) for v in times_all.values())
+        rate = total / elapsed
+        if on:
+            tps = rate
+        row(
+            f"{n_req} concurrent image requests x 256 tokens: output tok/s (engine, "
+            f"{'async scheduling' if on else 'synchronous loop'})",
+            f"{rate:.0f} tok/s",
+            "(target >= 2000 over HTTP)",
+        )
+    set_async_scheduling(engine, default)
     del engine
     torch.cuda.empty_cache()
     ROWS.append(("_tps", str(tps), ""))
@@ -328,6 +384,21 @@ def http_phase(tmp: Path) -> None:
                         n = chunk["usage"]["completion_tokens"]
             return ttft or 0.0, n
 
+        async def stream_gaps(client: httpx.AsyncClient, image_url: str, max_tokens: int) -> list[float]:
+            """Gaps between consecutive streamed chunks of one request (one token per chunk)."""
+            body = {
+                "model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}],
+            }  # fmt: skip
+            arrivals: list[float] = []
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
+                        arrivals.append(time.perf_counter())
+            return [b - a for a, b in itertools.pairwise(arrivals[1:])]
+
         async def main_async() -> None:
             async with httpx.AsyncClient(timeout=600) as client:
                 await one(client, url(9000), 4)
@@ -338,6 +409,11 @@ def http_phase(tmp: Path) -> None:
                     f"{statistics.median(ttfts) * 1e3:.1f} ms",
                     "(target <= 100 ms)",
                 )
+                gaps = await stream_gaps(client, url(9150), 257)
+                tpot = statistics.median(gaps) * 1e3
+                replay = [float(v) for k, v, _ in ROWS if k == "_replay_ms"]
+                vs = f"graph replay {replay[0]:.2f} ms -> +{tpot - replay[0]:.2f} ms (target <= +0.3)" if replay else ""
+                row("batch-1 decode ms/token over HTTP (median gap between streamed tokens)", f"{tpot:.2f} ms", vs)
                 urls = [url(9200 + i) for i in range(64)]
                 t0 = time.perf_counter()
                 done = await asyncio.gather(*(one(client, u, 256) for u in urls))
@@ -349,6 +425,13 @@ def http_phase(tmp: Path) -> None:
                     "(target >= 2000)",
                 )
                 ROWS.append(("_http_tps", str(total / elapsed), ""))
+                engine_tps = [float(v) for k, v, _ in ROWS if k == "_tps"]
+                if engine_tps:
+                    row(
+                        "HTTP / engine throughput (64 concurrent)",
+                        f"{total / elapsed / engine_tps[0] * 100:.1f} %",
+                        "(target >= 95 %)",
+                    )
 
         asyncio.run(main_async())
     finally:
@@ -409,9 +492,13 @@ def main() -> None:
     ap.add_argument("--http", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--sync-throughput", action="store_true", help="also measure the concurrent run with async scheduling off"
+    )
     args = ap.parse_args()
-    global PROFILE
+    global PROFILE, SYNC_THROUGHPUT
     PROFILE = args.profile
+    SYNC_THROUGHPUT = args.sync_throughput
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), torch.__version__, flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -205,13 +205,14 @@ class BlockManager:
         block.hash = block.parent_hash = block.key = None
 
     def _num_slots_missing(self, seq: Sequence, num_new_tokens: int) -> int:
-        return max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+        return max(0, self.blocks_needed(seq.num_scheduled_tokens + num_new_tokens) - len(seq.block_table))
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self._num_slots_missing(seq, num_new_tokens) <= self.num_free_blocks
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Grow the block table to cover positions up to `num_computed_tokens + num_new_tokens`."""
+        """Grow the block table to cover positions up to `num_scheduled_tokens + num_new_tokens`
+        (the computed tokens plus those of steps in flight, then the new ones)."""
         missing = self._num_slots_missing(seq, num_new_tokens)
         if missing > self.num_free_blocks:
             raise RuntimeError(

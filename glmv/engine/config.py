@@ -49,6 +49,12 @@ class EngineConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Schedule and launch step N+1 while step N still runs on the device; the sampled ids of step
+    # N feed step N+1 there. Outputs are the same as with it off (synchronous: each step's results
+    # are applied before the next one is scheduled). Steps that need the previous token on the
+    # host (structured output, penalties) run synchronously either way. None: see
+    # `uses_async_scheduling`.
+    async_scheduling: bool | None = None
     encoder_cache_mb: int = 512
     seed: int | None = None
     # "fp8": the large linear layers get per-channel FP8 weights at load (GPUs with FP8 tensor
@@ -61,6 +67,14 @@ class EngineConfig:
     data_parallel_size: int = 1
     # A core process that dies is restarted at most this many times in a row (see mp_client).
     max_core_restarts: int = 3
+
+    def uses_async_scheduling(self, device_type: str) -> bool:
+        """Whether the engine on a `device_type` device schedules asynchronously: as configured,
+        else on for CUDA and off elsewhere. On the CPU the kernels run on the engine's own thread,
+        so nothing would overlap and every step's tokens would only arrive one step later."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return device_type == "cuda"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):

@@ -6,11 +6,20 @@ values), finish reasons and the prompt/cache counts. It never produces text: det
 strings and logprob token text belong to the front end (`OutputProcessor`), which tells the core
 to end a choice whose text hit a stop string (`stop_seq`).
 
-A step is three methods so that the host work of the next step can later overlap the device work
-of this one: `schedule` (which tokens of which sequences), `execute` (images, forward pass,
-sampling) and `update` (apply the sampled tokens, finish sequences, collect outputs). The same core
-runs on a thread of the API process (in-process mode, via `LLMEngine`) or in its own process
-(`glmv.engine.core_proc`).
+A step is three parts: `schedule` (which tokens of which sequences), `launch` (images, forward
+pass, sampling, queued on the device) and `update` (apply the sampled tokens, finish sequences,
+collect outputs). With asynchronous scheduling (the default on CUDA) `step` overlaps them: it
+schedules and launches step N+1 while step N still runs on the device, then waits for step N's
+sampled ids (only those) and applies them, so the host work between two device steps hides
+behind the device work. The scheduler counts step N's tokens as placeholders, and the runner
+feeds them to step N+1 on the device. A step whose sequences need step N's token on the host
+(structured output: the grammar mask; penalties: the history), or whose launch already failed,
+is applied before the next one is scheduled, as in the synchronous loop (every step with it off,
+the CPU's default). Either way the outputs are the same; requests aborted or stopped while a step
+is in flight simply have their part of it ignored.
+
+The same core runs on a thread of the API process (in-process mode, via `LLMEngine`) or in its own
+process (`glmv.engine.core_proc`).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from glmv.engine.config import EngineConfig
 from glmv.engine.encoder_cache import EncoderCache
 from glmv.engine.messages import CoreOutput, SeqOutput, error_info
 from glmv.engine.request import EngineRequest, validate_request
-from glmv.engine.runner import ModelRunner, SeqInputs, StepResult, kv_bytes_per_block
+from glmv.engine.runner import ModelRunner, PendingStep, SeqInputs, StepResult, kv_bytes_per_block
 from glmv.engine.sampler import SampledToken
 from glmv.engine.scheduler import FINISH_ABORT, Scheduler, SchedulerOutput
 from glmv.engine.sequence import ImageSpan, Sequence
@@ -68,6 +77,14 @@ class _SeqState:
     seq: Sequence
     inputs: SeqInputs
     reported: bool = False  # its finish reason was sent (or the front end ended it)
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step queued on the device whose results are not applied yet."""
+
+    scheduled: SchedulerOutput
+    pending: PendingStep | Exception
 
 
 @dataclass(slots=True)
@@ -151,6 +168,12 @@ class EngineCore:
         self.num_generated_tokens = 0
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
         self._grammar_lock = threading.Lock()
+        self.async_scheduling = config.uses_async_scheduling(self.model.device.type)
+        self._in_flight: _Launched | None = None  # asynchronous scheduling: the step on the device
+        # Steps launched while the one before was still in flight, and steps in flight that had to
+        # be applied before the next was scheduled (see `_can_overlap`).
+        self.num_overlapped_steps = 0
+        self.num_synchronized_steps = 0
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -404,10 +427,56 @@ class EngineCore:
     # --- one step: schedule → execute → update ------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
+        """Schedule and launch the next step; apply the previous one (asynchronous scheduling) or
+        this one (synchronous); return the outputs of the step applied."""
+        outputs: list[CoreOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not self._can_overlap(previous):
+            self.num_synchronized_steps += 1
+            outputs += self._apply(previous)
+            previous = None
         scheduled = self.schedule()
-        if scheduled.is_empty:
-            return []
-        return self.update(scheduled, self.execute(scheduled))
+        launched = _Launched(scheduled, self.launch(scheduled)) if scheduled.chunks else None
+        if launched is not None and previous is not None:
+            self.num_overlapped_steps += 1
+        if previous is not None:
+            outputs += self._apply(previous)
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._apply(launched)
+        return outputs
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a launched step's results are still to be applied (asynchronous scheduling)."""
+        return self._in_flight is not None
+
+    def _can_overlap(self, launched: _Launched) -> bool:
+        """Whether the next step may be scheduled before `launched` is applied: not when its
+        launch failed, nor when a sequence it samples needs that token on the host to go on."""
+        pending = launched.pending
+        if not self.async_scheduling or isinstance(pending, Exception) or pending.result.failed:
+            return False
+        for chunk in launched.scheduled.chunks:
+            if not chunk.samples:
+                continue
+            state = self._seqs.get(chunk.seq.seq_id)
+            if state is not None and (state.inputs.grammar is not None or chunk.seq.params.uses_penalties):
+                return False
+        return True
+
+    def _apply(self, launched: _Launched) -> list[CoreOutput]:
+        result: StepResult | Exception
+        if isinstance(launched.pending, Exception):
+            result = launched.pending
+        else:
+            try:
+                result = launched.pending.wait()
+            except Exception as exc:
+                result = exc
+        return self.update(launched.scheduled, result)
 
     def schedule(self) -> SchedulerOutput:
         scheduled = self.scheduler.schedule()
@@ -418,29 +487,45 @@ class EngineCore:
                 req.first_scheduled_time = now
         return scheduled
 
-    def execute(self, scheduled: SchedulerOutput) -> StepResult | Exception:
-        """Run the model on a scheduled step; an exception is returned, not raised, so that
+    def launch(self, scheduled: SchedulerOutput) -> PendingStep | Exception:
+        """Queue the model on a scheduled step; an exception is returned, not raised, so that
         `update` fails only that step's requests and the core lives on."""
         inputs = {c.seq.seq_id: self._seqs[c.seq.seq_id].inputs for c in scheduled.chunks}
         try:
-            return self.runner.execute(scheduled.chunks, inputs)
+            return self.runner.launch(scheduled.chunks, inputs)
+        except Exception as exc:
+            return exc
+
+    def execute(self, scheduled: SchedulerOutput) -> StepResult | Exception:
+        """Run the model on a scheduled step and wait for its results (see `launch`)."""
+        pending = self.launch(scheduled)
+        if isinstance(pending, Exception):
+            return pending
+        try:
+            return pending.wait()
         except Exception as exc:
             return exc
 
     def update(self, scheduled: SchedulerOutput, result: StepResult | Exception) -> list[CoreOutput]:
+        # A sequence's state is gone once its request was aborted or finished (possibly while this
+        # step was in flight, and its request id may even be in use again): look it up by seq_id.
         if isinstance(result, Exception):  # the whole step failed: fail its requests
-            outputs = []
-            for rid in dict.fromkeys(c.seq.request_id for c in scheduled.chunks):
-                req = self._requests.get(rid)
-                if req is not None:
-                    req.error = EngineError(f"model execution failed: {result}")
-                    for s in req.seqs:
-                        self.scheduler.finish(s.seq, "error")
-                    outputs.append(self._collect(req))
-            return outputs
+            failed: dict[str, _RequestState] = {}
+            for chunk in scheduled.chunks:
+                state = self._seqs.get(chunk.seq.seq_id)
+                if state is not None:
+                    req = self._requests[state.seq.request_id]
+                    failed[req.request.request_id] = req
+            for req in failed.values():
+                req.error = EngineError(f"model execution failed: {result}")
+                for s in req.seqs:
+                    self.scheduler.finish(s.seq, "error")
+            return [self._collect(req) for req in failed.values()]
         self.images_encoded += result.encoded_images
         for seq_id, message in result.failed.items():
-            state = self._seqs[seq_id]
+            state = self._seqs.get(seq_id)
+            if state is None or state.reported:
+                continue
             req = self._requests[state.seq.request_id]
             req.error = EngineError(message, code="request_failed")
             self.scheduler.finish(state.seq, "error")

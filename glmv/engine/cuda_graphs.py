@@ -6,6 +6,10 @@ final norm) is captured once per batch-size bucket (1, 2, 4, 8, 16, 24, 32, … 
 lengths and block tables into those buffers and replays the bucket's graph. Rows beyond the real
 batch are padding: length 0 (the attention kernel skips them) and a scratch KV slot to write to.
 Prefill runs eagerly.
+
+Every copy into the buffers is queued without waiting (pinned host memory or device to device),
+so that the engine can launch a step while the previous one still runs; the one reused pinned
+buffer (the block tables) is rewritten only after its previous copy has happened.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class DecodeGraphs:
         )
         # What each host row holds: (sequence id, its preemption count, table length).
         self._row_state: list[tuple[int, int, int]] = [(-1, 0, 0)] * n
+        # Recorded after the last copy out of `_host_tables`: the host waits on it (not on the
+        # whole device queue) before it rewrites a row that copy may still read.
+        self._tables_copied: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -120,28 +127,38 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """Replay the smallest bucket that holds `len(ids)` sequences; hidden states `[B, hidden]`.
 
-        `row_keys` identify each row's table contents ((sequence id, preemption count)): a row is
-        rewritten only when its key or length changed since the previous step."""
+        `ids` and `positions` are on the device already. `row_keys` identify each row's table
+        contents ((sequence id, preemption count)): a row is rewritten only when its key or length
+        changed since the previous step."""
         b = ids.shape[0]
         size = next(s for s in self.sizes if s >= b)
         host = self._host_tables
-        for i, (table, key) in enumerate(zip(block_tables, row_keys, strict=True)):
-            state = (key[0], key[1], len(table))
-            if self._row_state[i] != state:  # a new sequence in this row, or a block appended
-                host[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-                host[i, len(table) :] = self.scratch_block
-                self._row_state[i] = state
-        for i in range(b, size):
-            if self._row_state[i] != (-1, 0, 0):
-                host[i] = self.scratch_block
-                self._row_state[i] = (-1, 0, 0)
+        changed = [
+            (i, table, (key[0], key[1], len(table)))
+            for i, (table, key) in enumerate(zip(block_tables, row_keys, strict=True))
+            if self._row_state[i] != (key[0], key[1], len(table))  # a new sequence, or a new block
+        ]
+        padding = [i for i in range(b, size) if self._row_state[i] != (-1, 0, 0)]
+        if (changed or padding) and self._tables_copied is not None:
+            self._tables_copied.synchronize()
+        for i, table, state in changed:
+            host[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            host[i, len(table) :] = self.scratch_block
+            self._row_state[i] = state
+        for i in padding:
+            host[i] = self.scratch_block
+            self._row_state[i] = (-1, 0, 0)
         self.block_tables[:size].copy_(host[:size], non_blocking=True)
+        self._tables_copied = torch.cuda.Event()
+        self._tables_copied.record()
         self.ids[:b].copy_(ids, non_blocking=True)
         self.positions[:, :b].copy_(positions, non_blocking=True)
         pad = size - b
         self.slots[:size].copy_(
-            torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.int64), non_blocking=True
+            torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.int64).pin_memory(), non_blocking=True
         )
-        self.seq_lens[:size].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        self.seq_lens[:size].copy_(
+            torch.tensor(seq_lens + [0] * pad, dtype=torch.int32).pin_memory(), non_blocking=True
+        )
         self.graphs[size].replay()
         return self.outputs[size][:b]

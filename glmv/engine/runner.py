@@ -4,6 +4,14 @@ For each step it lays the scheduled chunks end to end (token ids, 3-axis M-RoPE 
 block tables, slot mapping), encodes the images a prefill chunk needs (or takes their
 embeddings from the encoder cache), runs one forward pass over the paged KV cache and samples
 one token for every chunk that ends at its sequence's last token.
+
+`launch` queues all of that and returns a `PendingStep` at once: the sampled ids stay on the
+device and are copied back in the background, so the engine can schedule and launch the next
+step before this one ends (asynchronous scheduling). A decode whose input token is a placeholder
+(sampled by the step launched just before, not yet on the host) reads it from that step's ids on
+the device. Inputs go to the device through pinned memory without blocking; the waits that
+remain are where a value is needed on the host (an image's finiteness check, penalties).
+`execute` is `launch` followed by `PendingStep.wait`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 
 from glmv.engine.encoder_cache import EncoderCache
 from glmv.engine.request import ImageInput
-from glmv.engine.sampler import SampledToken, SampleRequest, sample
+from glmv.engine.sampler import SampledBatch, SampledToken, SampleRequest, sample_batch
 from glmv.engine.scheduler import ScheduledChunk
 from glmv.engine.structured import GrammarState, apply_masks, fill_masks
 from glmv.kernels.metadata import AttentionMetadata
@@ -40,6 +48,28 @@ class StepResult:
     sampled: dict[int, SampledToken] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)  # seq_id -> error message
     encoded_images: int = 0
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step: the failures known at launch, and its sampled ids on their way back."""
+
+    result: StepResult
+    seq_ids: list[int] = field(default_factory=list)  # the sequence of each sampled row
+    batch: SampledBatch | None = None
+
+    def wait(self) -> StepResult:
+        """The step's results on the host; waits for its own sampled ids only."""
+        if self.batch is not None:
+            tokens = self.batch.tokens()
+            finite = self.batch.finite_rows()
+            for j, (seq_id, token) in enumerate(zip(self.seq_ids, tokens, strict=True)):
+                if finite is not None and not finite[j]:
+                    self.result.failed[seq_id] = "the model produced non-finite logits"
+                else:
+                    self.result.sampled[seq_id] = token
+            self.batch = None
+        return self.result
 
 
 def decode_graph_inputs(
@@ -93,6 +123,17 @@ class ModelRunner:
         self.vocab_limit: int | None = None  # the tokenizer's vocabulary size, set by the engine
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.seed()
+        # The ids sampled by the step launched last (on the device) and the row of each sequence:
+        # where the next step's placeholder inputs come from.
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[int, int] = {}
+
+    def _h2d(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the model's device. On CUDA the copy goes through pinned memory without
+        blocking: a copy from pageable memory may wait for the whole device queue."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)  # pragma: no cover - CUDA
 
     def capture_cuda_graphs(self, *, max_batch: int, max_model_len: int) -> Any:  # pragma: no cover - CUDA
         """Capture decode graphs for batch buckets up to `max_batch`; returns a CaptureReport."""
@@ -203,17 +244,32 @@ class ModelRunner:
 
     # --- one step -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk], inputs: Mapping[int, SeqInputs]) -> StepResult:
+        """Run one step and wait for its results."""
+        return self.launch(chunks, inputs).wait()
+
+    @torch.inference_mode()
+    def launch(self, chunks: Sequence[ScheduledChunk], inputs: Mapping[int, SeqInputs]) -> PendingStep:
+        """Queue one step on the device; its sampled ids come back through the `PendingStep`."""
         result = StepResult()
+        prev_rows = self._prev_rows
+        prev_tokens = self._prev_tokens
+        self._prev_tokens, self._prev_rows = None, {}
         for chunk in chunks:
             self._ensure_positions(inputs[chunk.seq.seq_id], chunk.seq.num_prompt_tokens)
+            missing = chunk.end - max(chunk.start, chunk.seq.num_tokens)
+            # Only the token of the one step in flight can be pending, and only if that step
+            # sampled this sequence.
+            if missing > 1 or (missing == 1 and chunk.seq.seq_id not in prev_rows):
+                result.failed[chunk.seq.seq_id] = "the input token of this step is not available"
         embeddings = self._image_embeddings(chunks, inputs, result)
         chunks = [c for c in chunks if c.seq.seq_id not in result.failed]
         if not chunks:
-            return result
+            return PendingStep(result)
 
         token_ids: list[int] = []
+        fill_rows: list[int] = []  # rows whose input is a placeholder ...
+        fill_from: list[int] = []  # ... and its row in the previous step's sampled ids
         positions: list[torch.Tensor] = []
         image_rows: list[torch.Tensor] = []
         mask_ranges: list[tuple[int, int]] = []
@@ -223,6 +279,10 @@ class ModelRunner:
             si = inputs[seq.seq_id]
             start, end = chunk.start, chunk.start + chunk.num_tokens
             token_ids.extend(seq.token_ids[start:end])
+            if end > seq.num_tokens:  # the last input is the previous step's sampled token
+                fill_rows.append(offset + chunk.num_tokens - 1)
+                fill_from.append(prev_rows[seq.seq_id])
+                token_ids.append(0)
             positions.append(self._chunk_positions(chunk, si))
             for image in si.images:
                 lo, hi = max(start, image.offset), min(end, image.offset + image.length)
@@ -233,8 +293,13 @@ class ModelRunner:
             offset += chunk.num_tokens
 
         n = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.int64)
-        pos = torch.cat(positions, dim=1)
+        ids = self._h2d(torch.tensor(token_ids, dtype=torch.int64))
+        if fill_rows:  # a gather and a scatter on the device: nothing waits for the previous step
+            assert prev_tokens is not None
+            src = self._h2d(torch.tensor(fill_from, dtype=torch.int64))
+            dst = self._h2d(torch.tensor(fill_rows, dtype=torch.int64))
+            ids.index_copy_(0, dst, prev_tokens.index_select(0, src))
+        pos = self._h2d(torch.cat(positions, dim=1))
         if self.graphs is not None and not image_rows and n == len(chunks) and self.graphs.fits(n):
             hidden = self._decode_with_graph(chunks, ids, pos)  # pragma: no cover - CUDA only
         else:
@@ -251,14 +316,12 @@ class ModelRunner:
     def _forward_eager(
         self,
         chunks: Sequence[ScheduledChunk],
-        ids_cpu: torch.Tensor,
-        pos_cpu: torch.Tensor,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
         n: int,
         image_rows: list[torch.Tensor],
         mask_ranges: list[tuple[int, int]],
     ) -> torch.Tensor:
-        ids = ids_cpu.to(self.device, non_blocking=True)
-        pos = pos_cpu.to(self.device, non_blocking=True)
         meta = AttentionMetadata.build(
             query_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.start + c.num_tokens for c in chunks],
@@ -272,7 +335,7 @@ class ModelRunner:
             mask = torch.zeros(n, dtype=torch.bool)
             for lo, hi in mask_ranges:
                 mask[lo:hi] = True
-            image_mask = mask.to(self.device)
+            image_mask = self._h2d(mask)
         return self.model(ids, pos, self.kv_caches, meta, image_embeds, image_mask)
 
     def _sample(
@@ -281,42 +344,36 @@ class ModelRunner:
         hidden: torch.Tensor,
         inputs: Mapping[int, SeqInputs],
         result: StepResult,
-    ) -> StepResult:
-        sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
+    ) -> PendingStep:
+        sampling = [c for c in chunks if c.samples]
         if not sampling:
-            return result
+            return PendingStep(result)
         # Structured output: allowed-token masks of the constrained rows, filled on the host while
         # the forward pass may still run on the device.
-        grammar_masks = fill_masks([inputs[c.seq.seq_id].grammar for _, c in sampling])
+        grammar_masks = fill_masks([inputs[c.seq.seq_id].grammar for c in sampling])
         last_rows = []
         cursor = 0
         for c in chunks:
             cursor += c.num_tokens
             if c.samples:
                 last_rows.append(cursor - 1)
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        rows: list[SampleRequest] = []
-        keep: list[int] = []
-        for j, (_, c) in enumerate(sampling):
-            if not finite[j]:
-                result.failed[c.seq.seq_id] = "the model produced non-finite logits"
-                continue
-            keep.append(j)
-            rows.append(
-                SampleRequest(
-                    c.seq.params,
-                    c.seq.token_ids,
-                    c.seq.num_prompt_tokens,
-                    inputs[c.seq.seq_id].generator,
-                )
+        if last_rows != list(range(hidden.shape[0])):  # unless every row is a sampling decode
+            hidden = hidden.index_select(0, self._h2d(torch.tensor(last_rows, dtype=torch.int64)))
+        logits = self.model.compute_logits(hidden)
+        # A row with non-finite logits fails when the results arrive; it is sampled anyway, so
+        # that the step needs no read-back here.
+        finite = torch.isfinite(logits).all(dim=-1)
+        rows = [
+            SampleRequest(
+                c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens, inputs[c.seq.seq_id].generator
             )
-        if keep:
-            if len(keep) != len(sampling):
-                logits = logits[torch.tensor(keep, device=self.device)]
-                grammar_masks = grammar_masks.select(keep) if grammar_masks is not None else None
-            apply_masks(logits, grammar_masks)  # unconstrained rows stay untouched
-            tokens = sample(logits, rows, self.default_generator, vocab_limit=self.vocab_limit)
-            for j, tok in zip(keep, tokens, strict=True):
-                result.sampled[sampling[j][1].seq.seq_id] = tok
-        return result
+            for c in sampling
+        ]
+        apply_masks(logits, grammar_masks)  # unconstrained rows stay untouched
+        batch = sample_batch(
+            logits, rows, self.default_generator, vocab_limit=self.vocab_limit, finite=finite
+        )
+        seq_ids = [c.seq.seq_id for c in sampling]
+        self._prev_tokens = batch.token_ids
+        self._prev_rows = {seq_id: j for j, seq_id in enumerate(seq_ids)}
+        return PendingStep(result, seq_ids, batch)

@@ -19,6 +19,18 @@ After the model ran, `postprocess` advances the computed counts, registers newly
 the prefix cache, appends the sampled tokens and finishes sequences on eos / stop tokens / length.
 The oldest running sequence is never preempted by others; it waits at most for the decodes behind
 it, whose number cannot grow while it waits (nothing is admitted then). So every sequence finishes.
+
+Asynchronous scheduling: the engine may schedule step N+1 before it calls `postprocess` for step N
+(whose tokens are still on the device). A chunk counts its tokens as in flight on its sequence, and
+a chunk that samples adds a placeholder for the token it will produce; step N+1 then continues each
+sequence after its in-flight tokens, and a decode's input is the placeholder (the runner takes its
+id from the device). A sequence that step N will certainly end (its placeholder reaches
+`max_tokens` or the length limit) is not scheduled again. One that step N ends for a reason known
+only from the token (eos, a stop token) has a decode in step N+1 as well; `postprocess` ignores
+chunks of finished sequences, so that token is never appended and the blocks are already free. A
+sequence preempted while its step was in flight keeps that step's token (its KV is recomputed
+later, the token is not drawn again), and is not readmitted before that step was applied. With
+nothing in flight, all of this reduces to the synchronous loop.
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ class ScheduledChunk:
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        # The sequence's end counts the placeholders of steps still in flight.
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens + self.seq.num_placeholders
 
     @property
     def end(self) -> int:
@@ -178,14 +191,14 @@ class Scheduler:
         reserved_tokens = 0
         reserved_blocks = 0
         for seq in self.running:
-            if seq.num_uncomputed_tokens == 1:
+            if self._unscheduled(seq) == 1:
                 reserved_tokens += 1
                 reserved_blocks += self._needs_new_block(seq)
 
         def preempt_tail() -> Sequence:
             nonlocal reserved_tokens, reserved_blocks
             victim = self.running[-1]
-            if victim is not seq and victim.num_uncomputed_tokens == 1:
+            if victim is not seq and self._unscheduled(victim) == 1:
                 reserved_tokens -= 1
                 reserved_blocks -= self._needs_new_block(victim)
             self._preempt(victim)
@@ -195,8 +208,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            remaining = seq.num_uncomputed_tokens
-            if remaining <= 0:  # defensive: nothing to compute
+            remaining = self._unscheduled(seq)
+            if remaining <= 0:  # nothing to compute (or the step in flight ends it)
                 i += 1
                 continue
             if remaining == 1:
@@ -215,7 +228,7 @@ class Scheduler:
                     yielded = False
                     while True:
                         spare_blocks = len(seq.block_table) + bm.num_free_blocks - reserved_blocks
-                        fits = spare_blocks * bm.block_size - seq.num_computed_tokens
+                        fits = spare_blocks * bm.block_size - seq.num_scheduled_tokens
                         if fits >= 1:
                             num_new = min(num_new, fits)
                             break
@@ -236,7 +249,7 @@ class Scheduler:
                     break
             else:
                 bm.append_slots(seq, num_new)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                chunks.append(self._chunk(seq, num_new))
                 budget -= num_new
                 i += 1
                 continue
@@ -245,6 +258,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_running:
                 seq = self.waiting[0]
+                if seq.num_inflight_tokens:
+                    break  # preempted while its step ran: readmitted once that step is applied
                 cached = bm.num_cached_prefix_tokens(seq)
                 remaining = seq.num_tokens - cached
                 if cfg.enable_chunked_prefill:
@@ -259,14 +274,33 @@ class Scheduler:
                 bm.allocate(seq, num_new)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                chunks.append(self._chunk(seq, num_new))
                 budget -= num_new
 
         return SchedulerOutput(chunks, preempted, cfg.max_num_batched_tokens - budget)
 
+    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
+        """The next `num_new` tokens of `seq`, now in flight (with a placeholder if it samples)."""
+        chunk = ScheduledChunk(seq, seq.num_scheduled_tokens, num_new)
+        seq.num_inflight_tokens += num_new
+        if chunk.samples:
+            seq.num_placeholders += 1
+        return chunk
+
+    def _unscheduled(self, seq: Sequence) -> int:
+        """Tokens of `seq` to schedule now; 0 when a step in flight will certainly end it."""
+        if seq.num_placeholders:
+            params = seq.params
+            num_output = seq.num_output_tokens + seq.num_placeholders
+            if params.max_tokens is not None and num_output >= params.max_tokens:
+                return 0
+            if seq.num_tokens + seq.num_placeholders >= self.max_seq_len:
+                return 0
+        return seq.num_unscheduled_tokens
+
     def _needs_new_block(self, seq: Sequence) -> bool:
         """Whether computing one more token of `seq` needs a fresh block."""
-        return len(seq.block_table) * self.block_manager.block_size < seq.num_computed_tokens + 1
+        return len(seq.block_table) * self.block_manager.block_size < seq.num_scheduled_tokens + 1
 
     def _preempt(self, seq: Sequence) -> None:
         if self.running and self.running[-1] is seq:
@@ -288,10 +322,16 @@ class Scheduler:
         finished: list[Sequence] = []
         for chunk in output.chunks:
             seq = chunk.seq
-            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted or finished by the engine since it was scheduled
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.block_manager.commit(seq)
+            if seq.is_finished:
+                continue  # aborted or finished since it was scheduled: its token is never emitted
+            seq.num_inflight_tokens -= chunk.num_tokens
+            if chunk.samples:
+                seq.num_placeholders -= 1
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens = chunk.end
+                self.block_manager.commit(seq)
+            # else: preempted while this step ran (asynchronous scheduling); its KV is recomputed
+            # on readmission, but the token it sampled is kept.
             if not chunk.samples:
                 continue
             token_id = sampled.get(seq.seq_id)
@@ -340,6 +380,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        seq.num_inflight_tokens = seq.num_placeholders = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

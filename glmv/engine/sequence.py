@@ -4,6 +4,13 @@ A request with `n > 1` becomes `n` sequences sharing a `request_id`. A sequence 
 output token ids in one list, the spans of image placeholder tokens in the prompt (with the image's
 content hash, because all placeholder tokens of an image share one token id), and the scheduling
 state: how many tokens have KV computed, the block table, the finish reason.
+
+With asynchronous scheduling the next step is scheduled while the previous one still runs, so a
+sequence also counts the tokens of steps not yet applied (`num_inflight_tokens`) and the tokens
+those steps will sample (`num_placeholders`): their KV slots are allocated, their ids are still
+on the device. `num_scheduled_tokens` and `num_unscheduled_tokens` are the scheduler's view of
+where the next chunk starts and how much is left; with nothing in flight they equal
+`num_computed_tokens` and `num_uncomputed_tokens`.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ class Sequence:
         "num_cached_tokens",
         "num_committed_blocks",
         "num_computed_tokens",
+        "num_inflight_tokens",
+        "num_placeholders",
         "num_preemptions",
         "num_prompt_tokens",
         "params",
@@ -107,6 +116,10 @@ class Sequence:
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens of scheduled steps whose results are not applied yet, and the tokens those steps
+        # sample (known on the device only): the asynchronous scheduler's placeholders.
+        self.num_inflight_tokens = 0
+        self.num_placeholders = 0
         # Prompt tokens served from the prefix cache at first admission (reported as cached_tokens).
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
@@ -152,6 +165,17 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose KV is computed or being computed by a step in flight: where the next
+        chunk starts."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    @property
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens (known or placeholders) that no step has been scheduled to compute yet."""
+        return len(self.token_ids) + self.num_placeholders - self.num_scheduled_tokens
 
     @property
     def is_finished(self) -> bool:

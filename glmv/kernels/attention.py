@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glmv.kernels.metadata import AttentionMetadata
+from glmv.kernels.metadata import AttentionMetadata, to_device
 
 
 def _lower_right(q_len: int, s_len: int, device: torch.device) -> Any:
@@ -181,7 +181,7 @@ def paged_attention(
                         rows.append(row)
                     row += n
                 dev = q.device
-                meta.decode_subset = (torch.tensor(seqs, device=dev), torch.tensor(rows, device=dev))
+                meta.decode_subset = (to_device(seqs, torch.int64, dev), to_device(rows, torch.int64, dev))
             seqs_t, rows_t = meta.decode_subset
             out = torch.empty_like(q)
             out[rows_t] = kernel(

@@ -4,6 +4,9 @@ A step runs `N` new tokens from `B` sequences laid end to end. Sequence `i` cont
 `query_lens[i]` new tokens whose keys/values go into the slots `slot_mapping[...]` of the paged
 cache, and attends over `seq_lens[i]` tokens in total (its cached prefix plus the new tokens),
 found through `block_tables[i]`.
+
+On CUDA the tensors are made on the host and copied through pinned memory without blocking, so
+building the metadata of a step never waits for the step before it to finish.
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def to_device(
+    values: list[int] | list[list[int]] | torch.Tensor, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """`values` as a tensor on `device`; a CUDA copy is queued from pinned memory, never waited for
+    (a blocking or pageable copy would wait for everything queued on the device)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # pragma: no cover - CUDA
 
 
 @dataclass(slots=True)
@@ -64,7 +78,7 @@ class AttentionMetadata:
             for q_len, s_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
                 for pos in range(s_len - q_len, s_len):
                     slots.append(table[pos // block_size] * block_size + pos % block_size)
-            slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+            slot_mapping = to_device(slots, torch.int64, device)
         else:  # prefill-sized steps: one vectorised gather per sequence
             parts = []
             for q_len, s_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
@@ -72,7 +86,7 @@ class AttentionMetadata:
                 parts.append(
                     torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
                 )
-            slot_mapping = torch.cat(parts).to(device)
+            slot_mapping = to_device(torch.cat(parts), torch.int64, device)
         width = max((len(t) for t in block_tables), default=1) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         starts = [0]
@@ -80,9 +94,9 @@ class AttentionMetadata:
             starts.append(starts[-1] + q_len)
         return cls(
             slot_mapping=slot_mapping,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            query_start_loc=to_device(starts, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            block_tables=to_device(padded, torch.int32, device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             block_size=block_size,

@@ -75,6 +75,11 @@ ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "enable_cuda_graphs": ("capture CUDA graphs for decode steps (GPU only)", None),
     "block_size": ("tokens per KV-cache block", None),
     "enable_prefix_caching": ("reuse the KV cache of shared prompt prefixes (and images)", None),
+    "async_scheduling": (
+        "prepare the next engine step on the host while the device runs the current one, with the "
+        "same outputs (default: on for CUDA, off on the CPU, where nothing would overlap)",
+        None,
+    ),
     "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
     "seed": ("seed of the default random generator", None),
     "quantization": ("'fp8': FP8 weights made at load from a bf16 checkpoint (Ada/Hopper GPUs)", QUANTIZATIONS),
@@ -90,7 +95,7 @@ _NOT_ENGINE_FLAGS = frozenset({"model"})
 # Setting kinds of the annotations EngineConfig uses (annotations are strings there).
 _KINDS = {
     "str": "str", "str|None": "str?", "int": "int", "int|None": "int?",
-    "float": "float", "float|None": "float?", "bool": "bool",
+    "float": "float", "float|None": "float?", "bool": "bool", "bool|None": "bool?",
 }  # fmt: skip
 
 
@@ -351,7 +356,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = metavar
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        if kind == "bool":
+        if kind in ("bool", "bool?"):  # an optional one stays unset (None) without its flag
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs.pop("metavar", None)
         elif kind == "list":

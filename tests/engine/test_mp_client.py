@@ -107,7 +107,12 @@ def builder(tiny41_dir: Path) -> InputBuilder:
 
 @pytest.fixture(scope="module")
 def clients(tiny41_dir: Path) -> Iterator[dict[str, EngineClient]]:
-    started = {mode: start_engine(config(tiny41_dir, engine_mode=mode)) for mode in ("inprocess", "process")}
+    # The core process schedules asynchronously (as on a GPU), the in-process one synchronously
+    # (the CPU's default): the parity tests hold both ways at once.
+    started = {
+        mode: start_engine(config(tiny41_dir, engine_mode=mode, async_scheduling=mode == "process"))
+        for mode in ("inprocess", "process")
+    }
     assert isinstance(started["process"], MPEngineClient)
     yield started
     for client in started.values():

@@ -160,3 +160,16 @@ def test_engine_flags_are_the_engine_config_fields() -> None:
         load("--data-parallel-size", "0")
     with pytest.raises(ConfigError, match="no model"):
         load().service_config()
+
+
+def test_async_scheduling_reaches_the_engine_config() -> None:
+    config = load().engine_config("m")
+    assert config.async_scheduling is None  # EngineConfig's default: decided by the device
+    assert config.uses_async_scheduling("cuda") and not config.uses_async_scheduling("cpu")
+    off = load("--no-async-scheduling").engine_config("m")
+    assert off.async_scheduling is False and not off.uses_async_scheduling("cuda")
+    on = load("--async-scheduling").engine_config("m")
+    assert on.async_scheduling is True and on.uses_async_scheduling("cpu")
+    assert load(env={"GLMV_ASYNC_SCHEDULING": "false"}).async_scheduling is False
+    assert load(env={"GLMV_ASYNC_SCHEDULING": "none"}).async_scheduling is None
+    assert load("--async-scheduling", env={"GLMV_ASYNC_SCHEDULING": "0"}).async_scheduling is True
