@@ -45,6 +45,7 @@ from glmv.models.tiny import create_tiny_model
 
 ROWS: list[tuple[str, str, str]] = []
 PROFILE = False
+NO_ASYNC = False
 SYNC_THROUGHPUT = False
 
 
@@ -198,7 +199,14 @@ def decode_ms_per_token(
 def full_size(tmp: Path, quick: bool) -> None:
     ckpt = create_tiny_model(tmp / "full", variant="full")
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="bfloat16", max_num_seqs=64 if quick else 128))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(ckpt),
+            dtype="bfloat16",
+            max_num_seqs=64 if quick else 128,
+            async_scheduling=False if NO_ASYNC else None,
+        )
+    )
     row("engine start-up (random init + profile + graph capture)", f"{time.perf_counter() - t0:.1f} s")
     if engine.memory is not None:
         row("memory", engine.memory.describe())
@@ -337,7 +345,7 @@ def http_phase(tmp: Path) -> None:
     log = open(tmp / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "glmv", "serve", "--model", str(ckpt), "--port", str(port), "--dtype", "bfloat16",
-         "--max-num-seqs", "128"],
+         "--max-num-seqs", "128", *(["--no-async-scheduling"] if NO_ASYNC else [])],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -495,8 +503,10 @@ def main() -> None:
     ap.add_argument(
         "--sync-throughput", action="store_true", help="also measure the concurrent run with async scheduling off"
     )
+    ap.add_argument("--no-async", action="store_true", help="asynchronous scheduling off everywhere")
     args = ap.parse_args()
-    global PROFILE, SYNC_THROUGHPUT
+    global PROFILE, SYNC_THROUGHPUT, NO_ASYNC
+    NO_ASYNC = args.no_async
     PROFILE = args.profile
     SYNC_THROUGHPUT = args.sync_throughput
     dev = torch.device("cuda")
