@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,7 @@ ROWS: list[tuple[str, str, str]] = []
 PROFILE = False
 NO_ASYNC = False
 SYNC_THROUGHPUT = False
+HTTP_PASSES = int(os.environ.get("GLMV_BENCH_HTTP_PASSES", "1"))  # 64-concurrent passes over HTTP
 
 
 def row(name: str, value: str, target: str = "") -> None:
@@ -422,16 +424,19 @@ def http_phase(tmp: Path) -> None:
                 replay = [float(v) for k, v, _ in ROWS if k == "_replay_ms"]
                 vs = f"graph replay {replay[0]:.2f} ms -> +{tpot - replay[0]:.2f} ms (target <= +0.3)" if replay else ""
                 row("batch-1 decode ms/token over HTTP (median gap between streamed tokens)", f"{tpot:.2f} ms", vs)
-                urls = [url(9200 + i) for i in range(64)]
-                t0 = time.perf_counter()
-                done = await asyncio.gather(*(one(client, u, 256) for u in urls))
-                elapsed = time.perf_counter() - t0
-                total = sum(n for _, n in done)
-                row(
-                    "64 concurrent image requests x 256 tokens over HTTP: output tok/s",
-                    f"{total / elapsed:.0f} tok/s",
-                    "(target >= 2000)",
-                )
+                for attempt in range(HTTP_PASSES):
+                    urls = [url(9200 + 100 * attempt + i) for i in range(64)]
+                    t0 = time.perf_counter()
+                    done = await asyncio.gather(*(one(client, u, 256) for u in urls))
+                    elapsed = time.perf_counter() - t0
+                    total = sum(n for _, n in done)
+                    ttft_all = sorted(t for t, _ in done)
+                    row(
+                        f"64 concurrent image requests x 256 tokens over HTTP, pass {attempt + 1}: output tok/s",
+                        f"{total / elapsed:.0f} tok/s",
+                        f"(target >= 2000; TTFT min/median/max {ttft_all[0]:.2f}/{ttft_all[32]:.2f}/"
+                        f"{ttft_all[-1]:.2f} s)",
+                    )
                 ROWS.append(("_http_tps", str(total / elapsed), ""))
                 engine_tps = [float(v) for k, v, _ in ROWS if k == "_tps"]
                 if engine_tps:
