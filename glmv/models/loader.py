@@ -259,8 +259,9 @@ def _meta_init() -> Iterator[None]:
 
 def _materialize(model: Glm4vModel, device: torch.device) -> Glm4vModel:
     """`model.to_empty(device)` without `empty_like` on meta tensors (whose Python reference
-    implementation imports sympy: seconds of start-up)."""
-    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    implementation imports sympy: seconds of start-up). Strides are kept: the int4 layers store
+    their codes K-major (a transposed view), the layout their CUDA kernels read."""
+    return model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device))
 
 
 def model_skeleton(config: ModelConfig) -> Glm4vModel:

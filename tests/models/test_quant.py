@@ -279,6 +279,10 @@ def test_quantized_model_generates_and_reports_memory(awq41: Path, tiny41_dir: P
     assert mem.int4_bytes == expected_int4
     assert mem.total_bytes < full.total_bytes
     assert "int4 layers" in mem.describe()
+    # The codes keep the K-major layout the CUDA kernels read (a transposed view), also after the
+    # model skeleton was built on meta and materialised.
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.qweight.t().is_contiguous() and not m.qweight.is_contiguous() for m in layers)
 
 
 def test_cpu_paths_agree_and_never_import_triton(awq41: Path, monkeypatch: pytest.MonkeyPatch) -> None:
