@@ -485,10 +485,12 @@ async def _stream(
         run.finished_with(finish_reasons)
     except GlmvError as exc:
         run.outcome = run.outcome or "error"
+        run.record_error(exc.code or exc.error_type)
         yield _sse(exc.to_dict())
     except Exception:  # never leak a traceback into the stream
         log.exception("%s: streaming failed", run.request_id)
         run.outcome = "error"
+        run.record_error("internal_error")
         yield _sse(
             {
                 "error": {
