@@ -42,7 +42,9 @@ def cuts(text: str, seed: int) -> list[str]:
 def ask(service: GenerationService, tool_choice: object = None, n: int = 1) -> GenerationRequest:
     plan = service.plan_tools(TOOLS, tool_choice)
     return GenerationRequest(
-        [{"role": "user", "content": "Weather in Paris and invoice 42?"}], params=SamplingParams(n=n), tools=plan
+        [{"role": "user", "content": "Weather in Paris and invoice 42?"}],
+        params=SamplingParams(n=n),
+        tools=plan,
     )
 
 
@@ -78,7 +80,9 @@ async def test_stream_and_generate_parse_calls_per_choice(tiny46_dir: Path, seed
 
 
 async def test_answers_without_calls_and_cut_calls(tiny46_dir: Path) -> None:
-    service = service_for(tiny46_dir, ScriptedClient(tiny46_dir, [("Just ", [1], None), ("text.", [2], None)]))
+    service = service_for(
+        tiny46_dir, ScriptedClient(tiny46_dir, [("Just ", [1], None), ("text.", [2], None)])
+    )
     result = await service.generate(ask(service))
     assert (result.choices[0].content, result.choices[0].tool_calls, result.choices[0].finish_reason) == (
         "Just text.",
@@ -101,7 +105,9 @@ async def test_the_plan_reaches_the_template(tiny46_dir: Path) -> None:
     assert service.supports_tools and service.accepts_tool_messages
     await service.generate(ask(service))
     await service.generate(ask(service, tool_choice="none"))
-    await service.generate(GenerationRequest([{"role": "user", "content": "Weather in Paris and invoice 42?"}]))
+    await service.generate(
+        GenerationRequest([{"role": "user", "content": "Weather in Paris and invoice 42?"}])
+    )
     with_tools, choice_none, without = client.requests
     assert "# Tools" in with_tools.prompt_text and '"name": "get_weather"' in with_tools.prompt_text
     assert choice_none.prompt_token_ids == without.prompt_token_ids  # "none": the model is not told
