@@ -634,7 +634,8 @@ class GuardMiddleware:
         if ex.record.error is None:
             if ex.started and not ex.completed:
                 ex.record.error = "aborted"  # the client left before the response ended
-            elif not ex.started and ex.record.status == 499:
+            elif not ex.started:  # the client left before any response (e.g. within its body)
+                ex.record.status = ex.record.status or 499
                 ex.record.error = "aborted"
             else:
                 ex.record.error = _recorded_error(state)
