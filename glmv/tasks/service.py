@@ -140,6 +140,7 @@ class GenerationService:
         self.max_sequences = max_sequences  # the most sequences the engine can ever queue at once
         self.token_bytes = TokenBytes(tokenizer)
         self._inflight = 0  # admitted requests not yet finished (including those still preparing)
+        self._warned_tools = False  # whether ignored tools were reported (at warning level) yet
 
     # --- facts -----------------------------------------------------------------------------------
 
@@ -237,7 +238,8 @@ class GenerationService:
         has_response_format: bool = False,
     ) -> ToolPlan:
         """A request's `ToolPlan` for this model (400 for tools it cannot honour). Tools offered
-        to a model without tool calling are ignored, with a warning in the log."""
+        to a model without tool calling are ignored, with a warning in the log (the first time;
+        later ones at debug level)."""
         plan = _plan_tools(
             tools,
             tool_choice,
@@ -246,7 +248,9 @@ class GenerationService:
             has_response_format=has_response_format,
         )
         if plan.warning:
-            log.warning("%s", plan.warning)
+            # Clients such as Open WebUI send their tools with every message: say it once.
+            log.log(logging.DEBUG if self._warned_tools else logging.WARNING, "%s", plan.warning)
+            self._warned_tools = True
         return plan
 
     def stream(self, request: GenerationRequest) -> GenerationStream:

@@ -133,6 +133,7 @@ async def test_models_without_tool_calling_ignore_tools_with_a_warning(
     assert not service.supports_tools and not service.accepts_tool_messages
     with caplog.at_level(logging.WARNING, logger="glmv.tasks"):
         plan = service.plan_tools(TOOLS, None)
+        service.plan_tools(TOOLS, "auto")  # said once: clients send their tools with every message
     assert plan.tools is None and not plan.parse
     assert [r.getMessage() for r in caplog.records if r.name == "glmv.tasks"] == [
         "ignoring 4 tool(s): this model's chat template has no tool calling"
