@@ -115,6 +115,7 @@ class _ChoiceState:
     parser: ReasoningParser
     want_logprobs: bool
     tools: ToolCallParser | None = None  # set when the request's answer is parsed for tool calls
+    one_call: bool = False  # parallel_tool_calls false: calls after the first are dropped
 
 
 class GenerationService:
@@ -315,6 +316,8 @@ class GenerationService:
                     content += tail.content
                     calls = _merge_call_deltas(calls + tail.calls)
                     finish = tool_finish_reason(d.finish_reason, len(state.tools.calls))
+                if state.one_call:
+                    calls = [c for c in calls if c.index == 0]
             logprobs = self._logprobs(d.logprobs, top) if state.want_logprobs and d.logprobs else None
             deltas.append(
                 ChoiceDelta(
@@ -398,6 +401,7 @@ class GenerationStream:
                     ReasoningParser(starts_in_thinking=starts_in_thinking),
                     params.logprobs is not None,
                     plan.parser() if plan is not None else None,
+                    plan is not None and not plan.parallel,
                 )
                 for _ in range(params.n)
             ]

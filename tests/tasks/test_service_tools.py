@@ -147,3 +147,18 @@ async def test_models_without_tool_calling_ignore_tools_with_a_warning(
         with pytest.raises(InvalidRequestError) as refused:
             service.plan_tools(TOOLS, choice)
         assert (refused.value.param, refused.value.code) == ("tool_choice", "unsupported_parameter")
+
+
+async def test_parallel_tool_calls_false_keeps_the_first_call(tiny46_dir: Path) -> None:
+    client = ScriptedClient(tiny46_dir, [(piece, [1], None) for piece in cuts(TWO_CALLS, 0)])
+    service = service_for(tiny46_dir, client)
+    request = GenerationRequest(
+        [{"role": "user", "content": "Weather?"}], tools=service.plan_tools(TOOLS, "auto", False)
+    )
+    stream = service.stream(request)
+    chunks = [c async for c in stream]
+    await stream.aclose()
+    assert {p.index for c in chunks for d in c.deltas for p in d.tool_calls} == {0}
+    result = await service.generate(request)
+    assert [(c.name, json.loads(c.arguments)) for c in result.choices[0].tool_calls] == WANT[:1]
+    assert result.choices[0].finish_reason == "tool_calls"
