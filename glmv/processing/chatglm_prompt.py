@@ -132,6 +132,7 @@ class ChatGLMPromptBuilder:
 
     supports_thinking_toggle = False
     supports_tools = False
+    accepts_tool_messages = True  # tool results render as GLM-4's observation turn
 
     def __init__(self, tokenizer: ChatGLMTokenizer, *, multi_image: bool = False) -> None:
         self.tokenizer = tokenizer

@@ -242,6 +242,8 @@ def create_app(
                 "model_type": info.model_type or None,
                 "supports_thinking_toggle": service.supports_thinking_toggle,
                 "max_images_per_request": service.images.limits.max_images,
+                "max_history_images": state.settings.max_history_images,
+                "supports_tools": service.supports_tools,
                 "remote_images": service.images.remote.enabled,
             },
         )

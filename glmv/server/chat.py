@@ -11,6 +11,21 @@ with the `finish_reason` of each choice, the usage chunk when `stream_options.in
 and `data: [DONE]`. An error after the stream started is sent as `data: {"error": {...}}` before
 `[DONE]`. The service splits GLM output into reasoning and answer.
 
+Tools (`tools`, `tool_choice`, `parallel_tool_calls`) are planned by the service
+(`GenerationService.plan_tools`): rendered by a chat template that has tool calling, with calls
+enforced by a grammar for `required` and named functions, and ignored (with a warning in the log)
+by one that has not unless a call is required (400). Calls come back as `message.tool_calls`
+(`content` null when there is no other text) or, streaming, as `delta.tool_calls`: a call's first
+event carries its index, id, type and name with empty arguments, the following ones the pieces of
+its arguments JSON. An answer that made calls and ended normally has `finish_reason` `tool_calls`.
+Assistant `tool_calls` and `role: "tool"` results in the history go to the template as they are
+(images in tool results where the template has tool calling).
+
+Clients send the whole conversation each turn, images included: the current turn's images (after
+the last assistant message) are capped by `--max-images-per-request`; of the earlier turns' images
+the most recent `--max-history-images` are kept and older ones replaced by a text placeholder
+(`glmv.tasks.history`).
+
 A client that disconnects aborts its request (freeing its KV blocks); a request that runs past
 `request_timeout` fails with 504 (or an error event).
 """
@@ -32,6 +47,7 @@ from glmv.errors import GlmvError, InvalidImageError, InvalidRequestError
 from glmv.server.protocol import ChatCompletionRequest, TextContentPart
 from glmv.server.runs import ServedRequest, cancel_on_disconnect
 from glmv.server.state import ServerState
+from glmv.tasks.history import HistoryImages, limit_history_images
 from glmv.tasks.images import ImageRef
 from glmv.tasks.structured import StructuredOutput, parse_response_format
 from glmv.tasks.types import (
@@ -41,6 +57,8 @@ from glmv.tasks.types import (
     GenerationRequest,
     LogprobEntry,
     SamplingParams,
+    ToolCallDelta,
+    ToolPlan,
 )
 
 log = logging.getLogger("glmv.server.chat")
@@ -123,20 +141,28 @@ class ChatHandler:
         state.check_draining()
         model = state.check_model(body.model)
         self._check_unsupported(body)
-        params, _ = self._sampling_params(body)
+        service = state.service
+        response_format = parse_response_format(body.response_format)
+        tool_plan = service.plan_tools(
+            body.tools, body.tool_choice, body.parallel_tool_calls, has_response_format=response_format is not None
+        )
+        params, _ = self._sampling_params(body, tool_plan, response_format)
         template_kwargs = self._template_kwargs(body)
-        messages, images = _convert_messages(body)
+        messages, images = _convert_messages(
+            body, tool_calls=service.supports_tools, tool_results=service.accepts_tool_messages
+        )
         # Text that cannot fit is refused before anything else runs.
-        state.service.check_prompt_size(_rendered_text(messages))
-        limits = state.service.images.limits
-        if len(images) > limits.max_images:
-            raise InvalidImageError(
-                f"too many images: {len(images)} given, this server accepts at most {limits.max_images} per request",
-                param=images[limits.max_images].param,
-            )
-        state.service.check_admission()  # before any image is decoded
+        service.check_prompt_size(_rendered_text(messages, tool_plan))
+        conversation = self._limit_images(messages, images)
+        messages = conversation.messages
+        service.check_admission()  # before any image is decoded
         generation = GenerationRequest(
-            messages, images, params, template_kwargs, request_id=f"chatcmpl-{uuid.uuid4().hex}"
+            messages,
+            conversation.images,
+            params,
+            template_kwargs,
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            tools=tool_plan if (tool_plan.tools or tool_plan.parse) else None,
         )
         if state.settings.log_content:
             log.info("%s messages=%s", generation.request_id, json.dumps(messages, ensure_ascii=False)[:20000])
@@ -168,24 +194,19 @@ class ChatHandler:
 
     @staticmethod
     def _check_unsupported(body: ChatCompletionRequest) -> None:
-        if body.tools:
-            raise InvalidRequestError(
-                "Tool calling is not supported by this server.", param="tools", code="unsupported_parameter"
-            )
+        # The deprecated `functions` / `function_call` API: its successor is tools / tool_choice.
         if body.functions:
             raise InvalidRequestError(
-                "Function calling is not supported by this server.",
+                "The deprecated 'functions' parameter is not supported; send 'tools' instead.",
                 param="functions",
                 code="unsupported_parameter",
             )
-        for name in ("tool_choice", "function_call"):
-            value = getattr(body, name)
-            if value is not None and value not in ("none", "auto"):
-                raise InvalidRequestError(
-                    f"'{name}' is not supported by this server (no tool calling).",
-                    param=name,
-                    code="unsupported_parameter",
-                )
+        if body.function_call is not None and body.function_call not in ("none", "auto"):
+            raise InvalidRequestError(
+                "The deprecated 'function_call' parameter is not supported; send 'tool_choice' instead.",
+                param="function_call",
+                code="unsupported_parameter",
+            )
         if body.logit_bias:
             raise InvalidRequestError(
                 "logit_bias is not supported by this server.",
@@ -199,7 +220,9 @@ class ChatHandler:
                 code="invalid_value",
             )
 
-    def _sampling_params(self, body: ChatCompletionRequest) -> tuple[SamplingParams, int]:
+    def _sampling_params(
+        self, body: ChatCompletionRequest, tool_plan: ToolPlan, response_format: StructuredOutput | None
+    ) -> tuple[SamplingParams, int]:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         top = body.top_logprobs or 0
@@ -221,8 +244,9 @@ class ChatHandler:
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=bool(body.ignore_eos),
             logprobs=top if body.logprobs else None,
-            skip_special_tokens=bool(body.skip_special_tokens),
-            structured=_structured_output(body),
+            # The tool-call parser reads the call tags (added tokens) in the text.
+            skip_special_tokens=bool(body.skip_special_tokens) and not tool_plan.parse,
+            structured=_structured_output(body, tool_plan.constraint or response_format),
         )
         try:
             self.state.service.validate_params(params)
@@ -233,6 +257,26 @@ class ChatHandler:
                 exc.param = "stop"
             raise
         return params, top
+
+    def _limit_images(self, messages: list[dict[str, Any]], images: list[ImageRef]) -> HistoryImages:
+        """Earlier turns' images beyond --max-history-images become placeholders; the current
+        turn's are capped by --max-images-per-request (400 naming the first one too many)."""
+        conversation = limit_history_images(messages, images, self.state.settings.max_history_images)
+        limit = self.state.service.images.limits.max_images
+        current = conversation.current
+        if len(current) > limit:
+            raise InvalidImageError(
+                f"too many images: {len(current)} in this turn, this server accepts at most {limit} per request "
+                "(images of earlier turns are counted apart, see --max-history-images)",
+                param=current[limit].param,
+            )
+        if conversation.dropped:
+            log.info(
+                "%d image(s) of earlier turns replaced by a placeholder (--max-history-images %s)",
+                conversation.dropped,
+                self.state.settings.max_history_images,
+            )
+        return conversation
 
     def _template_kwargs(self, body: ChatCompletionRequest) -> dict[str, Any]:
         kwargs = dict(body.chat_template_kwargs or {})
@@ -246,10 +290,9 @@ class ChatHandler:
         return kwargs
 
 
-def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
-    """`response_format` json_object / json_schema as an engine constraint (400 for a bad schema).
-    A thinking model may reason before the JSON unless the request turns thinking off."""
-    structured = parse_response_format(body.response_format)
+def _structured_output(body: ChatCompletionRequest, structured: StructuredOutput | None) -> StructuredOutput | None:
+    """The engine constraint of a request (its response_format, or the grammar of a required tool
+    call). A thinking model may reason before the answer unless the request turns thinking off."""
     if structured is None:
         return None
     kwargs = body.chat_template_kwargs or {}
@@ -259,20 +302,33 @@ def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
     return structured.with_thinking(not thinking_off)
 
 
-def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    """Template-ready messages (images as `{"type": "image"}`) and each image's URL and param."""
+def _convert_messages(
+    body: ChatCompletionRequest, *, tool_calls: bool, tool_results: bool
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """Template-ready messages (images as `{"type": "image"}`) and each image's URL and param.
+
+    `tool_calls`: the template renders assistant tool calls (and images in tool results);
+    `tool_results`: it renders `role: "tool"` messages. What it cannot render is refused (400)
+    rather than silently left out of the prompt."""
     out: list[dict[str, Any]] = []
     refs: list[ImageRef] = []
     for i, m in enumerate(body.messages):
         role = m.role
-        if role in ("tool", "function"):
+        if role == "function":  # the deprecated name of a tool result
+            role = "tool"
+        if role == "tool" and not tool_results:
             raise InvalidRequestError(
-                f"Messages with role '{role}' are not supported: this server does not offer tool calling.",
+                f"Messages with role '{m.role}' cannot be sent to this model: its chat template has no tool calling.",
                 param=f"messages[{i}].role",
             )
-        if m.tool_calls:
+        if m.tool_calls and not tool_calls:
             raise InvalidRequestError(
-                "Assistant tool_calls are not supported: this server does not offer tool calling.",
+                "Assistant tool_calls cannot be sent to this model: its chat template has no tool calling.",
+                param=f"messages[{i}].tool_calls",
+            )
+        if m.tool_calls and role != "assistant":
+            raise InvalidRequestError(
+                f"Only assistant messages carry tool_calls, not {m.role} messages.",
                 param=f"messages[{i}].tool_calls",
             )
         if role == "developer":
@@ -280,7 +336,7 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
         content = m.content
         converted: str | list[dict[str, Any]]
         if content is None:
-            if role != "assistant":
+            if role not in ("assistant", "tool"):
                 raise InvalidRequestError(f"A {role} message needs content.", param=f"messages[{i}].content")
             converted = ""
         elif isinstance(content, str):
@@ -296,9 +352,10 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
                 if isinstance(part, TextContentPart):
                     parts.append({"type": "text", "text": part.text})
                     continue
-                if role != "user":
+                if role != "user" and not (role == "tool" and tool_calls):
                     raise InvalidRequestError(
-                        f"Images are only accepted in user messages, not in {m.role} messages.",
+                        f"Images are only accepted in user messages"
+                        f"{' and tool results' if tool_calls else ''}, not in {m.role} messages.",
                         param=f"messages[{i}].content[{j}]",
                     )
                 refs.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url"))
@@ -307,22 +364,31 @@ def _convert_messages(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]]
         msg: dict[str, Any] = {"role": role, "content": converted}
         if role == "assistant" and m.reasoning_content:
             msg["reasoning_content"] = m.reasoning_content
+        if role == "assistant" and m.tool_calls:
+            msg["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if role == "tool":
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
         out.append(msg)
     return out, refs
 
 
-def _rendered_text(messages: list[dict[str, Any]]) -> list[str]:
-    """The text of the user and system turns: what every chat template renders in full (an
-    assistant turn's reasoning may be dropped), so its size is a lower bound on the prompt's."""
+def _rendered_text(messages: list[dict[str, Any]], tool_plan: ToolPlan) -> list[str]:
+    """The text that every chat template renders in full (user, system and tool turns, and the
+    tool definitions it is given; an assistant turn's reasoning may be dropped), so its size is a
+    lower bound on the prompt's."""
     out: list[str] = []
     for m in messages:
-        if m["role"] not in ("user", "system"):
+        if m["role"] not in ("user", "system", "tool"):
             continue
         content = m["content"]
         if isinstance(content, str):
             out.append(content)
         else:
             out.extend(p["text"] for p in content if p.get("type") == "text")
+    out.extend(json.dumps(tool, ensure_ascii=False) for tool in tool_plan.tools or [])
     return out
 
 
@@ -335,10 +401,11 @@ def _completion(run: ServedRequest, model: str, generation: Generation) -> dict[
             "index": c.index,
             "message": {
                 "role": "assistant",
-                "content": c.content,
+                # OpenAI's shape: no text besides the calls is null content
+                "content": None if c.tool_calls and not c.content else c.content,
                 "reasoning_content": c.reasoning,
                 "refusal": None,
-                "tool_calls": [],
+                "tool_calls": [call.to_openai() for call in c.tool_calls],
             },
             "logprobs": {"content": logprob_json(c.logprobs), "refusal": None} if c.logprobs is not None else None,
             "finish_reason": c.finish_reason,
@@ -405,6 +472,8 @@ async def _stream(
                 lps = logprob_json(d.logprobs) if d.logprobs else None
                 if d.reasoning or d.content or lps:
                     yield chunk(d.index, text_delta(d), lps)
+                for piece in _call_pieces(d.tool_calls):
+                    yield chunk(d.index, {"tool_calls": [piece]})
                 if d.finish_reason is not None:
                     finish_reasons[d.index] = d.finish_reason
                     yield chunk(d.index, {}, None, d.finish_reason, d.stop_reason)
@@ -416,10 +485,12 @@ async def _stream(
         run.finished_with(finish_reasons)
     except GlmvError as exc:
         run.outcome = run.outcome or "error"
+        run.record_error(exc.code or exc.error_type)
         yield _sse(exc.to_dict())
     except Exception:  # never leak a traceback into the stream
         log.exception("%s: streaming failed", run.request_id)
         run.outcome = "error"
+        run.record_error("internal_error")
         yield _sse(
             {
                 "error": {
@@ -431,6 +502,19 @@ async def _stream(
             }
         )
     yield _DONE
+
+
+def _call_pieces(calls: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """Stream deltas of tool-call pieces: a call's name comes alone first (with its id and empty
+    arguments, as OpenAI sends it), its arguments in the events after it."""
+    out: list[dict[str, Any]] = []
+    for call in calls:
+        if call.id is not None and call.arguments:
+            out.append(ToolCallDelta(call.index, call.id, call.name, "").to_openai())
+            out.append(ToolCallDelta(call.index, arguments=call.arguments).to_openai())
+        else:
+            out.append(call.to_openai())
+    return out
 
 
 __all__ = ["ChatHandler", "logprob_json", "usage_json"]

@@ -19,7 +19,9 @@ streamed SSE bodies and disconnects pass through untouched) that, for every HTTP
    `guard_log`).
 
 Routes report usage with `record_usage(request, ...)`; it feeds the access log and the token
-limit. Errors are `glmv.errors` classes rendered as `exc.to_dict()`. The guard decides the
+limit. A stream that fails after its 200 went out reports its error's code with
+`record_error(request, code)`; a response the client left before its end (a stream cut short, or
+a request answered 499) is logged with `"error": "aborted"`. Errors are `glmv.errors` classes rendered as `exc.to_dict()`. The guard decides the
 client address itself, so uvicorn must run with `proxy_headers=False` (its own
 X-Forwarded-For rewriting would otherwise trust 127.0.0.1 behind the guard's back).
 """
@@ -39,7 +41,7 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmv.errors import (
@@ -54,6 +56,7 @@ from glmv.errors import (
 from glmv.server.guard_auth import ApiKey, KeyRing, bearer_token, keys_from_flags, load_api_keys_file
 from glmv.server.guard_log import (
     STATE_CLIENT_IP,
+    STATE_ERROR,
     STATE_KEY_NAME,
     STATE_REQUEST_ID,
     STATE_USAGE,
@@ -71,6 +74,7 @@ __all__ = [
     "add_guard_arguments",
     "guard_settings_from",
     "install_guards",
+    "record_error",
     "record_usage",
     "request_id_of",
 ]
@@ -380,6 +384,7 @@ class _Exchange:
     record: AccessRecord
     headers: list[tuple[bytes, bytes]]
     started: bool = False
+    completed: bool = False  # the last body message was sent (the client got the whole response)
     body_too_large: bool = False
     identity: str | None = None
     tpm: int | None = None
@@ -428,7 +433,14 @@ def _error_code(body: bytes, status: int) -> str:
             for key in ("code", "type"):
                 if isinstance(error.get(key), str) and error[key]:
                     return str(error[key])
+    if status == 499:  # the route's answer to a client that left before it was ready
+        return "aborted"
     return "internal_error" if status >= 500 else "http_error"
+
+
+def _recorded_error(state: MutableMapping[str, Any]) -> str | None:
+    value = state.get(STATE_ERROR)
+    return value if isinstance(value, str) and value else None
 
 
 class GuardMiddleware:
@@ -471,6 +483,8 @@ class GuardMiddleware:
                 if ex.record.bytes_out == 0 and ex.record.error is None and (ex.record.status or 0) >= 400:
                     ex.record.error = _error_code(chunk, ex.record.status or 0)
                 ex.record.bytes_out += len(chunk)
+                if not message.get("more_body", False):
+                    ex.completed = True
             await send(message)
 
         async def app_send(message: Message) -> None:
@@ -510,6 +524,8 @@ class GuardMiddleware:
                     await self._reject(emit, ex, rendered)
                 except Exception:  # the client is gone; the original error matters more
                     ex.record.status = rendered.status_code
+            elif ex.record.error is None and not isinstance(exc, (ClientDisconnect, OSError)):
+                ex.record.error = _recorded_error(state) or "internal_error"  # failed mid-response
             raise
         except BaseException:
             if not ex.started:
@@ -615,6 +631,14 @@ class GuardMiddleware:
             return
         route = scope.get("route")
         ex.record.route = getattr(route, "path", None)
+        if ex.record.error is None:
+            if ex.started and not ex.completed:
+                ex.record.error = "aborted"  # the client left before the response ended
+            elif not ex.started:  # the client left before any response (e.g. within its body)
+                ex.record.status = ex.record.status or 499
+                ex.record.error = "aborted"
+            else:
+                ex.record.error = _recorded_error(state)
         content = loggable_content(b"".join(ex.capture)) if ex.capture is not None else None
         try:
             write_access_line(
@@ -676,6 +700,12 @@ def record_usage(
         cached_tokens=int(cached_tokens),
         ttft=None if ttft is None else float(ttft),
     )
+
+
+def record_error(request: Request | MutableMapping[str, Any], code: str) -> None:
+    """Report the error code of a request that failed after its response started (a stream's
+    error event), for the access log's `error`. Safe to call when no guard is installed."""
+    _scope_of(request).setdefault("state", {})[STATE_ERROR] = str(code)
 
 
 def request_id_of(request: Request | MutableMapping[str, Any]) -> str | None:

@@ -3,7 +3,9 @@
 Fields: `ts` (UTC, ISO-8601), `request_id`, `key_name` (the API key's *name*, never the key),
 `client_ip`, `method`, `path`, `route` (the matched route template), `status`, `latency_ms`,
 `ttft_ms`, `prompt_tokens`, `completion_tokens`, `cached_tokens` (null unless the route recorded
-usage), `bytes_in`, `bytes_out`, `error` (the `code` of an error response: a guard refusal, a 4xx or a 500).
+usage), `bytes_in`, `bytes_out`, `error` (the `code` of an error response: a guard refusal, a 4xx
+or a 500; the code of the error event of a stream that failed after its 200; `aborted` when the
+client left before the response ended).
 With `--log-content` a `content` field carries the request body (parsed JSON), with `data:` URLs
 (inline images) replaced by a short placeholder. Streaming responses are logged when the stream
 ends. The record is also attached to the log record as `glmv_access` for structured handlers.
@@ -25,6 +27,7 @@ STATE_REQUEST_ID = "request_id"
 STATE_CLIENT_IP = "client_ip"
 STATE_KEY_NAME = "api_key_name"
 STATE_USAGE = "glmv_usage"
+STATE_ERROR = "glmv_error"
 
 _MAX_TEXT_CONTENT = 4096
 _DATA_URL_KEEP = 48

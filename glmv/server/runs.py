@@ -24,9 +24,11 @@ from glmv.server.state import ServerState
 from glmv.tasks.types import Generation, GenerationChunk, GenerationRequest
 
 try:
+    from glmv.server.guard import record_error as _record_error
     from glmv.server.guard import record_usage as _record_usage
 except ImportError:  # the guard is optional
     _record_usage = None  # type: ignore[assignment]
+    _record_error = None  # type: ignore[assignment]
 
 __all__ = ["ServedRequest", "cancel_on_disconnect"]
 
@@ -177,6 +179,11 @@ class ServedRequest:
         self.last = chunk
 
     # --- the end ----------------------------------------------------------------------------------
+
+    def record_error(self, code: str) -> None:
+        """The error code of a stream that failed after its 200 went out (for the access log)."""
+        if _record_error is not None:
+            _record_error(self.http_request, code)
 
     def finished_with(self, finish_reasons: list[str | None]) -> None:
         """Record the outcome of a stream that ran to its end."""

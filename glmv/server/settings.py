@@ -181,7 +181,15 @@ class Settings:
         ),
     )
     remote_image_timeout: float = _opt(30.0, "seconds a remote image fetch may take in total", "float")
-    max_images_per_request: int = _opt(8, "most images in one request", "int")
+    max_images_per_request: int = _opt(
+        8, "most images in one request (in its current turn: earlier turns' images are counted apart)", "int"
+    )
+    max_history_images: int = _opt(
+        8,
+        "images of earlier turns kept when a client sends the whole conversation again (the most "
+        "recent ones; older ones are replaced by a text placeholder)",
+        "int",
+    )
     max_image_mb: float = _opt(20.0, "largest encoded image, in MB", "float")
     max_image_pixels: int = _opt(40_000_000, "largest image, in pixels (width x height)", "int")
     max_request_pixels: int = _opt(100_000_000, "most pixels of all images of one request together", "int")
@@ -281,6 +289,7 @@ class Settings:
         need(self.max_connections >= 1, "max_connections", "must be >= 1")
         need(self.remote_image_timeout > 0, "remote_image_timeout", "must be > 0")
         need(self.max_image_mb > 0, "max_image_mb", "must be > 0")
+        need(self.max_history_images >= 0, "max_history_images", "must be >= 0")
         need(all(n.strip() for n in self.served_model_name), "served_model_name", "must not hold empty names")
         self.image_limits()
         self.remote_image_policy()

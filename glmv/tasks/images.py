@@ -12,6 +12,9 @@ every error). `ImagePreparer.prepare(refs)` turns a request's refs into resized 
   and never in the engine core;
 * the results are checked in request order against the per-request limits (number of images,
   pixels together), so the error a request gets names the same image whichever finished first.
+  Images of earlier turns that a conversation sends again (`ImageRef.history`, see
+  `glmv.tasks.history`) are counted apart from the current turn's: the front end already bounded
+  their number, and they get a pixel budget of their own of the same size.
 
 A worker process that dies (a decoder crash) fails only the images it held; the pool is started
 again for the next request.
@@ -30,7 +33,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +59,12 @@ ImageSource = str | bytes | Path | Image.Image
 
 @dataclass(frozen=True, slots=True)
 class ImageRef:
-    """One image of a request and the request field that named it (for errors)."""
+    """One image of a request and the request field that named it (for errors). `history`:
+    an image of an earlier turn, sent again with the conversation."""
 
     source: ImageSource
     param: str = "image"
+    history: bool = False
 
 
 @dataclass(slots=True)
@@ -212,8 +217,10 @@ class ImagePreparer:
         if not refs:
             return []
         budget = ImageBudget(self.limits)
+        # Earlier turns' images: their number is bounded by whoever kept them (not max_images).
+        history_budget = ImageBudget(replace(self.limits, max_images=len(refs)))
         for ref in refs:
-            budget.add_image(param=ref.param)
+            (history_budget if ref.history else budget).add_image(param=ref.param)
         tasks = [asyncio.ensure_future(self.prepare_one(ref)) for ref in refs]
         try:
             await asyncio.wait(tasks)
@@ -224,7 +231,7 @@ class ImagePreparer:
         out: list[PreparedImage] = []
         for ref, task in zip(refs, tasks, strict=True):
             decoded = task.result()  # the first failure in request order
-            budget.add_pixels(decoded.pixels, param=ref.param)
+            (history_budget if ref.history else budget).add_pixels(decoded.pixels, param=ref.param)
             out.append(decoded.image)
         return out
 

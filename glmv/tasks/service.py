@@ -10,6 +10,11 @@ starts the image-decoding pool. Chat completions, extraction, moderation, the of
   `GenerationChunk` per engine output, each choice's text split into reasoning and answer and its
   logprobs carrying exact token bytes; `usage` is kept up to date, also when it fails. Closing
   the stream early aborts the request in the engine;
+* tools: `plan_tools(...)` checks a request's tools against this model (see
+  `glmv.tasks.tool_calls.plan_tools`); with a `ToolPlan` on the request the template renders the
+  tools, and each choice's answer runs through its own `ToolCallParser`, so calls come out as
+  `tool_calls` (in deltas: name first, then argument pieces) and an answer that made calls and
+  ended normally finishes with `tool_calls`;
 * `generate(request)` collects a stream into a `Generation`.
 
 Errors are `glmv.errors` classes whose `param` names the field of the request that caused them
@@ -36,6 +41,9 @@ from glmv.tasks.config import ServiceConfig
 from glmv.tasks.images import ImagePreparer
 from glmv.tasks.inputs import InputBuilder, load_processors
 from glmv.tasks.tokens import TokenBytes
+from glmv.tasks.tool_calls import ToolCallParser, ToolPlan
+from glmv.tasks.tool_calls import finish_reason as tool_finish_reason
+from glmv.tasks.tool_calls import plan_tools as _plan_tools
 from glmv.tasks.types import (
     Choice,
     ChoiceDelta,
@@ -43,6 +51,8 @@ from glmv.tasks.types import (
     GenerationChunk,
     GenerationRequest,
     LogprobEntry,
+    ParsedToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -104,6 +114,8 @@ def create_service(
 class _ChoiceState:
     parser: ReasoningParser
     want_logprobs: bool
+    tools: ToolCallParser | None = None  # set when the request's answer is parsed for tool calls
+    one_call: bool = False  # parallel_tool_calls false: calls after the first are dropped
 
 
 class GenerationService:
@@ -129,6 +141,7 @@ class GenerationService:
         self.max_sequences = max_sequences  # the most sequences the engine can ever queue at once
         self.token_bytes = TokenBytes(tokenizer)
         self._inflight = 0  # admitted requests not yet finished (including those still preparing)
+        self._warned_tools = False  # whether ignored tools were reported (at warning level) yet
 
     # --- facts -----------------------------------------------------------------------------------
 
@@ -147,6 +160,18 @@ class GenerationService:
     @property
     def supports_thinking_toggle(self) -> bool:
         return bool(getattr(self.builder.chat, "supports_thinking_toggle", False))
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tools and tool calls (GLM-4.5V/4.6V style)."""
+        return bool(getattr(self.builder.chat, "supports_tools", False))
+
+    @property
+    def accepts_tool_messages(self) -> bool:
+        """Whether the prompt format renders `role: "tool"` results (templates with tool calling,
+        and GLM-4v-9b's observation turn)."""
+        chat = self.builder.chat
+        return bool(getattr(chat, "accepts_tool_messages", getattr(chat, "supports_tools", False)))
 
     @property
     def running(self) -> bool:
@@ -205,6 +230,30 @@ class GenerationService:
                 retry_after=1,
             )
 
+    def plan_tools(
+        self,
+        tools: list[Any] | None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        *,
+        has_response_format: bool = False,
+    ) -> ToolPlan:
+        """A request's `ToolPlan` for this model (400 for tools it cannot honour). Tools offered
+        to a model without tool calling are ignored, with a warning in the log (the first time;
+        later ones at debug level)."""
+        plan = _plan_tools(
+            tools,
+            tool_choice,
+            parallel_tool_calls,
+            supports_tools=self.supports_tools,
+            has_response_format=has_response_format,
+        )
+        if plan.warning:
+            # Clients such as Open WebUI send their tools with every message: say it once.
+            log.log(logging.DEBUG if self._warned_tools else logging.WARNING, "%s", plan.warning)
+            self._warned_tools = True
+        return plan
+
     def stream(self, request: GenerationRequest) -> GenerationStream:
         return GenerationStream(self, request)
 
@@ -218,13 +267,16 @@ class GenerationService:
     async def build_request(self, request_id: str, request: GenerationRequest) -> EngineRequest:
         """The engine request: images decoded and resized (pool), prompt rendered (a thread)."""
         images = await self.images.prepare(request.images)
+        kwargs = dict(request.template_kwargs or {})
+        if request.tools is not None and request.tools.tools:
+            kwargs["tools"] = request.tools.tools
         engine_request = await asyncio.to_thread(
             self.builder.build,
             request_id,
             request.messages,
             images,
             request.params,
-            chat_template_kwargs=request.template_kwargs,
+            chat_template_kwargs=kwargs,
         )
         return engine_request
 
@@ -253,6 +305,19 @@ class GenerationService:
             if d.finish_reason is not None:
                 r, c = state.parser.flush()
                 reasoning, content = reasoning + r, content + c
+            calls: list[ToolCallDelta] = []
+            finish = d.finish_reason
+            if state.tools is not None:
+                parsed = state.tools.feed(content) if content else None
+                content = parsed.content if parsed is not None else ""
+                calls = list(parsed.calls) if parsed is not None else []
+                if d.finish_reason is not None:
+                    tail = state.tools.finish()
+                    content += tail.content
+                    calls = _merge_call_deltas(calls + tail.calls)
+                    finish = tool_finish_reason(d.finish_reason, len(state.tools.calls))
+                if state.one_call:
+                    calls = [c for c in calls if c.index == 0]
             logprobs = self._logprobs(d.logprobs, top) if state.want_logprobs and d.logprobs else None
             deltas.append(
                 ChoiceDelta(
@@ -260,9 +325,10 @@ class GenerationService:
                     text=d.text,
                     reasoning=reasoning,
                     content=content,
+                    tool_calls=calls,
                     token_ids=list(d.token_ids),
                     logprobs=logprobs,
-                    finish_reason=d.finish_reason,
+                    finish_reason=finish,
                     stop_reason=d.stop_reason,
                 )
             )
@@ -272,8 +338,30 @@ class GenerationService:
         return GenerationChunk(request_id, deltas, _usage(out), out.finished, queue_time)
 
 
+def _merge_call_deltas(calls: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Adjacent pieces of one call as one piece (a `feed` and the `finish` after it may both add
+    to the same call)."""
+    merged: list[ToolCallDelta] = []
+    for call in calls:
+        last = merged[-1] if merged else None
+        if last is not None and last.index == call.index and call.id is None and call.name is None:
+            last.arguments += call.arguments
+        else:
+            merged.append(ToolCallDelta(call.index, call.id, call.name, call.arguments))
+    return merged
+
+
 def _usage(out: RequestOutput) -> Usage:
     return Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+
+
+def _add_call_deltas(calls: list[ParsedToolCall], deltas: list[ToolCallDelta]) -> None:
+    """Put streamed call pieces together (a piece with an id opens the call of its index)."""
+    for d in deltas:
+        if d.id is not None:
+            calls.append(ParsedToolCall(d.id, d.name or "", d.arguments))
+        elif 0 <= d.index < len(calls):
+            calls[d.index].arguments += d.arguments
 
 
 class GenerationStream:
@@ -307,8 +395,14 @@ class GenerationStream:
             self.prompt_token_ids = list(engine_request.prompt_token_ids)
             params = self.request.params
             starts_in_thinking = prompt_opens_thinking(engine_request.prompt_text)
+            plan = self.request.tools
             states = [
-                _ChoiceState(ReasoningParser(starts_in_thinking=starts_in_thinking), params.logprobs is not None)
+                _ChoiceState(
+                    ReasoningParser(starts_in_thinking=starts_in_thinking),
+                    params.logprobs is not None,
+                    plan.parser() if plan is not None else None,
+                    plan is not None and not plan.parallel,
+                )
                 for _ in range(params.n)
             ]
             outputs = service.client.generate(engine_request)
@@ -334,6 +428,7 @@ class GenerationStream:
         want_logprobs = self.request.params.logprobs is not None
         choices = [Choice(i, logprobs=[] if want_logprobs else None) for i in range(n)]
         parts: list[tuple[list[str], list[str], list[str]]] = [([], [], []) for _ in range(n)]
+        calls: list[list[ParsedToolCall]] = [[] for _ in range(n)]
         async for chunk in self:
             if observe is not None:
                 observe(chunk)
@@ -342,6 +437,7 @@ class GenerationStream:
                 text.append(d.text)
                 reasoning.append(d.reasoning)
                 content.append(d.content)
+                _add_call_deltas(calls[d.index], d.tool_calls)
                 choice.token_ids += d.token_ids
                 if choice.logprobs is not None and d.logprobs:
                     choice.logprobs += d.logprobs
@@ -351,8 +447,9 @@ class GenerationStream:
                 break
         if not self.finished:
             raise EngineError("The engine ended the request without finishing it.")
-        for choice, (text, reasoning, content) in zip(choices, parts, strict=True):
+        for choice, (text, reasoning, content), made in zip(choices, parts, calls, strict=True):
             choice.text = "".join(text)
             choice.reasoning = "".join(reasoning) or None
             choice.content = "".join(content)
+            choice.tool_calls = made
         return Generation(self.request_id, choices, self.usage, list(self.prompt_token_ids))

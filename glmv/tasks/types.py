@@ -1,10 +1,12 @@
 """What the service is asked and what it answers (typed records, no HTTP in sight).
 
 A `GenerationRequest` is a conversation whose image parts are `{"type": "image"}` placeholders,
-the `ImageRef`s that fill them in order, sampling parameters and chat-template variables.
+the `ImageRef`s that fill them in order, sampling parameters, chat-template variables and, when
+the request offers tools, its `ToolPlan` (`glmv.tasks.tool_calls.plan_tools`).
 Streaming yields `GenerationChunk`s: per choice a `ChoiceDelta` with the new text (raw, and split
-into reasoning and answer), its token ids and logprobs, and at the end its finish reason; plus
-the usage so far. `generate` collects them into a `Generation` of `Choice`s.
+into reasoning and answer), the tool-call pieces parsed out of the answer, its token ids and
+logprobs, and at the end its finish reason; plus the usage so far. `generate` collects them into
+a `Generation` of `Choice`s.
 
 The engine's own types that the layers above use (`SamplingParams`, `EngineStats`) are named
 here too, so that the server reaches the engine only through this package.
@@ -18,6 +20,7 @@ from typing import Any
 from glmv.engine.client import EngineStats
 from glmv.engine.sampling import SamplingParams
 from glmv.tasks.images import ImageRef
+from glmv.tasks.tool_calls import ParsedToolCall, ToolCallDelta, ToolPlan
 
 __all__ = [
     "Choice",
@@ -27,7 +30,10 @@ __all__ = [
     "GenerationChunk",
     "GenerationRequest",
     "LogprobEntry",
+    "ParsedToolCall",
     "SamplingParams",
+    "ToolCallDelta",
+    "ToolPlan",
     "TopLogprob",
     "Usage",
 ]
@@ -40,6 +46,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": False}
     request_id: str | None = None  # made up when None
+    # The request's tools: rendered by the template, the answer parsed for calls (None: no tools).
+    tools: ToolPlan | None = None
 
 
 @dataclass(slots=True)
@@ -73,15 +81,19 @@ class Usage:
 @dataclass(slots=True)
 class ChoiceDelta:
     """New output of one choice; `reasoning` + `content` is `text` with the reasoning tags
-    taken out (GLM's `<think>...</think>`, `<answer>`, box tags)."""
+    taken out (GLM's `<think>...</think>`, `<answer>`, box tags) and, for a request with tools,
+    the tool calls taken out of the answer into `tool_calls` (a call's first piece has its id and
+    name, later pieces add to its arguments JSON)."""
 
     index: int
     text: str = ""
     reasoning: str = ""
     content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogprobEntry] | None = None  # None unless the request asked for logprobs
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last delta
+    # "stop" | "length" | "tool_calls" | "abort" | "error" on the last delta
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
 
@@ -99,7 +111,8 @@ class Choice:
     index: int
     text: str = ""  # everything generated, reasoning tags included
     reasoning: str | None = None  # None when the answer had no reasoning part
-    content: str = ""
+    content: str = ""  # the answer without its tool calls
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogprobEntry] | None = None
     finish_reason: str | None = None

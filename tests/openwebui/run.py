@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or tiny_checkpoint(work)
             port = free_port()
             glmv = f"http://127.0.0.1:{port}"
+            # One prefill step for the ~15k-token prompts of Open WebUI's tool definitions.
             cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(model), "--port", str(port),
-                   "--dtype", "float32", "--served-model-name", SERVED_NAME]  # fmt: skip
+                   "--dtype", "float32", "--served-model-name", SERVED_NAME,
+                   "--max-num-batched-tokens", "16384"]  # fmt: skip
             server = stack.enter_context(process(cmd, work / "glmv.log", env, REPO))
             wait_until("glmv to be ready", lambda: server.poll() is None
                        and httpx.get(glmv + "/ready", timeout=2).status_code == 200, 300)  # fmt: skip

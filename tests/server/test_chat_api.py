@@ -312,9 +312,15 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "unsupported_schema",
     ),
     (
-        {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
         400,
-        "tools",
+        "tool_choice",
+        "unsupported_parameter",
+    ),
+    (
+        {"messages": user("x"), "functions": [{"name": "f"}]},
+        400,
+        "functions",
         "unsupported_parameter",
     ),
     ({"messages": user("x"), "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported_parameter"),

@@ -95,6 +95,7 @@ def test_guard_settings_come_from_the_same_sources(tmp_path: Path) -> None:
         ((), {}, "port = [\n", "is not valid TOML"),
         ((), {}, "port = 8000.5\n", "--port (from"),
         (("--max-images-per-request", "-1"), {}, None, "max_images"),
+        (("--max-history-images", "-1"), {}, None, "--max-history-images must be >= 0"),
         (("--gpu-memory-utilization", "1.5"), {}, None, "--gpu-memory-utilization must be in (0, 1]"),
     ],
 )

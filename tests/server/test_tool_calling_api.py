@@ -6,8 +6,6 @@ function: well-formed calls whose arguments validate) and on the response shapes
 parameters are bounded (enums, small integers) so constrained calls finish within a few tokens.
 A GLM-4.1V-template checkpoint (no tool calling) ignores tools unless a call is required (400).
 
-These tests need the chat handler's tool integration (`glmv.tasks.tool_calls` wired into the
-service); until then the server refuses `tools` with a 400, so they are marked xfail (not strict).
 """
 
 from __future__ import annotations
@@ -21,12 +19,7 @@ import jsonschema
 import openai
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        strict=False, reason="needs the chat handler's tool integration (glmv.tasks.tool_calls)"
-    ),
-]
+pytestmark = pytest.mark.slow
 
 WEATHER = {
     "type": "function",

@@ -127,6 +127,22 @@ async def test_request_limits(pooled: ImagePreparer) -> None:
             preparer.shutdown()
 
 
+async def test_earlier_turns_images_are_counted_apart() -> None:
+    """Images of earlier turns (`ImageRef.history`) do not count against max_images, and have a
+    pixel budget of their own; the current turn's images keep theirs."""
+    source = encoded(noise(100, 100))
+    limits = ImageLimits(max_images=1, max_total_pixels=15_000)
+    preparer = ImagePreparer(ImageProcessor(), limits=limits)
+    history = [ImageRef(source, "h0", history=True)]
+    assert len(await preparer.prepare([*history, ImageRef(source, "c0")])) == 2
+    with pytest.raises(InvalidImageError) as info:
+        await preparer.prepare([*history, ImageRef(source, "c0"), ImageRef(source, "c1")])
+    assert info.value.param == "c1" and "too many images" in info.value.message
+    with pytest.raises(InvalidImageError) as info:
+        await preparer.prepare([*history, ImageRef(source, "h1", history=True), ImageRef(source, "c0")])
+    assert info.value.param == "h1" and "together" in info.value.message
+
+
 async def test_a_crashed_worker_fails_only_its_image(pooled: ImagePreparer) -> None:
     with pytest.raises(InvalidImageError) as info:
         await pooled.prepare([ImageRef(noise(13, 20), "images[0]")])
