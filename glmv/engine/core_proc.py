@@ -162,6 +162,15 @@ class CoreLoop:
         )
 
 
+def share_cpu_threads(config: EngineConfig, device: str | None) -> None:
+    """Cores that share the CPU split its threads: N cores each running all of them only thrash."""
+    import torch
+
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if on_cpu and config.data_parallel_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.data_parallel_size))
+
+
 def run_core(config: EngineConfig, index: int, input_address: str, output_address: str) -> None:
     """Entry point of a core process (the spawn target)."""
     _watch_parent()
@@ -179,7 +188,9 @@ def run_core(config: EngineConfig, index: int, input_address: str, output_addres
         try:
             from glmv.engine.core import EngineCore
 
-            core = EngineCore(dataclasses.replace(config, device=core_device(config, index)))
+            device = core_device(config, index)
+            share_cpu_threads(config, device)
+            core = EngineCore(dataclasses.replace(config, device=device))
         except BaseException as exc:
             outbox.send(enc.encode(StartFailed(error_info(exc), traceback.format_exc())))
             status = 1
