@@ -85,12 +85,14 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         examples_per_doc: int = 3,
         max_len: int = 1536,
         start: int = 0,
+        task_weights: dict[str, float] | None = None,
     ) -> None:
         self.checkpoint = str(checkpoint)
         self.seed = seed
         self.examples_per_doc = examples_per_doc
         self.max_len = max_len
         self.start = start
+        self.task_weights = task_weights
 
     def __iter__(self) -> Any:
         info = get_worker_info()
@@ -103,9 +105,8 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
             doc: SyntheticDocument = generate(random_kind(rng), rng.randrange(2**40), fonts=fonts)
             pixels = enc.images.resize(doc.image)
             grid = (1, pixels.shape[0] // 14, pixels.shape[1] // 14)
-            seqs = [
-                encode_example(enc, ex, grid) for ex in training_examples(doc, rng, self.examples_per_doc)
-            ]
+            examples = training_examples(doc, rng, self.examples_per_doc, self.task_weights)
+            seqs = [encode_example(enc, ex, grid) for ex in examples]
             seqs = [s for s in seqs if len(s.ids) <= self.max_len]
             if seqs:
                 yield {

@@ -56,6 +56,20 @@ def load_weights(model: Any, folder: Path) -> None:
         raise SystemExit(f"--init-from {folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def _task_weights(text: str) -> dict[str, float]:
+    from glmv.synth.tasks import TASK_WEIGHTS
+
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in TASK_WEIGHTS:
+            raise argparse.ArgumentTypeError(
+                f"unknown task {name.strip()!r}; tasks: {', '.join(TASK_WEIGHTS)}"
+            )
+        weights[name.strip()] = float(value)
+    return weights
+
+
 def _keep(item: Any) -> Any:
     return item
 
@@ -64,8 +78,12 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def batches(loader_iter: Any, pool_size: int, max_tokens: int, rng: random.Random) -> Any:
-    """Length-grouped batches of sequences from the document stream (each sequence keeps its image)."""
+def batches(
+    loader_iter: Any, pool_size: int, max_tokens: int, rng: random.Random, max_patches: int = 0
+) -> Any:
+    """Length-grouped batches of sequences from the document stream (each sequence keeps its image):
+    at most `max_tokens` padded text tokens and, when `max_patches` is set, at most that many image
+    patches (the vision tower's work grows with the images, not with the text)."""
     while True:
         pool: list[tuple[Any, ...]] = []
         while len(pool) < pool_size:
@@ -76,11 +94,17 @@ def batches(loader_iter: Any, pool_size: int, max_tokens: int, rng: random.Rando
                 pool.append((np.asarray(ids), np.asarray(targets), np.asarray(positions), task, pixels, grid))
         pool.sort(key=lambda s: len(s[0]))
         groups: list[list[tuple[Any, ...]]] = [[]]
+        patches = 0
         for s in pool:
+            n_patches = s[5][0] * s[5][1] * s[5][2]
             longest = max(len(s[0]), *(len(t[0]) for t in groups[-1])) if groups[-1] else len(s[0])
-            if groups[-1] and longest * (len(groups[-1]) + 1) > max_tokens:
+            too_long = longest * (len(groups[-1]) + 1) > max_tokens
+            too_wide = bool(max_patches) and patches + n_patches > max_patches
+            if groups[-1] and (too_long or too_wide):
                 groups.append([])
+                patches = 0
             groups[-1].append(s)
+            patches += n_patches
         rng.shuffle(groups)
         yield from groups
 
@@ -131,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-steps", type=int, default=0, help="stop after this many steps (0: time budget only)"
     )
     p.add_argument("--tokens", type=int, default=65536, help="padded tokens per batch")
+    p.add_argument("--patches", type=int, default=65536, help="image patches per batch at most (0: no limit)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -138,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--stop-at",
+        type=float,
+        default=0.0,
+        help="save and exit after this many seconds of this invocation, mid-schedule (0: never); "
+        "--resume continues the same schedule",
+    )
+    p.add_argument(
+        "--task-weights",
+        type=_task_weights,
+        default=None,
+        help="task mix, e.g. extract=0.35,qa=0.35,read=0.27,extract_other=0.03 "
+        "(default: glmv.synth.tasks.TASK_WEIGHTS)",
+    )
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between state.pt saves")
     p.add_argument("--shard-mb", type=float, default=12.0, help="split weight files above this size")
     p.add_argument(
@@ -215,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     image_id = int(config.image_token_id)
     pad_id = int(config.text_config.pad_token_id or 0)
     processor = ImageProcessor.from_pretrained(ckpt)
-    stream = DocumentStream(ckpt, seed=args.seed, start=step)
+    stream = DocumentStream(ckpt, seed=args.seed, start=step, task_weights=args.task_weights)
     loader = DataLoader(
         stream,
         batch_size=None,
@@ -228,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         iter(loader),
         pool_size=384 if device.type == "cuda" else 8,
         max_tokens=args.tokens,
+        max_patches=args.patches,
         rng=random.Random(f"batches:{args.seed}:{step}"),
     )
     amp = device.type == "cuda"
@@ -247,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=100, desc="train", unit="%", mininterval=5, file=sys.stdout)
     last_save = time.monotonic()
+    started = time.monotonic()
+    paused = False
     task_index = {"extract": 0, "extract_other": 0, "qa": 1, "read": 2}
     # loss sums and token counts per task (extract, qa, read) and of the batch means, kept on the
     # device and read every 25 steps, so the loop does not wait on the GPU each step
@@ -257,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     seen_tokens = 0
     wait_time = 0.0
     profiler: Any = None
-    while progress() < 1.0:
+    while progress() < 1.0 and not paused:
         if args.profile and step == args.profile_start:
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
@@ -300,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_loss += loss.detach()
             n_logged += 1
         elapsed += time.monotonic() - t0
-        if step % 25 == 0 or progress() >= 1.0:
+        paused = bool(args.stop_at) and time.monotonic() - started > args.stop_at
+        if step % 25 == 0 or progress() >= 1.0 or paused:
             per_task = (sums / counts.clamp(min=1)).tolist()
             have = counts.tolist()
             row: dict[str, Any] = {
@@ -349,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     save_weights(model.state_dict(), ckpt, shard_bytes=int(args.shard_mb * 2**20))
     plot_loss(log_path, out / "loss.png")
+    if paused:
+        _log(f"paused at {100 * progress():.0f} % of the schedule; --resume continues it")
+        return 0
     summary = {
         "steps": step,
         "train_seconds": round(elapsed, 1),

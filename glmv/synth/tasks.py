@@ -88,13 +88,19 @@ def read_example(doc: SyntheticDocument, rng: random.Random) -> Example:
     return Example("read", [(rng.choice(prompts), doc.text)])
 
 
-def training_examples(doc: SyntheticDocument, rng: random.Random, count: int = 2) -> list[Example]:
-    """`count` examples on one document, tasks drawn by `TASK_WEIGHTS` (QA instead of extraction
-    for kinds without a schema)."""
+def training_examples(
+    doc: SyntheticDocument,
+    rng: random.Random,
+    count: int = 2,
+    weights: dict[str, float] | None = None,
+) -> list[Example]:
+    """`count` examples on one document, tasks drawn by `weights` (`TASK_WEIGHTS` by default; QA
+    instead of extraction for kinds without a schema)."""
     out: list[Example] = []
-    tasks = tuple(TASK_WEIGHTS)
+    weights = weights or TASK_WEIGHTS
+    tasks = tuple(weights)
     for _ in range(count):
-        task = rng.choices(tasks, weights=tuple(TASK_WEIGHTS.values()))[0]
+        task = rng.choices(tasks, weights=tuple(weights.values()))[0]
         if task.startswith("extract") and doc.schema is None:
             task = "qa"
         if task == "extract":
@@ -102,7 +108,7 @@ def training_examples(doc: SyntheticDocument, rng: random.Random, count: int = 2
         elif task == "extract_other":
             ex = extraction_example(doc, rng.choice([s for s in BUILTIN_SCHEMAS if s != doc.schema]))
         elif task == "qa":
-            ex = qa_example(doc, rng, turns=rng.choices((1, 2, 3, 4), weights=(5, 2, 2, 1))[0])
+            ex = qa_example(doc, rng, turns=rng.choices((1, 2, 3, 4), weights=(3, 2, 2, 3))[0])
         else:
             ex = read_example(doc, rng)
         if rng.random() < 0.05:
