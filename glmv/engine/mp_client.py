@@ -70,6 +70,7 @@ from glmv.engine.router import PrefixRouter, prompt_block_hashes
 from glmv.engine.shm import pack_images, release
 from glmv.engine.stats import COUNTERS, EngineStats, sum_stats
 from glmv.errors import EngineError, GlmvError, OverloadedError
+from glmv.timeline import Timeline, timeline
 
 log = logging.getLogger("glmv.engine")
 
@@ -368,6 +369,9 @@ class MPEngineClient:
 
     def _submit(self, request: EngineRequest, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
         rid = request.request_id
+        trace = timeline()
+        if trace is not None:
+            trace.mark(rid, "submit")
         segment, metas = pack_images(request.images) if request.images else (None, [])
         hashes = prompt_block_hashes(request, self.info.block_size) if len(self._cores) > 1 else []
         msg = AddRequest(
@@ -402,6 +406,8 @@ class MPEngineClient:
             core.requests.add(rid)
             self._processor.add(request)
             self._pending += 1
+        if trace is not None:
+            trace.mark(rid, "sent")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -520,6 +526,9 @@ class MPEngineClient:
             if not msg.outputs:
                 return
             results, stops = self._processor.process(msg.outputs)
+            trace = timeline()
+            if trace is not None:
+                _trace_outputs(trace, results)
             for out in results:
                 self._deliver(out.request_id, out)
             if stops and core.alive:
@@ -601,3 +610,18 @@ class MPEngineClient:
             self._install(core, *launched, stats)
         log.warning("engine core %d is back (pid %s)", core.index, launched[0].pid)
         self._wake("core")
+
+
+def _trace_outputs(trace: Timeline, results: list[RequestOutput]) -> None:
+    """The core's own marks of each request, and when its outputs reached this process."""
+    now = time.monotonic()
+    for out in results:
+        rid = out.request_id
+        if out.first_scheduled_time is not None:
+            trace.mark(rid, "scheduled", out.first_scheduled_time)
+        if out.first_token_time is not None:
+            trace.mark(rid, "core_first_token", out.first_token_time)
+        if any(d.token_ids for d in out.deltas):
+            trace.mark(rid, "io_first_token", now)
+            trace.set(rid, "io_last_token", now)
+            trace.add(rid, "io_outputs")

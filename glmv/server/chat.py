@@ -60,6 +60,7 @@ from glmv.tasks.types import (
     ToolCallDelta,
     ToolPlan,
 )
+from glmv.timeline import timeline
 
 log = logging.getLogger("glmv.server.chat")
 
@@ -166,6 +167,13 @@ class ChatHandler:
         )
         if state.settings.log_content:
             log.info("%s messages=%s", generation.request_id, json.dumps(messages, ensure_ascii=False)[:20000])
+        trace = timeline()
+        if trace is not None:
+            rid = generation.request_id
+            for stage, t in request.scope.get("glmv.timeline", {}).items():
+                trace.mark(rid, stage, t)
+            trace.mark(rid, "handler", http_arrival)
+            trace.mark(rid, "checked")
         run = ServedRequest(state, request, generation, http_arrival=http_arrival)
 
         if body.stream:
