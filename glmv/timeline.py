@@ -9,7 +9,8 @@ its engine cores, which inherit the environment) appends JSON lines to that file
   sent to the core, first scheduled, first/last output in the front end, done);
 * `{"kind": "step", ...}` once per engine-core loop iteration: when it started waiting for
   commands, stepped and sent, and how many sequences the step held (prefill / decode);
-* `{"kind": "lag", "t": ..., "lag": ...}` when the API process's event loop woke a timer late.
+* `{"kind": "lag", ...}` once a second: how late the API process's event loop woke a 5 ms timer,
+  in total (the loop was busy for that long), how often and at worst.
 
 `benchmarks/http_timeline.py` reads the file and prints where the time went. Each record is one
 `os.write` on an `O_APPEND` descriptor, so lines of several processes never interleave. When the
@@ -89,13 +90,27 @@ def timeline() -> Timeline | None:
     return _timeline
 
 
-async def watch_loop_lag(trace: Timeline, interval: float = 0.005, threshold: float = 0.001) -> None:
-    """Record every wake-up of a `interval`-second timer that came more than `threshold` late:
-    the event loop was busy (or the process had no CPU) for that long."""
+async def watch_loop_lag(trace: Timeline, interval: float = 0.005, period: float = 1.0) -> None:
+    """Every `period` seconds, one `lag` record: how late an `interval`-second timer woke in
+    total (the event loop was busy, or the process had no CPU, for that long), how often it
+    woke more than a millisecond late, and the worst delay."""
     loop = asyncio.get_running_loop()
+    total = worst = 0.0
+    count = 0
+    since = loop.time()
     while True:
         start = loop.time()
         await asyncio.sleep(interval)
-        late = loop.time() - start - interval
-        if late > threshold:
-            trace.write({"kind": "lag", "t": time.monotonic() - late, "lag": round(late, 6)})
+        now = loop.time()
+        late = max(0.0, now - start - interval)
+        total += late
+        worst = max(worst, late)
+        count += late > 0.001
+        if now - since >= period:
+            trace.write(
+                {"kind": "lag", "t0": time.monotonic() - (now - since), "t1": time.monotonic(),
+                 "lag": round(total, 6), "late": count, "max": round(worst, 6)}
+            )  # fmt: skip
+            total = worst = 0.0
+            count = 0
+            since = now
