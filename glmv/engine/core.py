@@ -169,6 +169,7 @@ class EngineCore:
         self._grammar: GrammarBackend | None = None  # structured output, built on first use
         self._grammar_lock = threading.Lock()
         self.async_scheduling = config.uses_async_scheduling(self.model.device.type)
+        self.last_scheduled: SchedulerOutput | None = None
         self._in_flight: _Launched | None = None  # asynchronous scheduling: the step on the device
         # Steps launched while the one before was still in flight, and steps in flight that had to
         # be applied before the next was scheduled (see `_can_overlap`).
@@ -480,6 +481,7 @@ class EngineCore:
 
     def schedule(self) -> SchedulerOutput:
         scheduled = self.scheduler.schedule()
+        self.last_scheduled = scheduled  # what the latest step launched (timelines read it)
         now = time.monotonic()
         for chunk in scheduled.chunks:
             req = self._requests[chunk.seq.request_id]

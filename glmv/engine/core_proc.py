@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from glmv.engine.messages import (
     encoder,
     error_info,
 )
+from glmv.timeline import Timeline, timeline
 
 if TYPE_CHECKING:
     import zmq
@@ -106,17 +108,57 @@ class CoreLoop:
         self.stopping = False
 
     def run(self) -> None:
+        trace = timeline()
         while not self.stopping:
-            handled = self.receive(block=not self.core.has_unfinished())
+            t_wait = time.monotonic() if trace is not None else 0.0
+            idle = not self.core.has_unfinished()
+            handled = self.receive(block=idle)
             if self.stopping:
                 break
-            outputs = self.core.step() if self.core.has_unfinished() else []
+            t_step = time.monotonic() if trace is not None else 0.0
+            stepped = self.core.has_unfinished()
+            outputs = self.core.step() if stepped else []
+            t_send = time.monotonic() if trace is not None else 0.0
             if outputs or handled or self.consumed or self.failed:
                 self.outbox.send(
                     self.encoder.encode(CoreOutputs(outputs, self.core.stats(), self.consumed, self.failed)),
                     copy=False,
                 )
                 self.consumed, self.failed = [], []
+            if trace is not None:
+                self.trace_step(trace, t_wait, t_step, t_send, handled, idle, stepped, len(outputs))
+
+    def trace_step(
+        self,
+        trace: Timeline,
+        t_wait: float,
+        t_step: float,
+        t_send: float,
+        handled: int,
+        idle: bool,
+        stepped: bool,
+        outputs: int,
+    ) -> None:
+        """One loop iteration's line: waiting for (`idle`: blocking) and handling commands
+        [t_wait, t_step), the step [t_step, t_send), sending [t_send, end); the shape of the step
+        it launched."""
+        scheduled = self.core.last_scheduled if stepped else None
+        record = {
+            "kind": "step",
+            "pid": os.getpid(),
+            "t_wait": t_wait,
+            "t_step": t_step,
+            "t_send": t_send,
+            "t_end": time.monotonic(),
+            "commands": handled,
+            "idle": idle,
+            "outputs": outputs,
+            "running": self.core.scheduler.num_running,
+            "waiting": self.core.scheduler.num_waiting,
+        }
+        if scheduled is not None:
+            record.update(scheduled.shape())
+        trace.write(record)
 
     def receive(self, *, block: bool) -> int:
         """Handle every command that has arrived (waiting for the first one when `block`)."""

@@ -70,6 +70,7 @@ from glmv.engine.router import PrefixRouter, prompt_block_hashes
 from glmv.engine.shm import pack_images, release
 from glmv.engine.stats import COUNTERS, EngineStats, sum_stats
 from glmv.errors import EngineError, GlmvError, OverloadedError
+from glmv.timeline import Timeline, timeline
 
 log = logging.getLogger("glmv.engine")
 
@@ -79,6 +80,12 @@ BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 30.0
 
 Sink = asyncio.Queue[RequestOutput | GlmvError]
+_Batch = dict[asyncio.AbstractEventLoop, list[tuple[Sink, "RequestOutput | GlmvError"]]]
+
+
+def _put_all(items: list[tuple[Sink, RequestOutput | GlmvError]]) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)
 
 
 @dataclass(slots=True)
@@ -368,6 +375,9 @@ class MPEngineClient:
 
     def _submit(self, request: EngineRequest, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
         rid = request.request_id
+        trace = timeline()
+        if trace is not None:
+            trace.mark(rid, "submit")
         segment, metas = pack_images(request.images) if request.images else (None, [])
         hashes = prompt_block_hashes(request, self.info.block_size) if len(self._cores) > 1 else []
         msg = AddRequest(
@@ -402,6 +412,8 @@ class MPEngineClient:
             core.requests.add(rid)
             self._processor.add(request)
             self._pending += 1
+        if trace is not None:
+            trace.mark(rid, "sent")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -420,8 +432,11 @@ class MPEngineClient:
         assert core.commands is not None
         core.commands.send(self._encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
 
-    def _deliver(self, request_id: str, item: RequestOutput | GlmvError) -> None:
-        """Hand an output or error to the request's generator (caller holds the lock)."""
+    def _deliver(
+        self, request_id: str, item: RequestOutput | GlmvError, batch: _Batch | None = None
+    ) -> None:
+        """Hand an output or error to the request's generator (caller holds the lock); with
+        `batch`, collect it there for `_post` to hand over with the rest of a core message."""
         entry = self._entries.get(request_id)
         if entry is None:
             return
@@ -430,8 +445,19 @@ class MPEngineClient:
             self._cores[entry.core].requests.discard(request_id)
             self._processor.abort(request_id)
             self._idle.notify_all()
+        if batch is not None:
+            batch.setdefault(entry.loop, []).append((entry.sink, item))
+            return
         with contextlib.suppress(RuntimeError):  # the loop may be closed during shutdown
             entry.loop.call_soon_threadsafe(entry.sink.put_nowait, item)
+
+    @staticmethod
+    def _post(batch: _Batch) -> None:
+        """One wake-up per event loop for all of a core message's outputs, not one per request
+        (64 requests in a step were 64 callbacks and 64 writes to the loop's self-pipe)."""
+        for loop, items in batch.items():
+            with contextlib.suppress(RuntimeError):  # the loop may be closed during shutdown
+                loop.call_soon_threadsafe(_put_all, items)
 
     # --- the I/O thread -------------------------------------------------------------------------
 
@@ -515,15 +541,19 @@ class MPEngineClient:
                 segment = core.segments.pop(rid, None)
                 if segment is not None:
                     release(segment)
+            batch: _Batch = {}
             for failed in msg.failed:
-                self._deliver(failed.request_id, to_error(failed.error))
-            if not msg.outputs:
-                return
-            results, stops = self._processor.process(msg.outputs)
-            for out in results:
-                self._deliver(out.request_id, out)
-            if stops and core.alive:
-                self._send(core, StopSeqs(stops))
+                self._deliver(failed.request_id, to_error(failed.error), batch)
+            if msg.outputs:
+                results, stops = self._processor.process(msg.outputs)
+                trace = timeline()
+                if trace is not None:
+                    _trace_outputs(trace, results)
+                for out in results:
+                    self._deliver(out.request_id, out, batch)
+                if stops and core.alive:
+                    self._send(core, StopSeqs(stops))
+            self._post(batch)
 
     # --- failure and restart --------------------------------------------------------------------
 
@@ -601,3 +631,18 @@ class MPEngineClient:
             self._install(core, *launched, stats)
         log.warning("engine core %d is back (pid %s)", core.index, launched[0].pid)
         self._wake("core")
+
+
+def _trace_outputs(trace: Timeline, results: list[RequestOutput]) -> None:
+    """The core's own marks of each request, and when its outputs reached this process."""
+    now = time.monotonic()
+    for out in results:
+        rid = out.request_id
+        if out.first_scheduled_time is not None:
+            trace.mark(rid, "scheduled", out.first_scheduled_time)
+        if out.first_token_time is not None:
+            trace.mark(rid, "core_first_token", out.first_token_time)
+        if any(d.token_ids for d in out.deltas):
+            trace.mark(rid, "io_first_token", now)
+            trace.set(rid, "io_last_token", now)
+            trace.add(rid, "io_outputs")

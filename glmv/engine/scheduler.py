@@ -87,6 +87,24 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.chunks
 
+    def shape(self) -> dict[str, int]:
+        """How many sequences and tokens of the step are prompt (prefill) and how many are
+        generated (decode): a step's line in a timeline."""
+        prefill_seqs = prefill_tokens = decode_seqs = decode_tokens = 0
+        for chunk in self.chunks:
+            if chunk.start >= chunk.seq.num_prompt_tokens:
+                decode_seqs += 1
+                decode_tokens += chunk.num_tokens
+            else:
+                prefill_seqs += 1
+                prefill_tokens += chunk.num_tokens
+        return {
+            "prefill_seqs": prefill_seqs,
+            "prefill_tokens": prefill_tokens,
+            "decode_seqs": decode_seqs,
+            "decode_tokens": decode_tokens,
+        }
+
 
 class Scheduler:
     """Waiting queue + running batch over a `BlockManager`; see the module docstring for the policy."""

@@ -12,6 +12,7 @@ named by `settings.model` itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,7 @@ from glmv.server.protocol import (
 from glmv.server.settings import Settings
 from glmv.server.state import ServerState
 from glmv.tasks.service import EngineClient, GenerationService, create_service
+from glmv.timeline import timeline, watch_loop_lag
 
 try:
     from glmv.server import guard as _guard_module
@@ -188,7 +190,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        trace = timeline()
+        watcher = asyncio.ensure_future(watch_loop_lag(trace)) if trace is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         if state.owns_service:
             service.shutdown()
 

@@ -60,6 +60,7 @@ from glmv.tasks.types import (
     ToolCallDelta,
     ToolPlan,
 )
+from glmv.timeline import timeline
 
 log = logging.getLogger("glmv.server.chat")
 
@@ -123,6 +124,51 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+# json.dumps(..., ensure_ascii=False) writes every string with this function.
+_json_str = json.encoder.encode_basestring
+
+
+class ChunkEvents:
+    """The SSE events of one stream's `chat.completion.chunk`s. `event` serialises any chunk;
+    `text` writes the common one (a choice's new reasoning/answer text, no logprobs, not the
+    last) from a prefix serialised once per stream, byte for byte what `event` writes for it,
+    without building and walking a dict per token and request."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        self.base = base
+        head = json.dumps(base, ensure_ascii=False, separators=(",", ":"))
+        self._prefix = f'data: {head[:-1]},"choices":[{{"index":'
+
+    def event(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        logprobs: list[dict[str, Any]] | None = None,
+        finish_reason: str | None = None,
+        stop_reason: int | str | None = None,
+    ) -> str:
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
+            "finish_reason": finish_reason,
+        }
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return _sse({**self.base, "choices": [choice]})
+
+    def text(self, index: int, reasoning: str, content: str) -> str:
+        if reasoning and content:
+            delta = f'"reasoning_content":{_json_str(reasoning)},"content":{_json_str(content)}'
+        elif reasoning:
+            delta = f'"reasoning_content":{_json_str(reasoning)}'
+        elif content:
+            delta = f'"content":{_json_str(content)}'
+        else:
+            delta = ""
+        return f'{self._prefix}{int(index)},"delta":{{{delta}}},"logprobs":null,"finish_reason":null}}]}}\n\n'
+
+
 _DONE = "data: [DONE]\n\n"
 
 
@@ -166,6 +212,13 @@ class ChatHandler:
         )
         if state.settings.log_content:
             log.info("%s messages=%s", generation.request_id, json.dumps(messages, ensure_ascii=False)[:20000])
+        trace = timeline()
+        if trace is not None:
+            rid = generation.request_id
+            for stage, t in request.scope.get("glmv.timeline", {}).items():
+                trace.mark(rid, stage, t)
+            trace.mark(rid, "handler", http_arrival)
+            trace.mark(rid, "checked")
         run = ServedRequest(state, request, generation, http_arrival=http_arrival)
 
         if body.stream:
@@ -436,23 +489,8 @@ async def _stream(
     }
     if include_usage:
         base["usage"] = None
-
-    def chunk(
-        index: int,
-        delta: dict[str, Any],
-        logprobs: list[dict[str, Any]] | None = None,
-        finish_reason: str | None = None,
-        stop_reason: int | str | None = None,
-    ) -> str:
-        choice: dict[str, Any] = {
-            "index": index,
-            "delta": delta,
-            "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
-            "finish_reason": finish_reason,
-        }
-        if finish_reason is not None:
-            choice["stop_reason"] = stop_reason
-        return _sse({**base, "choices": [choice]})
+    events = ChunkEvents(base)
+    chunk = events.event
 
     def text_delta(d: ChoiceDelta) -> dict[str, Any]:
         delta: dict[str, Any] = {}
@@ -470,8 +508,10 @@ async def _stream(
         while out is not None:
             for d in out.deltas:
                 lps = logprob_json(d.logprobs) if d.logprobs else None
-                if d.reasoning or d.content or lps:
+                if lps:
                     yield chunk(d.index, text_delta(d), lps)
+                elif d.reasoning or d.content:
+                    yield events.text(d.index, d.reasoning, d.content)
                 for piece in _call_pieces(d.tool_calls):
                     yield chunk(d.index, {"tool_calls": [piece]})
                 if d.finish_reason is not None:
@@ -517,4 +557,4 @@ def _call_pieces(calls: list[ToolCallDelta]) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["ChatHandler", "logprob_json", "usage_json"]
+__all__ = ["ChatHandler", "ChunkEvents", "logprob_json", "usage_json"]

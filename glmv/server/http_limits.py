@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glmv.errors import GlmvError, InvalidRequestError, OverloadedError, RequestReadTimeoutError
 from glmv.processing.text_checks import BodyScreen
+from glmv.timeline import timeline
 
 __all__ = ["BodyReadMiddleware", "HttpLimits", "limited_protocol", "raise_open_file_limit"]
 
@@ -180,6 +182,9 @@ class BodyReadMiddleware:
             await self.app(scope, receive, send)
             return
         screen = BodyScreen()
+        trace = timeline()
+        if trace is not None:  # a request id exists only later: the route marks these
+            scope["glmv.timeline"] = {"headers": time.monotonic()}
         try:
             chunks = await self._read(receive, screen)
         except _BodyTimedOut:
@@ -191,6 +196,8 @@ class BodyReadMiddleware:
             return
         if chunks is None:  # the client left before its body was complete
             return
+        if trace is not None:
+            scope["glmv.timeline"]["body"] = time.monotonic()
         problem = screen.finish(chunks)
         if problem is not None:
             reason, param = problem
@@ -207,6 +214,8 @@ class BodyReadMiddleware:
                 )
             await _send_error(send, error)
             return
+        if trace is not None:
+            scope["glmv.timeline"]["screened"] = time.monotonic()
         # Replayed as it came (the app joins the chunks once, as it would have anyway).
         pending = chunks or [b""]
         sent = 0

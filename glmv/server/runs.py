@@ -22,6 +22,7 @@ from starlette.requests import Request
 from glmv.errors import GlmvError, OverloadedError, RequestTimeoutError
 from glmv.server.state import ServerState
 from glmv.tasks.types import Generation, GenerationChunk, GenerationRequest
+from glmv.timeline import timeline
 
 try:
     from glmv.server.guard import record_error as _record_error
@@ -165,6 +166,11 @@ class ServedRequest:
         m = self.state.metrics
         now = time.monotonic()
         if any(d.token_ids for d in chunk.deltas):
+            trace = timeline()
+            if trace is not None:
+                trace.mark(self.request_id, "first_token", now)
+                trace.set(self.request_id, "last_token", now)
+                trace.add(self.request_id, "chunks")
             if self._last_token_time is None:
                 self.ttft = max(0.0, now - self.http_arrival)
                 m.ttft.observe(self.ttft)
@@ -196,6 +202,14 @@ class ServedRequest:
             return
         self._closed = True
         self.state.runs.discard(self)
+        trace = timeline()
+        if trace is not None:
+            trace.finish(
+                self.request_id,
+                done=time.monotonic(),
+                outcome=self.outcome or outcome,
+                completion_tokens=self.stream.usage.completion_tokens,
+            )
         try:
             await self.stream.aclose()
         except RuntimeError:  # pragma: no cover - closing while another task iterates it

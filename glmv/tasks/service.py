@@ -56,6 +56,7 @@ from glmv.tasks.types import (
     TopLogprob,
     Usage,
 )
+from glmv.timeline import timeline
 
 __all__ = ["GenerationService", "GenerationStream", "create_service", "is_random_checkpoint"]
 
@@ -266,7 +267,10 @@ class GenerationService:
 
     async def build_request(self, request_id: str, request: GenerationRequest) -> EngineRequest:
         """The engine request: images decoded and resized (pool), prompt rendered (a thread)."""
+        trace = timeline()
         images = await self.images.prepare(request.images)
+        if trace is not None:
+            trace.mark(request_id, "images")
         kwargs = dict(request.template_kwargs or {})
         if request.tools is not None and request.tools.tools:
             kwargs["tools"] = request.tools.tools
@@ -278,6 +282,8 @@ class GenerationService:
             request.params,
             chat_template_kwargs=kwargs,
         )
+        if trace is not None:
+            trace.mark(request_id, "prompt")
         return engine_request
 
     # --- output shaping --------------------------------------------------------------------------
