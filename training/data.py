@@ -4,7 +4,8 @@
 template and tokenizer, the image expanded to its token count), marks the answer tokens (each
 answer is followed by `<|user|>`, which ends a turn), and computes the M-RoPE positions glmv uses.
 `DocumentStream` is an endless `IterableDataset`: each item is one freshly generated document
-(uint8 pixels after glmv's resize) with `examples_per_doc` encoded sequences on it.
+(uint8 pixels after glmv's resize) with `examples_per_doc` encoded sequences on it; a share of
+them (`lines_share`) are text strips to transcribe (`glmv.synth.lines`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from glmv.models.positions import ImageGrid, mrope_positions
 from glmv.processing.chat import ChatProcessor
 from glmv.processing.image import ImageProcessor
 from glmv.processing.tokenizer import Tokenizer
-from glmv.synth import SyntheticDocument, generate, random_kind
+from glmv.synth import Augment, SyntheticDocument, generate, random_kind
 from glmv.synth.fonts import find_fonts
+from glmv.synth.lines import TEXT_LINES_KIND, make_text_lines
 from glmv.synth.tasks import Example, training_examples
 
 __all__ = ["DocumentStream", "Encoded", "Encoder", "encode_example"]
@@ -86,6 +88,7 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         max_len: int = 1536,
         start: int = 0,
         task_weights: dict[str, float] | None = None,
+        lines_share: float = 0.0,
     ) -> None:
         self.checkpoint = str(checkpoint)
         self.seed = seed
@@ -93,6 +96,7 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         self.max_len = max_len
         self.start = start
         self.task_weights = task_weights
+        self.lines_share = lines_share
 
     def __iter__(self) -> Any:
         info = get_worker_info()
@@ -102,10 +106,16 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         fonts = find_fonts()
         torch.set_num_threads(1)
         while True:
-            doc: SyntheticDocument = generate(random_kind(rng), rng.randrange(2**40), fonts=fonts)
+            doc: SyntheticDocument
+            if self.lines_share and rng.random() < self.lines_share:
+                doc = make_text_lines(random.Random(rng.randrange(2**40)), fonts, Augment())
+            else:
+                doc = generate(random_kind(rng), rng.randrange(2**40), fonts=fonts)
             pixels = enc.images.resize(doc.image)
             grid = (1, pixels.shape[0] // 14, pixels.shape[1] // 14)
-            examples = training_examples(doc, rng, self.examples_per_doc, self.task_weights)
+            # a strip has one task, so one sequence (three would repeat the same answer)
+            count = 1 if doc.kind == TEXT_LINES_KIND else self.examples_per_doc
+            examples = training_examples(doc, rng, count, self.task_weights)
             seqs = [encode_example(enc, ex, grid) for ex in examples]
             seqs = [s for s in seqs if len(s.ids) <= self.max_len]
             if seqs:

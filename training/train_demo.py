@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         "--resume continues the same schedule",
     )
     p.add_argument(
+        "--lines-share",
+        type=float,
+        default=0.0,
+        help="share of the images that are short text strips to transcribe (glmv.synth.lines)",
+    )
+    p.add_argument(
         "--task-weights",
         type=_task_weights,
         default=None,
@@ -259,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     image_id = int(config.image_token_id)
     pad_id = int(config.text_config.pad_token_id or 0)
     processor = ImageProcessor.from_pretrained(ckpt)
-    stream = DocumentStream(ckpt, seed=args.seed, start=step, task_weights=args.task_weights)
+    stream = DocumentStream(
+        ckpt, seed=args.seed, start=step, task_weights=args.task_weights, lines_share=args.lines_share
+    )
     loader = DataLoader(
         stream,
         batch_size=None,

@@ -103,6 +103,8 @@ def training_examples(
         task = rng.choices(tasks, weights=tuple(weights.values()))[0]
         if task.startswith("extract") and doc.schema is None:
             task = "qa"
+        if task == "qa" and not doc.qa:
+            task = "read"  # text strips (`glmv.synth.lines`) only have their transcription
         if task == "extract":
             ex = extraction_example(doc, doc.schema or "receipt")
         elif task == "extract_other":
