@@ -4,7 +4,7 @@
 template and tokenizer, the image expanded to its token count), marks the answer tokens (each
 answer is followed by `<|user|>`, which ends a turn), and computes the M-RoPE positions glmv uses.
 `DocumentStream` is an endless `IterableDataset`: each item is one freshly generated document
-(uint8 pixels after glmv's resize) with `examples_per_doc` encoded sequences on it; a share of
+(the uint8 patches of glmv's resized image) with `examples_per_doc` encoded sequences on it; a share of
 them (`lines_share`) are text strips to transcribe (`glmv.synth.lines`).
 """
 
@@ -120,7 +120,7 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
             seqs = [s for s in seqs if len(s.ids) <= self.max_len]
             if seqs:
                 yield {
-                    "pixels": pixels,
+                    "patches": enc.images.patch_bytes(pixels),  # batched onto the device in one copy
                     "grid": grid,
                     "seqs": [(s.ids, s.targets, s.positions, s.task) for s in seqs],
                 }

@@ -103,10 +103,15 @@ def install_padded_vision_attention(model: Any) -> None:
             attn.forward = types.MethodType(forward, attn)
 
 
-def image_rows(processor: ImageProcessor, pixels: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    return torch.cat(
-        [processor.to_patches(torch.from_numpy(np.ascontiguousarray(p)), device=device) for p in pixels]
-    )
+def image_rows(processor: ImageProcessor, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The `pixel_values` rows of several images, in order: each one resized uint8 (H, W, 3) pixels
+    or their `ImageProcessor.patch_bytes` (what `DocumentStream` yields). One upload and one
+    normalisation for the whole batch: a batch of text strips holds hundreds of small images."""
+    parts = [x if x.ndim == 4 else processor.patch_bytes(x) for x in images]
+    u8 = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        u8 = u8.pin_memory()
+    return processor.normalise_patches(u8.to(device, non_blocking=True))
 
 
 @dataclass(slots=True)
@@ -126,7 +131,7 @@ class Batch:
         pad_id: int,
         device: torch.device,
     ) -> Batch:
-        """`seqs`: (ids, targets, positions, task, pixels, grid) per sequence."""
+        """`seqs`: (ids, targets, positions, task, image, grid) per sequence (image: see `image_rows`)."""
         b = len(seqs)
         length = max(len(s[0]) for s in seqs)
         ids = np.full((b, length), pad_id, np.int64)

@@ -88,10 +88,10 @@ def batches(
         pool: list[tuple[Any, ...]] = []
         while len(pool) < pool_size:
             item = next(loader_iter)
-            pixels = np.asarray(item["pixels"])
+            patches = np.asarray(item["patches"])
             grid = tuple(int(g) for g in item["grid"])
             for ids, targets, positions, task in item["seqs"]:
-                pool.append((np.asarray(ids), np.asarray(targets), np.asarray(positions), task, pixels, grid))
+                pool.append((np.asarray(ids), np.asarray(targets), np.asarray(positions), task, patches, grid))
         pool.sort(key=lambda s: len(s[0]))
         groups: list[list[tuple[Any, ...]]] = [[]]
         patches = 0

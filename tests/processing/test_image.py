@@ -315,6 +315,20 @@ def test_split_api_equals_preprocess(processor: ImageProcessor) -> None:
     assert again.content_hash == whole.content_hash
 
 
+def test_batched_patch_bytes_equal_to_patches(processor: ImageProcessor) -> None:
+    # Several images' patch bytes concatenated and normalised at once give each image's rows.
+    images = [
+        processor.resize(Image.fromarray(noise(w, h, seed=50 + w)))
+        for w, h in [(84, 56), (252, 112), (640, 360)]
+    ]
+    patches = [processor.patch_bytes(px) for px in images]
+    assert all(p.dtype == np.uint8 and p.shape[1:] == (3, 14, 14) for p in patches)
+    together = processor.normalise_patches(torch.from_numpy(np.concatenate(patches)))
+    assert torch.equal(together, torch.cat([processor.to_patches(px) for px in images]))
+    half = processor.normalise_patches(torch.from_numpy(patches[0]), dtype=torch.bfloat16)
+    assert torch.equal(half, processor.to_patches(images[0], dtype=torch.bfloat16))
+
+
 def test_patch_layout(processor: ImageProcessor) -> None:
     # Row r of pixel_values is patch (i, j) in 2x2 merge-group order; each row is (C, T, 14, 14).
     pixels = noise(56, 84, seed=41)  # 84 high, 56 wide -> grid 6 x 4
