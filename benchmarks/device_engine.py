@@ -47,6 +47,7 @@ from glmv.models.tiny import create_tiny_model
 ROWS: list[tuple[str, str, str]] = []
 PROFILE = False
 NO_ASYNC = False
+CUDNN = False  # --cudnn-attention: the engine's attention may use cuDNN (plans per shape)
 SYNC_THROUGHPUT = False
 HTTP_PASSES = int(os.environ.get("GLMV_BENCH_HTTP_PASSES", "1"))  # 64-concurrent passes over HTTP
 
@@ -125,16 +126,25 @@ def tiny_gpu_vs_cpu(tmp: Path) -> None:
 
 
 def image_request(
-    rid: str, seed: int, text_tokens: int, max_tokens: int, image_id: int, follow_up: bool = False
+    rid: str,
+    seed: int,
+    text_tokens: int,
+    max_tokens: int,
+    image_id: int,
+    follow_up: bool = False,
+    size: tuple[int, int] = (1120, 1120),
 ) -> EngineRequest:
-    """A prompt with one 1120x1120 image as the server builds it: uint8 pixels, normalised on the GPU."""
+    """A prompt with one image (1120x1120 unless `size`, multiples of 28) as the server builds it:
+    uint8 pixels, normalised on the GPU."""
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (1120, 1120, 3), generator=gen, dtype=torch.uint8).numpy()
+    h, w = size
+    n_image = (h // 28) * (w // 28)
+    pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
     prefix = [3, 4, 5, 6]  # stand-ins for [gMASK]<sop><|user|>\n (token values do not change speed)
     ids = [
         *prefix,
         7,
-        *([image_id] * 1600),
+        *([image_id] * n_image),
         8,
         *[100 + (seed * 7 + i) % 1500 for i in range(text_tokens)],
         9,
@@ -144,9 +154,9 @@ def image_request(
         ids += [11, 12, *[200 + i for i in range(40)], 13, 14]
     image = ImageInput(
         offset=len(prefix) + 1,
-        length=1600,
-        content_hash=f"img{seed}",
-        grid_thw=(1, 80, 80),
+        length=n_image,
+        content_hash=f"img{seed}-{h}x{w}",
+        grid_thw=(1, h // 14, w // 14),
         pixel_values=None,
         pixels=pixels,
     )
@@ -207,6 +217,7 @@ def full_size(tmp: Path, quick: bool) -> None:
             dtype="bfloat16",
             max_num_seqs=64 if quick else 128,
             async_scheduling=False if NO_ASYNC else None,
+            cudnn_attention=CUDNN,
         )
     )
     row("engine start-up (random init + profile + graph capture)", f"{time.perf_counter() - t0:.1f} s")
@@ -263,6 +274,19 @@ def full_size(tmp: Path, quick: bool) -> None:
         "TTFT, one 1120x1120 image + 32 text tokens (engine, median of 3)",
         f"{statistics.median(ttfts) * 1e3:.1f} ms",
         "(target <= 80 ms)",
+    )
+
+    # 2b. TTFT when every request brings shapes the process has not seen (image size, prompt
+    # length), as real traffic does: kernels that plan or compile per shape pay here.
+    sizes = [(1092, 1120), (1120, 1064), (1036, 1092), (1008, 1120), (1064, 1036)]
+    new_shape = [
+        run_requests(engine, [image_request(f"ns{i}", 20 + i, 33 + 3 * i, 1, image_id, size=hw)])[f"ns{i}"][0]
+        for i, hw in enumerate(sizes)
+    ]
+    row(
+        "TTFT, a new image size and prompt length each request (engine, median of 5)",
+        f"{statistics.median(new_shape) * 1e3:.1f} ms",
+        f"max {max(new_shape) * 1e3:.1f} ms; cuDNN attention {'on' if CUDNN else 'off'}",
     )
 
     # 3. second turn about the same image (a warm-up pair first: first-call kernel set-up).
@@ -347,7 +371,8 @@ def http_phase(tmp: Path) -> None:
     log = open(tmp / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "glmv", "serve", "--model", str(ckpt), "--port", str(port), "--dtype", "bfloat16",
-         "--max-num-seqs", "128", *(["--no-async-scheduling"] if NO_ASYNC else [])],
+         "--max-num-seqs", "128", *(["--no-async-scheduling"] if NO_ASYNC else []),
+         *(["--cudnn-attention"] if CUDNN else [])],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -509,9 +534,11 @@ def main() -> None:
         "--sync-throughput", action="store_true", help="also measure the concurrent run with async scheduling off"
     )
     ap.add_argument("--no-async", action="store_true", help="asynchronous scheduling off everywhere")
+    ap.add_argument("--cudnn-attention", action="store_true", help="let attention use cuDNN everywhere")
     args = ap.parse_args()
-    global PROFILE, SYNC_THROUGHPUT, NO_ASYNC
+    global PROFILE, SYNC_THROUGHPUT, NO_ASYNC, CUDNN
     NO_ASYNC = args.no_async
+    CUDNN = args.cudnn_attention
     PROFILE = args.profile
     SYNC_THROUGHPUT = args.sync_throughput
     dev = torch.device("cuda")

@@ -145,7 +145,14 @@ def engine_phase(
     from glmv.engine.engine import EngineConfig, LLMEngine
 
     t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(ckpt), dtype=args.dtype, max_num_seqs=args.max_num_seqs))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(ckpt),
+            dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs,
+            cudnn_attention="--cudnn-attention" in args.serve_arg,
+        )
+    )
     print(f"engine start-up {time.perf_counter() - t:.1f} s", flush=True)
     engine_wave(engine, engine_requests(ckpt, warm, text, args.warm_tokens, "w"))
     result = engine_wave(engine, engine_requests(ckpt, timed, text, args.max_tokens, "t"))

@@ -60,6 +60,11 @@ class EngineConfig:
     # "fp8": the large linear layers get per-channel FP8 weights at load (GPUs with FP8 tensor
     # cores; a float reference path elsewhere). INT4 checkpoints say so in their own config.
     quantization: str | None = None
+    # Let PyTorch's attention (vision tower, prefill) use cuDNN's kernels on CUDA. Off by default:
+    # cuDNN builds an execution plan on the CPU for every new (batch, length) shape, hundreds of
+    # milliseconds each, and prompt lengths, chunk boundaries and image sizes change all the time.
+    # Flash / memory-efficient attention need no plan.
+    cudnn_attention: bool = False
     # "process": the scheduler, runner and sampler run in their own process(es), reached over
     # ZeroMQ; "inprocess": on a thread of this process (tests, debugging).
     engine_mode: str = field(default_factory=default_engine_mode)

@@ -130,6 +130,9 @@ class EngineCore:
                 config.model, dtype=config.dtype, device=config.device, quantization=config.quantization
             )
         )
+        if self.model.device.type == "cuda":  # pragma: no cover - CUDA
+            # process-wide: in process mode the core has its process to itself
+            torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)
         if tokenizer is None:
             from glmv.processing.loader import load_tokenizer
 

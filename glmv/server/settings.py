@@ -83,6 +83,11 @@ ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
     "seed": ("seed of the default random generator", None),
     "quantization": ("'fp8': FP8 weights made at load from a bf16 checkpoint (Ada/Hopper GPUs)", QUANTIZATIONS),
+    "cudnn_attention": (
+        "let the vision tower and prefill attention use cuDNN on CUDA (it plans every new shape on "
+        "the CPU; off: flash / memory-efficient attention)",
+        None,
+    ),
     "engine_mode": (
         "where the engine core runs: 'process' (its own process per core) or 'inprocess' (a thread "
         "of the server, for tests and debugging)",

@@ -174,3 +174,9 @@ def test_async_scheduling_reaches_the_engine_config() -> None:
     assert load(env={"GLMV_ASYNC_SCHEDULING": "false"}).async_scheduling is False
     assert load(env={"GLMV_ASYNC_SCHEDULING": "none"}).async_scheduling is None
     assert load("--async-scheduling", env={"GLMV_ASYNC_SCHEDULING": "0"}).async_scheduling is True
+
+
+def test_cudnn_attention_is_an_engine_setting_off_by_default() -> None:
+    assert load().engine_config("m").cudnn_attention is False
+    assert load("--cudnn-attention").engine_config("m").cudnn_attention is True
+    assert load(env={"GLMV_CUDNN_ATTENTION": "true"}).cudnn_attention is True
