@@ -5,7 +5,9 @@ template and tokenizer, the image expanded to its token count), marks the answer
 answer is followed by `<|user|>`, which ends a turn), and computes the M-RoPE positions glmv uses.
 `DocumentStream` is an endless `IterableDataset`: each item is one freshly generated document
 (the uint8 patches of glmv's resized image) with `examples_per_doc` encoded sequences on it; a share of
-them (`lines_share`) are text strips to transcribe (`glmv.synth.lines`).
+them (`lines_share`) are text strips to transcribe (`glmv.synth.lines`). `BatchStream` groups a
+worker's documents into whole padded batches (`PackedBatch`) in the worker itself, so the training
+process receives one item of a few arrays per step instead of hundreds of small ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,21 @@ from glmv.synth.fonts import find_fonts
 from glmv.synth.lines import TEXT_LINES_KIND, make_text_lines
 from glmv.synth.tasks import Example, training_examples
 
-__all__ = ["DocumentStream", "Encoded", "Encoder", "encode_example"]
+__all__ = [
+    "BatchStream",
+    "DocumentStream",
+    "Encoded",
+    "Encoder",
+    "PackedBatch",
+    "Sequence",
+    "encode_example",
+    "group_sequences",
+    "pack_sequences",
+]
+
+# (ids, targets, positions, task, image, grid): one training sequence and its image (pixels or
+# patch bytes, see `training.model.image_rows`)
+Sequence = tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray, tuple[int, int, int]]
 
 
 @dataclass(slots=True)
@@ -98,7 +114,8 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         self.task_weights = task_weights
         self.lines_share = lines_share
 
-    def __iter__(self) -> Any:
+    def documents(self) -> Any:
+        """This worker's endless (patch bytes, grid, sequences) per document."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = random.Random(f"train:{self.seed}:{self.start}:{worker}")
@@ -119,8 +136,107 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
             seqs = [encode_example(enc, ex, grid) for ex in examples]
             seqs = [s for s in seqs if len(s.ids) <= self.max_len]
             if seqs:
-                yield {
-                    "patches": enc.images.patch_bytes(pixels),  # batched onto the device in one copy
-                    "grid": grid,
-                    "seqs": [(s.ids, s.targets, s.positions, s.task) for s in seqs],
-                }
+                yield enc.images.patch_bytes(pixels), grid, seqs
+
+    def __iter__(self) -> Any:
+        for patches, grid, seqs in self.documents():
+            yield {
+                "patches": patches,  # batched onto the device in one copy
+                "grid": grid,
+                "seqs": [(s.ids, s.targets, s.positions, s.task) for s in seqs],
+            }
+
+
+def group_sequences(
+    pool: list[Sequence], max_tokens: int, max_patches: int, rng: random.Random
+) -> list[list[Sequence]]:
+    """Length-sorted groups of at most `max_tokens` padded text tokens and, when `max_patches` is
+    set, at most that many image patches (the vision tower's work grows with the images, not with
+    the text); in random order."""
+    pool = sorted(pool, key=lambda s: len(s[0]))
+    groups: list[list[Sequence]] = [[]]
+    patches = 0
+    for s in pool:
+        n_patches = s[5][0] * s[5][1] * s[5][2]
+        longest = max(len(s[0]), *(len(t[0]) for t in groups[-1])) if groups[-1] else len(s[0])
+        too_long = longest * (len(groups[-1]) + 1) > max_tokens
+        too_wide = bool(max_patches) and patches + n_patches > max_patches
+        if groups[-1] and (too_long or too_wide):
+            groups.append([])
+            patches = 0
+        groups[-1].append(s)
+        patches += n_patches
+    rng.shuffle(groups)
+    return groups
+
+
+@dataclass(slots=True)
+class PackedBatch:
+    """Right-padded sequences and their images' patch bytes, as numpy arrays."""
+
+    ids: np.ndarray  # (B, L) int64
+    targets: np.ndarray  # (B, L) bool
+    positions: np.ndarray  # (3, B, L) int64
+    patches: np.ndarray  # (patches, 3, p, p) uint8: every sequence's image, in order
+    grids: np.ndarray  # (B, 3) int64
+    lengths: list[int]
+    tasks: list[str]
+
+
+def pack_sequences(seqs: list[Sequence], pad_id: int, patch_bytes: Any = None) -> PackedBatch:
+    """Pad `seqs` into one batch; positions run on past each sequence's end. Images given as
+    resized pixels are turned into patch bytes by `patch_bytes` (`ImageProcessor.patch_bytes`)."""
+    b = len(seqs)
+    length = max(len(s[0]) for s in seqs)
+    ids = np.full((b, length), pad_id, np.int64)
+    targets = np.zeros((b, length), bool)
+    pos = np.zeros((3, b, length), np.int64)
+    for i, (s_ids, s_tg, s_pos, *_rest) in enumerate(seqs):
+        n = len(s_ids)
+        ids[i, :n] = s_ids
+        targets[i, :n] = s_tg
+        pos[:, i, :n] = s_pos
+        pos[:, i, n:] = s_pos[:, -1:] + np.arange(1, length - n + 1)
+    images = [s[4] if s[4].ndim == 4 else patch_bytes(s[4]) for s in seqs]
+    return PackedBatch(
+        ids,
+        targets,
+        pos,
+        np.concatenate(images),
+        np.asarray([s[5] for s in seqs], np.int64),
+        [len(s[0]) for s in seqs],
+        [s[3] for s in seqs],
+    )
+
+
+class BatchStream(IterableDataset):  # type: ignore[type-arg]
+    """Endless `PackedBatch`es: each worker renders `pool_docs` documents (see `DocumentStream`),
+    groups their sequences with `group_sequences` and packs every group."""
+
+    def __init__(
+        self,
+        documents: DocumentStream,
+        *,
+        pad_id: int,
+        max_tokens: int,
+        max_patches: int = 0,
+        pool_docs: int = 96,
+    ) -> None:
+        self.documents = documents
+        self.pad_id = pad_id
+        self.max_tokens = max_tokens
+        self.max_patches = max_patches
+        self.pool_docs = pool_docs
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = random.Random(f"batches:{self.documents.seed}:{self.documents.start}:{worker}")
+        docs = self.documents.documents()
+        while True:
+            pool: list[Sequence] = []
+            for _ in range(self.pool_docs):
+                patches, grid, seqs = next(docs)
+                pool += [(s.ids, s.targets, s.positions, s.task, patches, grid) for s in seqs]
+            for group in group_sequences(pool, self.max_tokens, self.max_patches, rng):
+                yield pack_sequences(group, self.pad_id)

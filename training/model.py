@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from glmv.processing.image import ImageProcessor
+from training.data import PackedBatch, Sequence, pack_sequences
 
 __all__ = [
     "Batch",
@@ -125,33 +126,27 @@ class Batch:
     tasks: list[str]
 
     @staticmethod
-    def build(
-        seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray, tuple[int, int, int]]],
-        processor: ImageProcessor,
-        pad_id: int,
-        device: torch.device,
-    ) -> Batch:
+    def build(seqs: list[Sequence], processor: ImageProcessor, pad_id: int, device: torch.device) -> Batch:
         """`seqs`: (ids, targets, positions, task, image, grid) per sequence (image: see `image_rows`)."""
-        b = len(seqs)
-        length = max(len(s[0]) for s in seqs)
-        ids = np.full((b, length), pad_id, np.int64)
-        targets = np.zeros((b, length), bool)
-        pos = np.zeros((3, b, length), np.int64)
-        for i, (s_ids, s_tg, s_pos, *_rest) in enumerate(seqs):
-            n = len(s_ids)
-            ids[i, :n] = s_ids
-            targets[i, :n] = s_tg
-            pos[:, i, :n] = s_pos
-            pos[:, i, n:] = s_pos[:, -1:] + np.arange(1, length - n + 1)
-        rows = image_rows(processor, [s[4] for s in seqs], device)
+        return Batch.from_packed(pack_sequences(seqs, pad_id, processor.patch_bytes), processor, device)
+
+    @staticmethod
+    def from_packed(packed: PackedBatch, processor: ImageProcessor, device: torch.device) -> Batch:
+        """The batch on `device`: one copy per array, the images normalised in one pass."""
+        cuda = device.type == "cuda"
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=True)
+
         return Batch(
-            torch.from_numpy(ids).to(device, non_blocking=True),
-            torch.from_numpy(pos).to(device, non_blocking=True),
-            torch.from_numpy(targets).to(device, non_blocking=True),
-            [len(s[0]) for s in seqs],
-            rows,
-            torch.tensor([s[5] for s in seqs], dtype=torch.long, device=device),
-            [s[3] for s in seqs],
+            put(packed.ids),
+            put(packed.positions),
+            put(packed.targets),
+            packed.lengths,
+            processor.normalise_patches(put(packed.patches)),
+            put(packed.grids),
+            packed.tasks,
         )
 
 

@@ -8,8 +8,9 @@ Writes into `--out`: `checkpoint/` (the skeleton from `training.demo_checkpoint`
 (loss per logged step), `loss.png`, and, unless `--eval-seconds 0`, `eval.json` from
 `training.evaluate`'s held-out set graded with transformers on the training device.
 
-Documents are rendered on the fly by `--workers` DataLoader processes; each gives two sequences.
-Sequences are grouped by length into batches of at most `--tokens` padded tokens. The learning
+Documents are rendered on the fly by `--workers` DataLoader processes; each gives up to three
+sequences. Each worker groups its sequences by length into padded batches of at most `--tokens`
+text tokens and `--patches` image patches, so the training process receives whole batches. The learning
 rate warms up over `--warmup` steps and then follows a cosine over the time budget (or the step
 budget), so a run ends on schedule on any machine. Seeds are fixed by `--seed`.
 """
@@ -27,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from glmv.processing.image import ImageProcessor
-from training.data import DocumentStream
+from training.data import BatchStream, DocumentStream, PackedBatch
 from training.demo_checkpoint import save_weights, write_skeleton
 from training.model import (
     Batch,
@@ -76,37 +76,6 @@ def _keep(item: Any) -> Any:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def batches(
-    loader_iter: Any, pool_size: int, max_tokens: int, rng: random.Random, max_patches: int = 0
-) -> Any:
-    """Length-grouped batches of sequences from the document stream (each sequence keeps its image):
-    at most `max_tokens` padded text tokens and, when `max_patches` is set, at most that many image
-    patches (the vision tower's work grows with the images, not with the text)."""
-    while True:
-        pool: list[tuple[Any, ...]] = []
-        while len(pool) < pool_size:
-            item = next(loader_iter)
-            patches = np.asarray(item["patches"])
-            grid = tuple(int(g) for g in item["grid"])
-            for ids, targets, positions, task in item["seqs"]:
-                pool.append((np.asarray(ids), np.asarray(targets), np.asarray(positions), task, patches, grid))
-        pool.sort(key=lambda s: len(s[0]))
-        groups: list[list[tuple[Any, ...]]] = [[]]
-        patches = 0
-        for s in pool:
-            n_patches = s[5][0] * s[5][1] * s[5][2]
-            longest = max(len(s[0]), *(len(t[0]) for t in groups[-1])) if groups[-1] else len(s[0])
-            too_long = longest * (len(groups[-1]) + 1) > max_tokens
-            too_wide = bool(max_patches) and patches + n_patches > max_patches
-            if groups[-1] and (too_long or too_wide):
-                groups.append([])
-                patches = 0
-            groups[-1].append(s)
-            patches += n_patches
-        rng.shuffle(groups)
-        yield from groups
 
 
 def plot_loss(log_path: Path, out: Path) -> None:
@@ -265,24 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     image_id = int(config.image_token_id)
     pad_id = int(config.text_config.pad_token_id or 0)
     processor = ImageProcessor.from_pretrained(ckpt)
-    stream = DocumentStream(
-        ckpt, seed=args.seed, start=step, task_weights=args.task_weights, lines_share=args.lines_share
+    stream = BatchStream(
+        DocumentStream(
+            ckpt, seed=args.seed, start=step, task_weights=args.task_weights, lines_share=args.lines_share
+        ),
+        pad_id=pad_id,
+        max_tokens=args.tokens,
+        max_patches=args.patches,
+        pool_docs=96 if device.type == "cuda" else 4,
     )
     loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=args.workers,
         collate_fn=_keep,  # numpy arrays through the worker pipes: no shared-memory tensors
-        prefetch_factor=16 if args.workers else None,
+        prefetch_factor=4 if args.workers else None,
         persistent_workers=bool(args.workers),
     )
-    feed = batches(
-        iter(loader),
-        pool_size=384 if device.type == "cuda" else 8,
-        max_tokens=args.tokens,
-        max_patches=args.patches,
-        rng=random.Random(f"batches:{args.seed}:{step}"),
-    )
+    feed = iter(loader)
     amp = device.type == "cuda"
     model.train()
 
@@ -327,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             _log(profiler.key_averages().table(sort_by=sort, row_limit=25))
             profiler = None
         t0 = time.monotonic()
-        seqs = next(feed)
+        packed: PackedBatch = next(feed)
         t_data = time.monotonic()
         wait_time += t_data - t0
-        batch = Batch.build(seqs, processor, pad_id, device)
+        batch = Batch.from_packed(packed, processor, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress())
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -364,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 "elapsed": round(elapsed, 1),
                 "lr": opt.param_groups[0]["lr"],
                 "loss": float(batch_loss) / max(1, n_logged),
-                "batch": len(seqs),
+                "batch": len(batch.tasks),
                 "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
                 "data_wait_s": round(wait_time, 1),
             }

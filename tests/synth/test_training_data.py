@@ -70,3 +70,56 @@ def test_padded_vision_attention_equals_the_loop(encoder) -> None:  # type: igno
         install_padded_vision_attention(model)
         padded = _image_embeddings(model, rows, grids)
     assert torch.allclose(loop, padded, atol=1e-5)
+
+
+def test_workers_pack_whole_batches(encoder) -> None:  # type: ignore[no-untyped-def]
+    """BatchStream's batches keep each budget, pad like the served format expects (positions run on
+    after the end), and their images become the same rows as one `to_patches` per image."""
+    import torch
+
+    from training.data import BatchStream, DocumentStream, group_sequences
+    from training.model import Batch
+
+    stream = BatchStream(
+        DocumentStream(CHECKPOINT, seed=5, lines_share=0.5),
+        pad_id=0,
+        max_tokens=3000,
+        max_patches=4000,
+        pool_docs=6,
+    )
+    batches = iter(stream)
+    seen = 0
+    for _ in range(4):
+        packed = next(batches)
+        b, length = packed.ids.shape
+        patches_per_image = [int(t * h * w) for t, h, w in packed.grids]
+        assert b == len(packed.tasks) == len(packed.lengths) and max(packed.lengths) == length
+        assert b == 1 or (b * length <= 3000 and sum(patches_per_image) <= 4000)
+        assert packed.patches.shape == (sum(patches_per_image), 3, 14, 14)
+        for i, n in enumerate(packed.lengths):
+            assert not packed.targets[i, n:].any() and (packed.ids[i, n:] == 0).all()
+            tail = packed.positions[:, i, n - 1 :]
+            assert (np.diff(tail, axis=1) == 1).all()  # positions keep counting through the padding
+        batch = Batch.from_packed(packed, encoder.images, torch.device("cpu"))
+        assert batch.rows.shape == (sum(patches_per_image), 1176)
+        start = 0
+        for n_patches, image in zip(
+            patches_per_image, np.split(packed.patches, np.cumsum(patches_per_image)[:-1]), strict=True
+        ):
+            assert torch.equal(
+                batch.rows[start : start + n_patches],
+                encoder.images.normalise_patches(torch.from_numpy(image)),
+            )
+            start += n_patches
+        seen += b
+    assert seen > 4
+
+    # grouping alone: budgets hold for every group, nothing is lost
+    pool = [
+        (np.zeros(n, np.int64), np.zeros(n, bool), np.zeros((3, n), np.int64), "qa", np.zeros(1), (1, 4, 8))
+        for n in (5, 9, 30, 31, 7, 64)
+    ]
+    groups = group_sequences(pool, max_tokens=64, max_patches=96, rng=random.Random(0))
+    assert sorted(len(s[0]) for g in groups for s in g) == [5, 7, 9, 30, 31, 64]
+    for g in groups:
+        assert len(g) == 1 or (max(len(s[0]) for s in g) * len(g) <= 64 and 32 * len(g) <= 96)
