@@ -104,6 +104,7 @@ class ServedRequest:
         # Set when the server stops this request at the end of its shutdown timeout.
         self.stopped = state.stopping
         self._deadline = Deadline(self.deadline)
+        self._trace = timeline()  # looked up once (it reads the environment), not per token
         state.runs.add(self)
 
     def stop(self) -> None:
@@ -157,7 +158,7 @@ class ServedRequest:
         m = self.state.metrics
         now = time.monotonic()
         if any(d.token_ids for d in chunk.deltas):
-            trace = timeline()
+            trace = self._trace
             if trace is not None:
                 trace.mark(self.request_id, "first_token", now)
                 trace.set(self.request_id, "last_token", now)
