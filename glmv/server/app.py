@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import glmv
 from glmv.errors import ModelNotFoundError
+from glmv.server.body_send import install as install_body_send
 from glmv.server.chat import ChatHandler
 from glmv.server.errors import install_error_handlers, internal_error_response
 from glmv.server.extract import install_extract_routes
@@ -138,6 +139,7 @@ class _CountingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        install_body_send(scope, send)  # outermost of ours: streamed bodies skip the layers inside
         status: list[int] = []
 
         async def counting_send(message: Message) -> None:
@@ -317,6 +319,8 @@ def create_app(
             )
 
     # Outermost last: counting → guard → body read and text screen → HEAD → 500s → routes.
+    # A streamed response's body messages go from the route straight to the counting layer's
+    # `send` (glmv.server.body_send): a layer here that needs them must register a tap.
     app.add_middleware(_ServerMiddleware)
     app.add_middleware(_HeadAsGet)
     app.add_middleware(BodyReadMiddleware, body_timeout=settings.body_timeout)

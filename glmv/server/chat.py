@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from glmv.errors import GlmvError, InvalidImageError, InvalidRequestError
+from glmv.server.body_send import body_send
 from glmv.server.protocol import ChatCompletionRequest, TextContentPart
 from glmv.server.runs import ServedRequest, cancel_on_disconnect
 from glmv.server.state import ServerState
@@ -103,7 +104,9 @@ def usage_json(run: ServedRequest) -> dict[str, Any]:
 
 class _SSEResponse(StreamingResponse):
     """A streaming response that always runs its cleanup, even if the client left before the
-    first byte (Starlette does not close a body iterator it never started)."""
+    first byte (Starlette does not close a body iterator it never started), and sends its body
+    messages past the middleware (`glmv.server.body_send`). Each item of `content` is one send:
+    the events of one engine output together."""
 
     def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> None:
         super().__init__(
@@ -112,12 +115,23 @@ class _SSEResponse(StreamingResponse):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._cleanup = cleanup
+        self._body_send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._body_send = body_send(scope, send)
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._cleanup()
+
+    async def stream_response(self, send: Send) -> None:
+        # The start through every layer (status, headers, counts); the body straight out.
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        out = self._body_send or send
+        async for events in self.body_iterator:
+            body = events.encode() if isinstance(events, str) else bytes(events)
+            await out({"type": "http.response.body", "body": body, "more_body": True})
+        await out({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -501,47 +515,56 @@ async def _stream(
         return delta
 
     finish_reasons: list[str | None] = [None] * run.n
+    # The events of one engine output go out in one send (the client sees the same events).
+    pending: list[str] = []
+    add = pending.append
     try:
         for i in range(run.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            add(chunk(i, {"role": "assistant", "content": ""}))
         out = first
         while out is not None:
             for d in out.deltas:
                 lps = logprob_json(d.logprobs) if d.logprobs else None
                 if lps:
-                    yield chunk(d.index, text_delta(d), lps)
+                    add(chunk(d.index, text_delta(d), lps))
                 elif d.reasoning or d.content:
-                    yield events.text(d.index, d.reasoning, d.content)
+                    add(events.text(d.index, d.reasoning, d.content))
                 for piece in _call_pieces(d.tool_calls):
-                    yield chunk(d.index, {"tool_calls": [piece]})
+                    add(chunk(d.index, {"tool_calls": [piece]}))
                 if d.finish_reason is not None:
                     finish_reasons[d.index] = d.finish_reason
-                    yield chunk(d.index, {}, None, d.finish_reason, d.stop_reason)
+                    add(chunk(d.index, {}, None, d.finish_reason, d.stop_reason))
             if out.finished:
                 break
+            if pending:
+                yield pending[0] if len(pending) == 1 else "".join(pending)
+                pending.clear()
             out = await run.next()
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": usage_json(run)})
+            add(_sse({**base, "choices": [], "usage": usage_json(run)}))
         run.finished_with(finish_reasons)
     except GlmvError as exc:
         run.outcome = run.outcome or "error"
         run.record_error(exc.code or exc.error_type)
-        yield _sse(exc.to_dict())
+        add(_sse(exc.to_dict()))
     except Exception:  # never leak a traceback into the stream
         log.exception("%s: streaming failed", run.request_id)
         run.outcome = "error"
         run.record_error("internal_error")
-        yield _sse(
-            {
-                "error": {
-                    "message": "The server had an error while processing your request.",
-                    "type": "internal_error",
-                    "param": None,
-                    "code": "internal_error",
+        add(
+            _sse(
+                {
+                    "error": {
+                        "message": "The server had an error while processing your request.",
+                        "type": "internal_error",
+                        "param": None,
+                        "code": "internal_error",
+                    }
                 }
-            }
+            )
         )
-    yield _DONE
+    add(_DONE)
+    yield "".join(pending)
 
 
 def _call_pieces(calls: list[ToolCallDelta]) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ from glmv.errors import (
     RateLimitError,
     RequestTooLargeError,
 )
+from glmv.server.body_send import add_tap as add_body_tap
 from glmv.server.guard_auth import ApiKey, KeyRing, bearer_token, keys_from_flags, load_api_keys_file
 from glmv.server.guard_log import (
     STATE_CLIENT_IP,
@@ -479,13 +480,19 @@ class GuardMiddleware:
                 own.extend((k, v) for k, v in ex.headers if k not in present)
                 message = {**message, "headers": own}
             elif message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if ex.record.bytes_out == 0 and ex.record.error is None and (ex.record.status or 0) >= 400:
-                    ex.record.error = _error_code(chunk, ex.record.status or 0)
-                ex.record.bytes_out += len(chunk)
-                if not message.get("more_body", False):
-                    ex.completed = True
+                see_body(message)
             await send(message)
+
+        def see_body(message: Message) -> None:
+            chunk = message.get("body", b"")
+            if ex.record.bytes_out == 0 and ex.record.error is None and (ex.record.status or 0) >= 400:
+                ex.record.error = _error_code(chunk, ex.record.status or 0)
+            ex.record.bytes_out += len(chunk)
+            if not message.get("more_body", False):
+                ex.completed = True
+
+        # A streamed body skips this layer (glmv.server.body_send); its messages are counted here.
+        add_body_tap(scope, see_body)
 
         async def app_send(message: Message) -> None:
             if ex.body_too_large:  # the app answered a body we cut off: answer 413 instead

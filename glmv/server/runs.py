@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.requests import Request
 
 from glmv.errors import GlmvError, OverloadedError, RequestTimeoutError
+from glmv.server.deadline import Deadline, Interrupted
 from glmv.server.state import ServerState
 from glmv.tasks.types import Generation, GenerationChunk, GenerationRequest
 from glmv.timeline import timeline
@@ -37,22 +37,29 @@ log = logging.getLogger("glmv.server")
 T = TypeVar("T")
 
 _DISCONNECT_POLL_S = 0.5
-_HAS_ASYNCIO_TIMEOUT = sys.version_info >= (3, 11)
 
 
 async def cancel_on_disconnect(request: Request, awaitable: Awaitable[T]) -> T | None:
-    """Await `awaitable`; if the client disconnects meanwhile, cancel it and return None."""
+    """Await `awaitable`; if the client disconnects meanwhile, cancel it and return None.
+
+    The request's body has been read, so the client's next ASGI message is its disconnect: the
+    watcher waits for it in `receive()` (no wake-up while nothing happens, where polling woke
+    every waiting request twice a second). Should another message come, it polls instead."""
     task = asyncio.ensure_future(awaitable)
     left = False
 
     async def watch() -> None:
         nonlocal left
-        while not task.done():
-            await asyncio.sleep(_DISCONNECT_POLL_S)
-            if await request.is_disconnected():
-                left = True
-                task.cancel()
-                return
+        try:
+            message = await request.receive()
+            if message["type"] != "http.disconnect":  # not expected after the body: poll
+                while not await request.is_disconnected():
+                    await asyncio.sleep(_DISCONNECT_POLL_S)
+        except Exception:  # a receive that fails tells nothing: let the request run on
+            log.debug("disconnect watch of %s %s failed", request.method, request.url.path, exc_info=True)
+            return
+        left = True
+        task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
@@ -96,15 +103,15 @@ class ServedRequest:
         self.deadline = http_arrival + timeout if timeout and timeout > 0 else None
         # Set when the server stops this request at the end of its shutdown timeout.
         self.stopped = state.stopping
-        self._waiting: Any = None  # the asyncio.timeout of the await in progress, if any
+        self._deadline = Deadline(self.deadline)
+        self._trace = timeline()  # looked up once (it reads the environment), not per token
         state.runs.add(self)
 
     def stop(self) -> None:
         """End this request with a 503 `overloaded` error (the server is going away): a stream
         sends the error event and `[DONE]`, a waiting non-streaming request answers 503."""
         self.stopped = True
-        if self._waiting is not None:
-            self._waiting.reschedule(asyncio.get_running_loop().time())
+        self._deadline.interrupt("stopped")
 
     def _shutdown_error(self) -> OverloadedError:
         self.outcome = "error"
@@ -117,29 +124,14 @@ class ServedRequest:
 
     async def _bounded(self, awaitable: Awaitable[T]) -> T:
         """`awaitable` within what is left of the request timeout (504 after it); `stop` ends the
-        wait early (503)."""
+        wait early (503). One timer per request (`Deadline`), not one per await."""
         if self.stopped:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             raise self._shutdown_error()
         try:
-            if _HAS_ASYNCIO_TIMEOUT:  # no extra task per token; `stop` can end the wait early
-                remaining = None if self.deadline is None else self.deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    if asyncio.iscoroutine(awaitable):
-                        awaitable.close()
-                    raise asyncio.TimeoutError
-                async with asyncio.timeout(remaining) as waiting:  # type: ignore[attr-defined]
-                    self._waiting = waiting
-                    try:
-                        return await awaitable
-                    finally:
-                        self._waiting = None
-            if self.deadline is None:  # pragma: no cover - Python 3.10
-                return await awaitable
-            remaining = self.deadline - time.monotonic()  # pragma: no cover - Python 3.10
-            return await asyncio.wait_for(awaitable, max(remaining, 0.0))  # pragma: no cover
-        except asyncio.TimeoutError:
+            return await self._deadline.wait(awaitable)
+        except Interrupted:
             if self.stopped:
                 raise self._shutdown_error() from None
             self.outcome = "timeout"
@@ -166,7 +158,7 @@ class ServedRequest:
         m = self.state.metrics
         now = time.monotonic()
         if any(d.token_ids for d in chunk.deltas):
-            trace = timeline()
+            trace = self._trace
             if trace is not None:
                 trace.mark(self.request_id, "first_token", now)
                 trace.set(self.request_id, "last_token", now)
@@ -201,6 +193,7 @@ class ServedRequest:
         if self._closed:
             return
         self._closed = True
+        self._deadline.cancel()
         self.state.runs.discard(self)
         trace = timeline()
         if trace is not None:
