@@ -127,7 +127,8 @@ async def test_someone_elses_cancellation_passes_through() -> None:
 async def test_the_deadline_times_out_a_served_stream(tmp_path: Path, server_model_dir: Path) -> None:
     never = asyncio.Event()
     client = ScriptedClient(server_model_dir, [("Hello", [1], None), never, ("x", [2], None)])
-    app = create_app(make_settings(server_model_dir, request_timeout=0.2), client)
+    # The first chunk is ready at once; the timeout must only end the wait that never finishes.
+    app = create_app(make_settings(server_model_dir, request_timeout=1.0), client)
     async with asgi_client(app) as c:
         r = await c.post(CHAT, json={"messages": ASK, "stream": True})
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
