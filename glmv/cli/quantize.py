@@ -1,4 +1,5 @@
-"""`glmv quantize SRC DST`: write a 4-bit (AWQ layout) copy of a checkpoint.
+"""`glmv quantize SRC DST`: write a 4-bit (AWQ layout) copy of a checkpoint, or with
+`--method fp8-block` an FP8 one in the block-scaled layout of the published GLM FP8 checkpoints.
 
 Before the model loads: SRC must be a checkpoint folder, DST a new or empty folder (`--force`
 writes over one that holds files, removing its old weight files first), and the group size must
@@ -27,11 +28,12 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from glmv.models.quant.quantize import check_quantizable, quantize_checkpoint, skip_list
+    from glmv.models.quant.quantize import FP8_BLOCK, check_quantizable, quantize_checkpoint, skip_list
 
     # Before the model loads and before --force removes anything: an already quantized SRC, or a
     # group size that fits no layer (nothing would be quantized), is one line and status 2.
-    check_quantizable(src, args.group_size, skip_list(args.quantize_vision, not args.keep_lm_head))
+    fp8 = args.method == FP8_BLOCK
+    check_quantizable(src, None if fp8 else args.group_size, skip_list(args.quantize_vision, not args.keep_lm_head))
     if args.force:
         clear_weights(args.dst)
 
@@ -61,6 +63,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
+    if fp8:
+        print(
+            f"wrote {args.dst}: {report.quantized_layers} linear layers in FP8 (e4m3, 128x128 blocks), "
+            f"{len(report.float_linears)} kept in full precision, {report.seconds:.1f} s"
+        )
+        return 0
     print(
         f"wrote {args.dst}: {report.quantized_layers} linear layers in 4 bits ({report.method}, group "
         f"{report.group_size}), {len(report.float_linears)} kept in full precision, "
@@ -71,11 +79,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="write a 4-bit (AWQ layout) copy of a checkpoint")
+    p = sub.add_parser("quantize", help="write a 4-bit (AWQ layout) or FP8 copy of a checkpoint")
     p.add_argument("src", type=Path, help="float checkpoint directory")
     p.add_argument("dst", type=Path, help="output directory (new or empty, unless --force)")
     p.add_argument(
-        "--method", default="awq", choices=["awq", "rtn"], help="activation-aware scaling or round-to-nearest"
+        "--method",
+        default="awq",
+        choices=["awq", "rtn", "fp8-block"],
+        help="4-bit: activation-aware scaling or round-to-nearest; fp8-block: FP8 weights with one scale "
+        "per 128x128 block (the published GLM FP8 layout)",
     )
     p.add_argument(
         "--group-size", type=int, default=128, help="input channels per scale (-1: one per output channel)"

@@ -44,6 +44,41 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
+def block_scale_shape(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the scale grid of a `shape` [rows, cols] weight in `block` [rows, cols] tiles
+    (the last tile of each axis may be partial, as in DeepSeek-V3's and transformers' layout)."""
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def expand_block_scales(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """The per-element float32 scales [rows, cols] of a block scale grid."""
+    s = scale.float().repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    return s[: shape[0], : shape[1]]
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of `w` [rows, cols] with one float32 scale per `block` tile (absmax / 448):
+    the `weight` / `weight_scale_inv` pair of block-FP8 checkpoints (`codes * scale = w`)."""
+    rows, cols = w.shape
+    br, bc = block
+    grid = block_scale_shape((rows, cols), block)
+    w32 = w.float()
+    padded = w32.new_zeros(grid[0] * br, grid[1] * bc)
+    padded[:rows, :cols] = w32
+    tiles = padded.view(grid[0], br, grid[1], bc)
+    scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=_MIN_SCALE)
+    codes = (w32 / expand_block_scales(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+def dequantize_blocks(
+    codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """`codes * scale` (one scale per `block` tile) in float32, rounded once to `dtype`."""
+    shape = (codes.shape[0], codes.shape[1])
+    return (codes.float() * expand_block_scales(scale, shape, block)).to(dtype)
+
+
 def fp8_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:

@@ -591,6 +591,11 @@ def load_glm4v_9b_weights(model: Glm4v9bModel, tensors: Iterable[tuple[str, torc
     for raw_name, tensor, file in tensors:
         if raw_name.endswith(_IGNORED_SUFFIXES):
             continue
+        if tensor.dtype.itemsize == 1 and tensor.is_floating_point():
+            raise CheckpointError(
+                f"{file}: tensor {raw_name!r} is {tensor.dtype}; FP8 checkpoints load for GLM-4.1V / "
+                "GLM-4.6V models only (serve GLM-4v-9b from its bf16 checkpoint)"
+            )
         name = raw_name.removeprefix("transformer.")
         param = params.get(name)
         if param is None or name == raw_name:

@@ -9,6 +9,12 @@ the tensor.
 4-bit checkpoints (AWQ GEMM or GPTQ, `glmv.models.quant`) load too: the linear layers the
 checkpoint holds `qweight`s for become `Int4Linear`s before any memory is allocated, and their
 packed tensors are converted into glmv's layout, fused like the float ones.
+
+FP8 checkpoints (block-scaled `fp8`, or compressed-tensors `float-quantized`,
+`glmv.models.quant.fp8_checkpoint`) load too: the scale tensors are read first (they are small),
+the linear layers whose every part has one become `Fp8Linear`s before any memory is allocated
+where FP8 runs (`keep_fp8`), and each FP8 weight is converted to per-row scales as it streams in;
+elsewhere each is dequantized to the model dtype as it streams in.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +38,15 @@ from glmv.models.quant.checkpoint import (
     QuantSpec,
     copy_quantized_part,
     read_quant_spec,
+)
+from glmv.models.quant.fp8 import Fp8Linear, convert_to_fp8, fp8_linear_names
+from glmv.models.quant.fp8_checkpoint import (
+    IGNORED_LEAVES,
+    Fp8Spec,
+    check_scale,
+    dequantize_weight,
+    keep_fp8,
+    row_scaled,
 )
 from glmv.models.quant.linear import Int4Linear, quantizable_linears, random_init_int4, replace_linears
 
@@ -139,6 +155,42 @@ def fused_name(name: str) -> tuple[str, str | None, int]:
     return name, None, 0
 
 
+def read_named_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors called `names` of a checkpoint directory (read file by file, others untouched)."""
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+    if not wanted:
+        return found
+    for fpath in _checkpoint_files(path):
+        try:
+            with safe_open(str(fpath), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key in wanted:
+                        found[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{fpath}: cannot read safetensors file: {exc}") from exc
+    return found
+
+
+def fp8_module_names(names: Iterable[str], spec: Fp8Spec) -> set[str]:
+    """glmv module names of the linear layers whose every checkpoint weight (among tensor `names`)
+    has an FP8 scale tensor beside it; a fused module with some parts in float stays a float
+    layer, and its FP8 parts are dequantized."""
+    weights: dict[str, set[int]] = {}
+    scaled: dict[str, set[int]] = {}
+    suffix = f".{spec.scale_leaf}"
+    for raw in names:
+        if raw.endswith(suffix):
+            raw, parts = raw[: -len(suffix)] + ".weight", scaled
+        elif raw.endswith(".weight"):
+            parts = weights
+        else:
+            continue
+        name, _, idx = fused_name(map_name(raw))
+        parts.setdefault(name[: -len(".weight")], set()).add(idx)
+    return {m for m, got in scaled.items() if got == weights.get(m)}
+
+
 def quantized_module_names(names: Iterable[str]) -> set[str]:
     """glmv module names of the linear layers that checkpoint tensor `names` hold `qweight`s for."""
     modules: set[str] = set()
@@ -150,12 +202,21 @@ def quantized_module_names(names: Iterable[str]) -> set[str]:
 
 
 def load_weights(
-    model: Glm4vModel, tensors: Iterable[tuple[str, torch.Tensor, str]], quant: QuantSpec | None = None
+    model: Glm4vModel,
+    tensors: Iterable[tuple[str, torch.Tensor, str]],
+    quant: QuantSpec | None = None,
+    *,
+    fp8: Fp8Spec | None = None,
+    fp8_scales: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Copy checkpoint tensors into `model`, fusing and reshaping; strict about names and shapes.
-    `quant` describes the packing of the 4-bit tensors of the model's `Int4Linear` layers."""
+    `quant` describes the packing of the 4-bit tensors of the model's `Int4Linear` layers; `fp8`
+    the FP8 weights, whose scale tensors `fp8_scales` holds by name (read beforehand)."""
     params = dict(model.named_parameters())
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    fmods = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    ffilled: dict[str, int] = {}
+    scales = fp8_scales or {}
     qfilled: dict[tuple[str, str], int] = {}
     cfg = model.config
     t = cfg.text
@@ -172,13 +233,49 @@ def load_weights(
         if fused is not None:
             if fused.endswith("qkv_proj"):
                 sizes = (q_size, kv_size, kv_size)
-            elif module_name in qmods:
-                inner = qmods[module_name].out_features // 2
+            elif module_name in qmods or module_name in fmods:
+                inner = (qmods.get(module_name) or fmods[module_name]).out_features // 2
                 sizes = (inner, inner)
             else:
                 inner = params[name].shape[0] // 2 if name in params else 0
                 sizes = (inner, inner)
             slot = (sum(sizes[:idx]), sizes[idx])
+        if fp8 is not None and (leaf == fp8.scale_leaf or leaf in IGNORED_LEAVES):
+            continue  # scales were read beforehand; static activation scales are not used
+        if tensor.dtype.itemsize == 1 and tensor.is_floating_point():
+            if fp8 is None:
+                raise CheckpointError(
+                    f"{file}: tensor {raw_name!r} is {tensor.dtype} but config.json has no FP8 quantization_config"
+                )
+            scale = scales.get(raw_name[: -len("weight")] + fp8.scale_leaf) if leaf == "weight" else None
+            if scale is None:
+                raise CheckpointError(f"{file}: FP8 tensor {raw_name!r} has no {fp8.scale_leaf} beside it")
+            try:
+                scale = check_scale(fp8, tensor, scale)
+            except ValueError as exc:
+                raise CheckpointError(f"{file}: tensor {raw_name!r} {exc}") from exc
+            if module_name in fmods:
+                module = fmods[module_name]
+                start, length = slot if slot is not None else (0, module.out_features)
+                if tuple(tensor.shape) != (length, module.in_features):
+                    raise CheckpointError(
+                        f"{file}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {(length, module.in_features)} from config.json"
+                    )
+                dev = module.weight.device
+                codes, row_scale = row_scaled(fp8, tensor.to(dev), scale.to(dev))
+                with torch.no_grad():
+                    module.weight[start : start + length].copy_(codes)
+                    module.weight_scale[start : start + length].copy_(row_scale)
+                ffilled[module_name] = ffilled.get(module_name, 0) + length
+                continue
+            target_dtype = params[name].dtype if name in params else torch.float32
+            tensor = dequantize_weight(fp8, tensor, scale, target_dtype)
+        elif module_name in fmods and leaf == "weight":
+            raise CheckpointError(
+                f"{file}: tensor {raw_name!r} has a {fp8.scale_leaf if fp8 else 'scale'} but is stored as "
+                f"{tensor.dtype}, not float8_e4m3fn"
+            )
         if module_name in qmods and leaf in QUANT_LEAVES:
             if quant is None:
                 raise CheckpointError(f"{file}: 4-bit tensor {raw_name!r} but no quantization config")
@@ -222,6 +319,9 @@ def load_weights(
             if qfilled.get((module_name, buffer), 0) != module.out_features:
                 missing.append(f"{module_name}.{buffer}")
         module.invalidate_cache()
+    for module_name, fmodule in fmods.items():
+        if ffilled.get(module_name, 0) != fmodule.out_features:
+            missing.append(f"{module_name}.weight")
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing tensors for: {shown}")
@@ -318,6 +418,8 @@ def load_model(
     quant = read_quant_spec(path)
     random_spec = json.loads((path / "config.json").read_text(encoding="utf-8")).get("glmv_random_init")
     weightless = random_spec is not None and not any(path.glob("*.safetensors"))
+    if isinstance(quant, Fp8Spec):
+        return _load_fp8_checkpoint(path, config, quant, resolve_dtype(dtype, dev), dev, random_spec, weightless)
     if quant is None:
         model = build_model(config, resolve_dtype(dtype, dev), dev)
     else:
@@ -336,6 +438,47 @@ def load_model(
             random_init_int4(model, seed=seed, branch_scale=branch_scale)
         return model
     load_weights(model, iter_checkpoint_tensors(path), quant)
+    return model
+
+
+def _load_fp8_checkpoint(
+    path: Path,
+    config: ModelConfig,
+    spec: Fp8Spec,
+    dtype: torch.dtype,
+    device: torch.device,
+    random_spec: dict[str, Any] | None,
+    weightless: bool,
+) -> Glm4vModel:
+    """An FP8 checkpoint: FP8 layers as `Fp8Linear`s where FP8 runs, dequantized elsewhere."""
+    keep = keep_fp8(device)
+    if weightless:
+        assert random_spec is not None
+        model = build_model(config, dtype, device)
+        random_init(
+            model, seed=int(random_spec.get("seed", 0)), branch_scale=float(random_spec.get("branch_scale", 1.0))
+        )
+        if keep:  # the layers such a checkpoint would hold in FP8: all but those it names
+            convert_to_fp8(model, skip=tuple(map_name(f"{m}.").rstrip(".") for m in spec.modules_to_not_convert))
+        return model
+    names = checkpoint_tensor_names(path)
+    scale_names = [n for n in names if n.endswith(f".{spec.scale_leaf}")]
+    held: list[str] = []
+    if keep:
+        fp8_modules = fp8_module_names(names, spec)
+        # Fp8Linear's GEMM wants aligned shapes; any other FP8 layer is dequantized.
+        held = [n for n in fp8_linear_names(model_skeleton(config), skip=()) if n in fp8_modules]
+    with _meta_init():
+        model = Glm4vModel(config).to(dtype)
+        for name in held:  # on the meta device: the float weights of these layers never exist
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, leaf)
+            setattr(
+                parent, leaf, Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, dtype=dtype)
+            )
+    model = _materialize(model, device).eval().requires_grad_(False)
+    load_weights(model, iter_checkpoint_tensors(path), fp8=spec, fp8_scales=read_named_tensors(path, scale_names))
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from glmv.models.base import ServedModel
 from glmv.models.quant.methods import QUANTIZATIONS
 
 Loader = Callable[..., Any]
+log = logging.getLogger("glmv.models")
 
 
 def _load_glm4v(
@@ -60,7 +62,8 @@ def load_model(
     quantization: str | None = None,
 ) -> ServedModel:
     """Load any supported checkpoint directory as a `ServedModel`; `quantization="fp8"` rounds the
-    large linear layers to FP8 weights after loading (INT4 checkpoints say so in their config)."""
+    large linear layers to FP8 weights after loading (INT4 and FP8 checkpoints say so in their
+    config; on an FP8 checkpoint the flag is a no-op)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantization!r} (supported: {', '.join(QUANTIZATIONS)})")
     path = Path(path)
@@ -77,6 +80,14 @@ def load_model(
         )
     model = LOADERS[kind](path, dtype, device)
     if quantization == "fp8":
+        from glmv.models.quant.checkpoint import read_quant_spec
+        from glmv.models.quant.fp8_checkpoint import Fp8Spec
+
+        if isinstance(read_quant_spec(path), Fp8Spec):
+            # Already FP8: its layers load as FP8 (dequantized where FP8 cannot run) and the ones
+            # its authors kept in bf16 stay so; the flag has nothing to add.
+            log.info("%s is an FP8 checkpoint already; --quantization fp8 changes nothing", path)
+            return model
         from glmv.models.quant.fp8 import convert_to_fp8
 
         convert_to_fp8(model)  # type: ignore[arg-type]

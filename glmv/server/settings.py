@@ -82,7 +82,7 @@ ENGINE_FLAGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     ),
     "encoder_cache_mb": ("memory for cached image embeddings, in MB", None),
     "seed": ("seed of the default random generator", None),
-    "quantization": ("'fp8': FP8 weights made at load from a bf16 checkpoint (Ada/Hopper GPUs)", QUANTIZATIONS),
+    "quantization": ("'fp8': FP8 weights made at load from a bf16 checkpoint (Ada/Hopper GPUs); FP8 checkpoints need no flag", QUANTIZATIONS),
     "cudnn_attention": (
         "let the vision tower and prefill attention use cuDNN on CUDA (it plans every new shape on "
         "the CPU; off: flash / memory-efficient attention)",

@@ -1,4 +1,5 @@
-"""Reading 4-bit checkpoints: the `quantization_config`, and each tensor into an `Int4Linear`.
+"""Reading 4-bit checkpoints: the `quantization_config`, and each tensor into an `Int4Linear`
+(FP8 configs are told apart here and read by `glmv.models.quant.fp8_checkpoint`).
 
 Two layouts load (`glmv.models.quant.int4` describes them): AutoAWQ's GEMM packing
 (`quant_method: awq`, `version: gemm`, 4 bits, zero points) and GPTQ (`quant_method: gptq`,
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from glmv.errors import CheckpointError
+from glmv.models.quant.fp8_checkpoint import FP8_METHODS, Fp8Spec
 from glmv.models.quant.int4 import AWQ_ORDER, PACK, gptq_zeros, pack_rows, unpack_columns
 from glmv.models.quant.linear import Int4Linear
 
@@ -42,7 +44,8 @@ class QuantSpec:
         method = str(data.get("quant_method", "")).lower()
         if method not in SUPPORTED_METHODS:
             raise CheckpointError(
-                f"{source}: quant_method {method or None!r} is not supported (glmv loads {', '.join(SUPPORTED_METHODS)})"
+                f"{source}: quant_method {method or None!r} is not supported "
+                f"(glmv loads {', '.join(SUPPORTED_METHODS + FP8_METHODS)})"
             )
         bits = int(data.get("bits", data.get("w_bit", 4)))
         if bits != 4:
@@ -66,9 +69,10 @@ class QuantSpec:
         )
 
 
-def read_quant_spec(path: str | Path) -> QuantSpec | None:
+def read_quant_spec(path: str | Path) -> QuantSpec | Fp8Spec | None:
     """The checkpoint's quantization, from `config.json`'s `quantization_config` (or AutoAWQ's
-    `quant_config.json` / AutoGPTQ's `quantize_config.json` beside it); None for float weights."""
+    `quant_config.json` / AutoGPTQ's `quantize_config.json` beside it): a `QuantSpec` for 4-bit
+    weights, an `Fp8Spec` for FP8 ones, None for float weights."""
     path = Path(path)
     candidates: list[tuple[Path, str | None]] = [
         (path / "config.json", "quantization_config"),
@@ -88,6 +92,8 @@ def read_quant_spec(path: str | Path) -> QuantSpec | None:
             continue
         if key is None and "quant_method" not in data:
             data = {**data, "quant_method": "awq" if file.name == "quant_config.json" else "gptq"}
+        if str(data.get("quant_method", "")).lower() in FP8_METHODS:
+            return Fp8Spec.from_dict(data, source=str(file))
         return QuantSpec.from_dict(data, source=str(file))
     return None
 

@@ -1,4 +1,5 @@
-"""`glmv quantize`: a float checkpoint in, a 4-bit AutoAWQ-layout checkpoint out.
+"""`glmv quantize`: a float checkpoint in, a 4-bit AutoAWQ-layout checkpoint out (or, with
+`fp8-block`, a block-scaled FP8 one written by `glmv.models.quant.fp8_writer`).
 
 Steps: check the source (a float checkpoint, and at least one linear layer the group size
 fits: `check_quantizable`, from the config alone); load the float model with glmv's loader; choose the linear layers to quantize (the text
@@ -33,11 +34,14 @@ from glmv.models.quant.calibration import (
     build_calibration_set,
     random_calibration_set,
 )
+from glmv.models.quant.fp8_writer import BLOCK_FP8, fp8_targets, write_fp8_checkpoint
 from glmv.models.quant.int4 import PACK, QuantizedWeight, quantize_rtn
 from glmv.models.quant.linear import quantizable_linears
 from glmv.models.quant.writer import awq_quantization_config, copy_side_files, write_quantized_checkpoint
 
-METHODS = ("awq", "rtn")
+METHODS = ("awq", "rtn", "fp8-block")
+# The method that writes block-scaled FP8 weights (`glmv.models.quant.fp8_writer`), not 4-bit ones.
+FP8_BLOCK = "fp8-block"
 Progress = Callable[[str, int], None]  # (stage description, steps done since the last call)
 
 
@@ -202,10 +206,11 @@ def _quantize_text(
         progress("decoder layers", 1)
 
 
-def check_quantizable(src: Path, group_size: int, skip: tuple[str, ...]) -> list[str]:
+def check_quantizable(src: Path, group_size: int | None, skip: tuple[str, ...]) -> list[str]:
     """The linear layers of `src` that would be quantized, read from its config (the model is
-    built on the meta device). A `CheckpointError` when `src` is no float checkpoint, a
-    `ConfigError` when no layer would be quantized (a group size that divides no input width)."""
+    built on the meta device); `group_size` None: FP8, every linear layer not skipped. A
+    `CheckpointError` when `src` is no float checkpoint, a `ConfigError` when no layer would be
+    quantized (a group size that divides no input width)."""
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src}: not a checkpoint directory (no config.json)")
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -214,6 +219,8 @@ def check_quantizable(src: Path, group_size: int, skip: tuple[str, ...]) -> list
             f"{src}: already quantized ({config['quantization_config'].get('quant_method')}); "
             "quantize the float checkpoint it came from"
         )
+    if group_size is None:
+        return sorted(fp8_targets(ModelConfig.from_pretrained(src), skip)[0])
     model = model_skeleton(ModelConfig.from_pretrained(src))
     targets = quantizable_linears(model, group_size, skip=skip)
     if not targets:
@@ -255,6 +262,17 @@ def quantize_checkpoint(
     step: Progress = progress or (lambda _stage, _n: None)
     report = QuantizeReport(method, group_size)
     skip = skip_list(quantize_vision, quantize_lm_head)
+    if method == FP8_BLOCK:  # no model is loaded: each weight is rounded as it streams through
+        check_quantizable(src, None, skip)
+        report.group_size = 0
+        fp8 = write_fp8_checkpoint(src, dst, spec=BLOCK_FP8, skip=skip, progress=lambda n: step("writing tensors", n))
+        report.quantized_layers, report.float_linears, report.files = (
+            fp8.quantized_layers,
+            fp8.float_linears,
+            fp8.files,
+        )
+        report.seconds = time.perf_counter() - start
+        return report
     check_quantizable(src, group_size, skip)  # before anything is loaded or written
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     if config.get("glmv_random_init") is not None and not any(src.glob("*.safetensors")):

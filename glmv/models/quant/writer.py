@@ -90,34 +90,11 @@ def write_quantized_checkpoint(
     `fmt` is "awq" (AutoAWQ GEMM) or "gptq" (v1 zero points when the config says so).
     """
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     changed = set(changed)
     params = dict(model.named_parameters())
     v1 = quantization_config.get("checkpoint_format", "gptq") == "gptq"
-    report = WriteReport()
-    for old in [*dst.glob("*.safetensors"), dst / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    shard: dict[str, torch.Tensor] = {}
-    shard_size = 0
-    written: list[tuple[Path, list[str]]] = []  # shards saved under temporary names
-
-    def flush() -> None:
-        nonlocal shard, shard_size
-        if shard:
-            tmp = dst / f".shard-{len(written):05d}.partial"
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-            written.append((tmp, list(shard)))
-            shard, shard_size = {}, 0
-
-    def emit(key: str, tensor: torch.Tensor) -> None:
-        nonlocal shard_size
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_size + size > shard_bytes:
-            flush()
-        shard[key] = tensor
-        shard_size += size
-        report.bytes_written += size
+    out = ShardWriter(dst, shard_bytes=shard_bytes)
+    report = out.report
 
     for raw_name, tensor, _file in iter_checkpoint_tensors(src):
         name, fused, idx = fused_name(map_name(raw_name))
@@ -130,37 +107,73 @@ def write_quantized_checkpoint(
             parts = packed_to_awq(qw) if fmt == "awq" else packed_to_gptq(qw, v1=v1)
             prefix = raw_name[: -len("weight")]
             for key, value in parts.items():
-                emit(prefix + key, value)
+                out.emit(prefix + key, value)
             report.quantized_tensors += 1
         elif name in changed:
             value = params[name].detach()
             if slot is not None:
                 value = value.narrow(0, slot[0], slot[1])
-            emit(raw_name, value.reshape(tensor.shape).to(tensor.dtype))
+            out.emit(raw_name, value.reshape(tensor.shape).to(tensor.dtype))
             report.float_tensors += 1
         else:
-            emit(raw_name, tensor)
+            out.emit(raw_name, tensor)
             report.float_tensors += 1
         if progress is not None:
             progress(1)
-    flush()
-
-    if len(written) == 1:
-        written[0][0].rename(dst / "model.safetensors")
-        report.files.append("model.safetensors")
-    else:
-        weight_map: dict[str, str] = {}
-        for i, (tmp, keys) in enumerate(written, start=1):
-            fname = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-            tmp.rename(dst / fname)
-            report.files.append(fname)
-            weight_map.update(dict.fromkeys(keys, fname))
-        index = {"metadata": {"total_size": report.bytes_written}, "weight_map": weight_map}
-        (dst / "model.safetensors.index.json").write_text(
-            json.dumps(index, indent=2) + "\n", encoding="utf-8"
-        )
+    out.close()
     copy_side_files(src, dst, quantization_config)
     return report
+
+
+class ShardWriter:
+    """Safetensors shards of at most `shard_bytes` in `dst` (old weight files removed first),
+    named and indexed like Hugging Face checkpoints once `close` is called."""
+
+    def __init__(self, dst: Path, *, shard_bytes: int = SHARD_BYTES) -> None:
+        self.dst = dst
+        self.shard_bytes = shard_bytes
+        self.report = WriteReport()
+        dst.mkdir(parents=True, exist_ok=True)
+        for old in [*dst.glob("*.safetensors"), dst / "model.safetensors.index.json"]:
+            old.unlink(missing_ok=True)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_size = 0
+        self._written: list[tuple[Path, list[str]]] = []  # shards saved under temporary names
+
+    def _flush(self) -> None:
+        if self._shard:
+            tmp = self.dst / f".shard-{len(self._written):05d}.partial"
+            save_file(self._shard, str(tmp), metadata={"format": "pt"})
+            self._written.append((tmp, list(self._shard)))
+            self._shard, self._shard_size = {}, 0
+
+    def emit(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._shard_size + size > self.shard_bytes:
+            self._flush()
+        self._shard[key] = tensor
+        self._shard_size += size
+        self.report.bytes_written += size
+
+    def close(self) -> WriteReport:
+        self._flush()
+        written, dst, report = self._written, self.dst, self.report
+        if len(written) == 1:
+            written[0][0].rename(dst / "model.safetensors")
+            report.files.append("model.safetensors")
+        else:
+            weight_map: dict[str, str] = {}
+            for i, (tmp, keys) in enumerate(written, start=1):
+                fname = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+                tmp.rename(dst / fname)
+                report.files.append(fname)
+                weight_map.update(dict.fromkeys(keys, fname))
+            index = {"metadata": {"total_size": report.bytes_written}, "weight_map": weight_map}
+            (dst / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
+        return report
 
 
 def copy_side_files(src: Path, dst: Path, quantization_config: dict[str, Any]) -> None:
