@@ -188,3 +188,54 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def _segments_of(preparer: ImagePreparer) -> list[str]:
+    """Shared-memory segments the preparer's workers made that are still there (Linux: /dev/shm)."""
+    pool = preparer._pool
+    pids = set(pool._processes) if pool is not None else set()
+    return [n for n in os.listdir("/dev/shm") if any(n.startswith(f"glmv-img-{pid}-") for pid in pids)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
+async def test_large_pixels_come_back_through_shared_memory_unchanged() -> None:
+    """Pixels of SEGMENT_MIN_BYTES or more leave the worker through a segment: the same pixels and
+    hash as the in-thread path, and no segment is left once the result is in."""
+    from glmv.tasks.images import SEGMENT_MIN_BYTES
+
+    image = noise(700, 600, 7)
+    source = data_url(encoded(image, "JPEG"), "image/jpeg")
+    preparer = ImagePreparer(ImageProcessor(), workers=1)
+    try:
+        [a, b] = await preparer.prepare([ImageRef(source, "x"), ImageRef(encoded(image), "y")])
+        [c, d] = await ImagePreparer(ImageProcessor()).prepare([ImageRef(source, "x"), ImageRef(encoded(image), "y")])
+        assert a.pixels.nbytes >= SEGMENT_MIN_BYTES and a.pixels.flags.writeable
+        for x, y in ((a, c), (b, d)):
+            assert x.content_hash == y.content_hash and x.grid_thw == y.grid_thw
+            assert x.pixels.shape == y.pixels.shape and np.array_equal(x.pixels, y.pixels)
+        assert _segments_of(preparer) == []
+    finally:
+        preparer.shutdown()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory lives in /dev/shm on Linux")
+async def test_a_cancelled_request_leaves_no_segment() -> None:
+    import asyncio
+
+    source = encoded(noise(800, 800, 8))
+    preparer = ImagePreparer(ImageProcessor(), workers=1)
+    try:
+        await preparer.prepare([ImageRef(Image.new("RGB", (30, 30)), "warm")])
+        for _ in range(3):
+            task = asyncio.ensure_future(preparer.prepare([ImageRef(source, "x")]))
+            await asyncio.sleep(0)  # let it submit its image to the worker
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # One worker takes tasks in order and its results are handled in order: once this one is
+        # back, the cancelled ones' results (if they ran) have been handled too.
+        [after] = await preparer.prepare([ImageRef(source, "y")])
+        assert after.pixels.shape == (812, 812, 3)
+        assert _segments_of(preparer) == []
+    finally:
+        preparer.shutdown()
