@@ -10,10 +10,6 @@ every error). `ImagePreparer.prepare(refs)` turns a request's refs into resized 
   processes (`workers` > 0; they hold the checkpoint's image processor from their start), or in a
   worker thread of this process (`workers` = 0, for tests and debugging). Never on the event loop
   and never in the engine core;
-* a worker hands large pixel arrays back through a POSIX shared-memory segment rather than the
-  pool's pipe (`_to_segment` / `_from_segment`): pickling 3.7 MB of pixels through the pipe took
-  ~10 ms of a single idle request on a 2-core machine, the segment ~1 ms (benchmarks/RESULTS.md,
-  "API-process path of one image request");
 * the results are checked in request order against the per-request limits (number of images,
   pixels together), so the error a request gets names the same image whichever finished first.
   Images of earlier turns that a conversation sends again (`ImageRef.history`, see
@@ -35,18 +31,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import suppress
 from dataclasses import dataclass, replace
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from glmv.engine.shm import write_at
 from glmv.errors import GlmvError, InvalidImageError
 from glmv.processing.media import (
     ImageBudget,
@@ -79,17 +71,6 @@ class ImageRef:
 class _Decoded:
     image: PreparedImage
     pixels: int  # width x height of the decoded original (the per-request pixel budget)
-    # Set while `image.pixels` travels in a shared-memory segment (worker to owner): its name,
-    # and the array's shape (uint8); `image.pixels` is an empty placeholder meanwhile.
-    segment: str | None = None
-    shape: tuple[int, ...] = ()
-
-
-# Pixel arrays at least this large go back from a worker through shared memory; smaller ones
-# through the pipe (a segment costs a few system calls; the pipe costs ~3 ms per MB when busy).
-SEGMENT_MIN_BYTES = 256 * 1024
-_SEGMENT_PREFIX = "glmv-img-"
-_EMPTY_PIXELS = np.empty((0, 0, 3), dtype=np.uint8)
 
 
 # --- the work itself (a worker process or thread) ---------------------------------------------------
@@ -126,54 +107,6 @@ def _exit_with(pid: int) -> None:
 
 def _ready() -> bool:
     return _WORKER_PROCESSOR is not None
-
-
-def _decode_in_worker(source: ImageSource, param: str, limits: ImageLimits) -> _Decoded:
-    """`decode_and_prepare` in a worker process, large pixels moved into shared memory."""
-    return _to_segment(decode_and_prepare(source, param, limits))
-
-
-def _to_segment(decoded: _Decoded) -> _Decoded:
-    """Move the pixels into a fresh segment that the owner process unlinks (`_from_segment`).
-    The resource tracker is shared with the owner (forkserver children inherit it), so the
-    owner's unlink removes the name this create registers; if the owner dies first, the tracker
-    unlinks it."""
-    pixels = np.ascontiguousarray(decoded.image.pixels)
-    if pixels.dtype != np.uint8 or pixels.nbytes < SEGMENT_MIN_BYTES:
-        return decoded
-    name = f"{_SEGMENT_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
-    shm = shared_memory.SharedMemory(name=name, create=True, size=pixels.nbytes)
-    try:
-        write_at(shm, 0, pixels)
-    except BaseException:
-        shm.close()
-        shm.unlink()
-        raise
-    shm.close()
-    decoded.image.pixels = _EMPTY_PIXELS  # type: ignore[misc]
-    decoded.segment, decoded.shape = name, tuple(pixels.shape)
-    return decoded
-
-
-def _from_segment(future: Future[_Decoded]) -> None:
-    """Done-callback of a worker's future (the pool's result thread): copy the pixels out of
-    their segment and unlink it, whether or not anyone still waits for the result (a cancelled
-    request must not leave its segment behind)."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    decoded = future.result()
-    if decoded.segment is None:
-        return
-    shm = shared_memory.SharedMemory(name=decoded.segment)
-    try:
-        view: np.ndarray = np.ndarray(decoded.shape, dtype=np.uint8, buffer=shm.buf)
-        decoded.image.pixels = view.copy()  # type: ignore[misc]
-        del view
-    finally:
-        shm.close()
-        with suppress(FileNotFoundError):
-            shm.unlink()
-    decoded.segment, decoded.shape = None, ()
 
 
 def decode_and_prepare(
@@ -319,11 +252,9 @@ class ImagePreparer:
         pool = self._executor()
         if pool is None:
             return await asyncio.to_thread(decode_and_prepare, source, param, self.limits, self.processor)
+        loop = asyncio.get_running_loop()
         try:
-            future = pool.submit(_decode_in_worker, source, param, self.limits)
-            # Added before asyncio's own callback, so the pixels are in place when the loop wakes.
-            future.add_done_callback(_from_segment)
-            decoded = await asyncio.wrap_future(future)
+            return await loop.run_in_executor(pool, decode_and_prepare, source, param, self.limits)
         except BrokenProcessPool:
             # A decoder crashed its process (and with it the pool): start a fresh pool next time.
             with self._pool_lock:
@@ -332,9 +263,6 @@ class ImagePreparer:
             pool.shutdown(wait=False, cancel_futures=True)
             log.error("an image worker process died while decoding %s", param)
             raise InvalidImageError("image could not be decoded: the decoder crashed", param=param) from None
-        if decoded.segment is not None:  # `_from_segment` failed (and logged why)
-            raise GlmvError(f"the pixels of {param} could not be read back from the image worker")
-        return decoded
 
 
 def _pool_context() -> Any:
