@@ -23,7 +23,9 @@ from training.data import PackedBatch, Sequence, pack_sequences
 
 __all__ = [
     "Batch",
+    "MergerTap",
     "VisionPadding",
+    "common_share",
     "greedy",
     "hidden_states",
     "image_rows",
@@ -102,6 +104,48 @@ def install_padded_vision_attention(model: Any) -> None:
         if not hasattr(attn, "_glmv_loop_forward"):
             attn._glmv_loop_forward = attn.forward
             attn.forward = types.MethodType(forward, attn)
+
+
+class MergerTap:
+    """The vision merger's output of the last forward pass (the image embeddings the language model
+    receives, still attached to the graph), and how much they differ between
+    image tokens: `spread` is the share of their energy that is not the mean embedding,
+    `||x - mean||_F / ||x||_F`, measured in the forward pass after `armed` is set. About 0.5 for a
+    new vision tower; near 0 when the tower has collapsed to one embedding for every token (then
+    the language model cannot read, and in bf16 the differences round away)."""
+
+    def __init__(self, model: Any) -> None:
+        self.armed = False
+        self.output: torch.Tensor | None = None
+        self._spread: torch.Tensor | None = None
+        self._norm: torch.Tensor | None = None
+        model.model.visual.merger.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, inputs: Any, output: torch.Tensor) -> None:
+        self.output = output
+        if self.armed:
+            x = output.detach().float().reshape(-1, output.shape[-1])
+            self._spread = (x - x.mean(0)).norm() / x.norm().clamp(min=1e-12)
+            self._norm = x.norm(dim=-1).mean()
+            self.armed = False
+
+    @property
+    def spread(self) -> float | None:
+        return None if self._spread is None else round(float(self._spread), 5)
+
+    @property
+    def norm(self) -> float | None:
+        """Mean norm of an image embedding in that pass."""
+        return None if self._norm is None else round(float(self._norm), 3)
+
+
+def common_share(embeds: torch.Tensor) -> torch.Tensor:
+    """`||mean x||^2 / mean ||x||^2` over image embeddings `x` (tokens, hidden): 1 when every token
+    has the same embedding, 0 when they average out. As a loss (`--center-weight`) it keeps the
+    language model's gradient, nearly the same for every image token while the model does not yet
+    read, from growing one shared vector that drowns what each token shows."""
+    x = embeds.float()
+    return x.mean(0).square().sum() / x.square().sum(-1).mean().clamp(min=1e-12)
 
 
 def image_rows(processor: ImageProcessor, images: list[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -37,6 +37,8 @@ from training.data import BatchStream, DocumentStream, PackedBatch
 from training.demo_checkpoint import save_weights, write_skeleton
 from training.model import (
     Batch,
+    MergerTap,
+    common_share,
     hidden_states,
     install_cached_position_embeddings,
     install_padded_vision_attention,
@@ -68,6 +70,14 @@ def _task_weights(text: str) -> dict[str, float]:
             )
         weights[name.strip()] = float(value)
     return weights
+
+
+def _part(name: str) -> str:
+    """Which learning-rate group a parameter belongs to: the vision tower's patch embedding, the
+    rest of the vision tower, or the language model."""
+    if name.startswith("model.visual.patch_embed."):
+        return "patch"
+    return "vision" if name.startswith("model.visual.") else "text"
 
 
 def _keep(item: Any) -> Any:
@@ -171,6 +181,30 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="start from the weights of this checkpoint folder (same shapes and tokenizer)",
     )
+    p.add_argument(
+        "--fresh-vision",
+        action="store_true",
+        help="with --init-from: keep its language model but start the vision tower from a new "
+        "initialisation (for weights whose image embeddings have collapsed: see `vision_spread`)",
+    )
+    p.add_argument(
+        "--patch-lr",
+        type=float,
+        default=1.0,
+        help="the patch embedding's learning rate as a multiple of --lr. Its 1,176 inputs are nearly "
+        "all the same on paper, so Adam's equal-sized steps add up: at the full rate its output "
+        "becomes one large vector for every patch within a hundred steps, and the text on the page "
+        "is lost after the next normalisation",
+    )
+    p.add_argument(
+        "--center-weight",
+        type=float,
+        default=0.0,
+        help="weight of a penalty on the image embeddings' common part, "
+        "||mean x||^2 / mean ||x||^2 over the batch's image tokens: without it the language "
+        "model's gradient, the same for every image token, grows one shared vector until it "
+        "drowns what each token shows (0: off)",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
     p.add_argument("--profile-start", type=int, default=20, help="first profiled step")
     args = p.parse_args(argv)
@@ -205,15 +239,30 @@ def main(argv: list[str] | None = None) -> int:
     install_padded_vision_attention(model)
     install_cached_position_embeddings(model)
     if args.init_from and not (args.resume and (out / "state.pt").is_file()):
+        fresh_vision = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
         load_weights(model, args.init_from)
-        _log(f"weights from {args.init_from}")
+        if args.fresh_vision:
+            model.model.visual.load_state_dict(fresh_vision)
+        _log(f"weights from {args.init_from}" + (" (vision tower new)" if args.fresh_vision else ""))
+    tap = MergerTap(model)
     n_params = sum(t.numel() for t in model.parameters())
     _log(f"model: {n_params / 1e6:.2f} M parameters on {device}")
-    decay = [t for n, t in model.named_parameters() if t.ndim >= 2]
-    no_decay = [t for n, t in model.named_parameters() if t.ndim < 2]
+    groups = []
+    for part, scale in (("text", 1.0), ("vision", 1.0), ("patch", args.patch_lr)):
+        named = [(n, t) for n, t in model.named_parameters() if _part(n) == part]
+        for decay in (True, False):
+            params = [t for _, t in named if (t.ndim >= 2) == decay]
+            if params:
+                groups.append(
+                    {
+                        "params": params,
+                        "weight_decay": args.weight_decay if decay else 0.0,
+                        "lr_scale": scale,
+                    }
+                )
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        groups,
         lr=args.lr,
         betas=(0.9, 0.95),
         eps=1e-8,
@@ -301,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_time += t_data - t0
         batch = Batch.from_packed(packed, processor, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, progress())
+            group["lr"] = lr_at(step, progress()) * group["lr_scale"]
+        tap.armed = (step + 1) % 25 == 0  # the step that is logged next
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             hidden = hidden_states(model, batch.ids, batch.positions, batch.rows, batch.grids, image_id)
             select = batch.targets[:, 1:]
@@ -310,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         labels = batch.ids[:, 1:][select]
         token_loss = F.cross_entropy(logits, labels, reduction="none")
         loss = token_loss.mean()
+        total = loss
+        if args.center_weight > 0 and tap.output is not None:
+            total = total + args.center_weight * common_share(tap.output)
+        tap.output = None
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
@@ -336,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": len(batch.tasks),
                 "tokens_per_s": round(seen_tokens / max(elapsed, 1e-6)),
                 "data_wait_s": round(wait_time, 1),
+                "vision_spread": tap.spread,
+                "vision_norm": tap.norm,
             }
             for i, task in enumerate(("extract", "qa", "read")):
                 row[f"loss_{task}"] = per_task[i] if have[i] else None
