@@ -89,7 +89,11 @@ def _log(msg: str) -> None:
 
 
 def plot_loss(log_path: Path, out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        _log(f"{out.name} not drawn: matplotlib is not installed (pip install -e '.[train]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
