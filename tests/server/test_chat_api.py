@@ -57,6 +57,14 @@ class ScriptedEngine:
         self.script = script
         self.admit_error = admit
         self.closed: list[str] = []
+        self._closing = asyncio.Event()
+
+    async def wait_closed(self, count: int) -> None:
+        """Until `count` generators have been closed: a stream's generator is closed after its
+        last bytes went out, so the client can see the end first."""
+        while len(self.closed) < count:
+            self._closing.clear()
+            await asyncio.wait_for(self._closing.wait(), 60)
 
     @property
     def running(self) -> bool:
@@ -113,6 +121,7 @@ class ScriptedEngine:
                 )
         finally:
             self.closed.append(request.request_id)
+            self._closing.set()
 
 
 # --- shapes ---------------------------------------------------------------------------------------------
@@ -538,8 +547,9 @@ async def test_request_timeout(
         events, done = parse_sse(r.text)
         assert done and events[-1]["error"]["code"] == "timeout"
         assert events[1]["choices"][0]["delta"] == {"content": "first"}
+        await engine.wait_closed(2)  # both engine generators were closed (requests aborted)
         metrics = (await c.get("/metrics")).text
-    assert len(engine.closed) == 2  # both engine generators were closed (requests aborted)
+    assert len(engine.closed) == 2
     assert metric_value(metrics, "glmv_requests_finished_total", {"outcome": "timeout"}) == 2.0
 
 

@@ -131,10 +131,11 @@ async def test_the_deadline_times_out_a_served_stream(tmp_path: Path, server_mod
     app = create_app(make_settings(server_model_dir, request_timeout=1.0), client)
     async with asgi_client(app) as c:
         r = await c.post(CHAT, json={"messages": ASK, "stream": True})
+        await client.wait_closed(1)  # the engine's iterator was closed: the request is aborted
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
     assert events[-1]["error"]["code"] == "timeout"
     assert r.text.endswith("data: [DONE]\n\n")
-    assert len(client.closed) == 1  # the engine's iterator was closed: the request is aborted
+    assert len(client.closed) == 1
 
 
 # --- waiting for the first token: disconnect -------------------------------------------------------

@@ -43,6 +43,14 @@ class ScriptedClient:
         self.dead: BaseException | None = None
         self.requests: list[EngineRequest] = []
         self.closed: list[str] = []  # request ids whose output iterator was closed
+        self._closing = asyncio.Event()
+
+    async def wait_closed(self, count: int) -> None:
+        """Until `count` output iterators have been closed: the server may close one after the
+        response's last bytes went out (a cancelled task runs its clean-up when next scheduled)."""
+        while len(self.closed) < count:
+            self._closing.clear()
+            await asyncio.wait_for(self._closing.wait(), 60)
 
     @property
     def running(self) -> bool:
@@ -67,6 +75,7 @@ class ScriptedClient:
 
     def abort(self, request_id: str) -> None:
         self.closed.append(request_id)
+        self._closing.set()
 
     def stats(self) -> EngineStats:
         return _stats()
@@ -103,3 +112,4 @@ class ScriptedClient:
                 )
         finally:
             self.closed.append(request.request_id)
+            self._closing.set()
