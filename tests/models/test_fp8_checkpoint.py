@@ -35,6 +35,7 @@ from glmv.models.quant.fp8_writer import BLOCK_FP8, write_fp8_checkpoint
 from glmv.models.registry import load_model
 from tests.cli.conftest import error_line
 from tests.models.test_quant import _cosine, _edit_weights, _logits, _random_ids, _scale_branches
+from tests.models.weightless import weightless_copy
 
 CHANNEL = Fp8Spec("compressed-tensors", "channel", None)
 TENSOR = Fp8Spec("compressed-tensors", "tensor", None)
@@ -328,12 +329,7 @@ def test_quantize_command_writes_a_block_fp8_checkpoint(
 def test_weightless_fp8_checkpoint_draws_and_holds_the_text_layers(
     tiny41_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "weightless"
-    shutil.copytree(tiny41_dir, src)
-    (src / "model.safetensors").unlink()
-    data = json.loads((src / "config.json").read_text())
-    data["glmv_random_init"] = {"seed": 0, "branch_scale": 0.2}
-    (src / "config.json").write_text(json.dumps(data))
+    src = weightless_copy(tiny41_dir, tmp_path / "weightless", seed=0)
     write_fp8_checkpoint(src, tmp_path / "fp8")
     assert not list((tmp_path / "fp8").glob("*.safetensors"))
     monkeypatch.setattr(L, "keep_fp8", lambda device: True)

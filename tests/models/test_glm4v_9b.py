@@ -33,6 +33,7 @@ from glmv.processing.chatglm_tokenizer import ChatGLMTokenizer
 from glmv.processing.image_9b import ImageProcessor9b, ImageProcessor9bConfig
 from glmv.tasks.inputs import InputBuilder, load_processors
 from tests.models.glm4v_9b_reference import ReferenceGlm4v9b, TiktokenReference, original_prompt, preprocess
+from tests.models.weightless import weightless_copy
 
 TOL = 1e-4
 _ids = itertools.count()
@@ -591,12 +592,7 @@ def test_cli_writes_tiny_and_full_size_checkpoints(tmp_path: Path) -> None:
 
 
 def test_weightless_checkpoint_draws_random_weights(tmp_path: Path, ckpt: Path) -> None:
-    d = tmp_path / "weightless"
-    shutil.copytree(ckpt, d)
-    (d / "model.safetensors").unlink()
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["glmv_random_init"] = {"seed": 1, "branch_scale": 0.2}
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = weightless_copy(ckpt, tmp_path / "weightless", seed=1)
     m = load_model(d, dtype="float32", device="cpu")
     _, builder = load_processors(d)
     logits, _ = paged_logits(m, build(builder, "one_image"), 64)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from glmv.models.quant.quantize import quantize_checkpoint
 from glmv.models.quant.report import weight_memory
 from glmv.models.quant.writer import gptq_quantization_config, write_quantized_checkpoint
 from tests.kernels.interpreter import requires_triton, run_in_interpreter
+from tests.models.weightless import weightless_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -419,12 +420,7 @@ def test_quantize_vision_and_lm_head(tiny46_dir: Path, tmp_path: Path) -> None:
 
 
 def test_weightless_checkpoint_becomes_random_int4(tiny41_dir: Path, tmp_path: Path) -> None:
-    src = tmp_path / "weightless"
-    shutil.copytree(tiny41_dir, src)
-    (src / "model.safetensors").unlink()
-    config = json.loads((src / "config.json").read_text())
-    config["glmv_random_init"] = {"seed": 3, "branch_scale": 0.2}
-    (src / "config.json").write_text(json.dumps(config))
+    src = weightless_copy(tiny41_dir, tmp_path / "weightless", seed=3)
     dst = tmp_path / "int4"
     quantize_checkpoint(src, dst, method="rtn", group_size=64)
     assert not list(dst.glob("*.safetensors"))
