@@ -72,12 +72,9 @@ def _task_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def _part(name: str) -> str:
-    """Which learning-rate group a parameter belongs to: the vision tower's patch embedding, the
-    rest of the vision tower, or the language model."""
-    if name.startswith("model.visual.patch_embed."):
-        return "patch"
-    return "vision" if name.startswith("model.visual.") else "text"
+def _in_patch_embedding(name: str) -> bool:
+    """Whether a parameter belongs to the vision tower's patch embedding (its own `--patch-lr`)."""
+    return name.startswith("model.visual.patch_embed.")
 
 
 def _keep(item: Any) -> Any:
@@ -252,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(t.numel() for t in model.parameters())
     _log(f"model: {n_params / 1e6:.2f} M parameters on {device}")
     groups = []
-    for part, scale in (("text", 1.0), ("vision", 1.0), ("patch", args.patch_lr)):
-        named = [(n, t) for n, t in model.named_parameters() if _part(n) == part]
+    for patch, scale in ((False, 1.0), (True, args.patch_lr)):
+        named = [(n, t) for n, t in model.named_parameters() if _in_patch_embedding(n) == patch]
         for decay in (True, False):
             params = [t for _, t in named if (t.ndim >= 2) == decay]
             if params:

@@ -31,14 +31,13 @@ def test_common_share_is_one_for_identical_tokens_and_zero_for_opposite_ones() -
     assert common_share(torch.tensor([[1.0, 1.0], [1.0, -1.0]])).item() == pytest.approx(0.5)
 
 
-def test_parameters_fall_into_three_learning_rate_groups() -> None:
-    from training.train_demo import _part
+def test_only_the_patch_embedding_gets_its_own_learning_rate() -> None:
+    from training.train_demo import _in_patch_embedding
 
-    assert _part("model.visual.patch_embed.proj.weight") == "patch"
-    assert _part("model.visual.blocks.0.attn.qkv.weight") == "vision"
-    assert _part("model.visual.merger.proj.weight") == "vision"
-    assert _part("model.language_model.layers.0.mlp.down_proj.weight") == "text"
-    assert _part("lm_head.weight") == "text"
+    assert _in_patch_embedding("model.visual.patch_embed.proj.weight")
+    assert not _in_patch_embedding("model.visual.blocks.0.attn.qkv.weight")
+    assert not _in_patch_embedding("model.visual.merger.proj.weight")
+    assert not _in_patch_embedding("model.language_model.layers.0.mlp.down_proj.weight")
 
 
 @pytest.fixture(scope="module")
