@@ -8,6 +8,8 @@ answer is followed by `<|user|>`, which ends a turn), and computes the M-RoPE po
 them (`lines_share`) are text strips to transcribe (`glmv.synth.lines`). `BatchStream` groups a
 worker's documents into whole padded batches (`PackedBatch`) in the worker itself, so the training
 process receives one item of a few arrays per step instead of hundreds of small ones.
+`glyph_targets` says which characters each image token shows (from the canvas' glyph centres):
+the training's per-token reading loss (`--glyph-weight`).
 """
 
 from __future__ import annotations
@@ -38,13 +40,16 @@ __all__ = [
     "PackedBatch",
     "Sequence",
     "encode_example",
+    "glyph_targets",
     "group_sequences",
     "pack_sequences",
 ]
 
-# (ids, targets, positions, task, image, grid): one training sequence and its image (pixels or
-# patch bytes, see `training.model.image_rows`)
-Sequence = tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray, tuple[int, int, int]]
+# (ids, targets, positions, task, image, grid[, glyphs]): one training sequence and its image
+# (pixels or patch bytes, see `training.model.image_rows`), optionally with the image's
+# `glyph_targets`
+Sequence = tuple[Any, ...]
+GLYPHS_PER_TOKEN = 6  # characters kept per image token (small Latin text puts ~4 in one)
 
 
 @dataclass(slots=True)
@@ -65,6 +70,15 @@ class Encoder:
         end = self.tokenizer.token_to_id("<|user|>")
         assert end is not None
         self.end_of_turn = end
+        self._char_ids: dict[str, int] = {}
+
+    def char_id(self, ch: str) -> int:
+        """The token of one character, or -1 when it takes more than one token."""
+        found = self._char_ids.get(ch)
+        if found is None:
+            ids = self.tokenizer.encode(ch)
+            found = self._char_ids[ch] = ids[0] if len(ids) == 1 else -1
+        return found
 
     def prompt(self, example: Example, turn: int, image_tokens: int) -> list[int]:
         """Ids of the conversation up to the user turn `turn` (0-based), generation prompt included."""
@@ -92,6 +106,27 @@ def encode_example(enc: Encoder, example: Example, grid: tuple[int, int, int]) -
     return Encoded(np.asarray(ids, np.int64), np.asarray(targets, bool), pos.numpy(), example.task)
 
 
+def glyph_targets(enc: Encoder, doc: SyntheticDocument, pixels: np.ndarray) -> np.ndarray:
+    """(image tokens, GLYPHS_PER_TOKEN) int64: the tokens of the characters whose centre lies in each
+    image token's square (patch x merge pixels of the resized image, in the merger's row-major
+    order), -1 where there are fewer."""
+    cell = enc.images.config.factor
+    rows, cols = pixels.shape[0] // cell, pixels.shape[1] // cell
+    sx, sy = pixels.shape[1] / doc.image.width, pixels.shape[0] / doc.image.height
+    out = np.full((rows * cols, GLYPHS_PER_TOKEN), -1, np.int64)
+    filled = np.zeros(rows * cols, np.int64)
+    for ch, x, y in doc.glyphs:
+        r, c = int(y * sy // cell), int(x * sx // cell)
+        tok = enc.char_id(ch)
+        if tok < 0 or not (0 <= r < rows and 0 <= c < cols):
+            continue
+        i = r * cols + c
+        if filled[i] < GLYPHS_PER_TOKEN:
+            out[i, filled[i]] = tok
+            filled[i] += 1
+    return out
+
+
 class DocumentStream(IterableDataset):  # type: ignore[type-arg]
     """Endless documents with `examples_per_doc` training sequences each; worker `w` of run `seed`
     draws from its own random stream (`start` skips ahead on resume)."""
@@ -115,7 +150,7 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
         self.lines_share = lines_share
 
     def documents(self) -> Any:
-        """This worker's endless (patch bytes, grid, sequences) per document."""
+        """This worker's endless (patch bytes, grid, sequences, glyph targets) per document."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = random.Random(f"train:{self.seed}:{self.start}:{worker}")
@@ -136,14 +171,15 @@ class DocumentStream(IterableDataset):  # type: ignore[type-arg]
             seqs = [encode_example(enc, ex, grid) for ex in examples]
             seqs = [s for s in seqs if len(s.ids) <= self.max_len]
             if seqs:
-                yield enc.images.patch_bytes(pixels), grid, seqs
+                yield enc.images.patch_bytes(pixels), grid, seqs, glyph_targets(enc, doc, pixels)
 
     def __iter__(self) -> Any:
-        for patches, grid, seqs in self.documents():
+        for patches, grid, seqs, glyphs in self.documents():
             yield {
                 "patches": patches,  # batched onto the device in one copy
                 "grid": grid,
                 "seqs": [(s.ids, s.targets, s.positions, s.task) for s in seqs],
+                "glyphs": glyphs,
             }
 
 
@@ -181,6 +217,7 @@ class PackedBatch:
     grids: np.ndarray  # (B, 3) int64
     lengths: list[int]
     tasks: list[str]
+    glyphs: np.ndarray | None = None  # (image tokens, GLYPHS_PER_TOKEN): every image's glyph_targets
 
 
 def pack_sequences(seqs: list[Sequence], pad_id: int, patch_bytes: Any = None) -> PackedBatch:
@@ -198,6 +235,7 @@ def pack_sequences(seqs: list[Sequence], pad_id: int, patch_bytes: Any = None) -
         pos[:, i, :n] = s_pos
         pos[:, i, n:] = s_pos[:, -1:] + np.arange(1, length - n + 1)
     images = [s[4] if s[4].ndim == 4 else patch_bytes(s[4]) for s in seqs]
+    glyphs = np.concatenate([s[6] for s in seqs]) if all(len(s) > 6 for s in seqs) else None
     return PackedBatch(
         ids,
         targets,
@@ -206,6 +244,7 @@ def pack_sequences(seqs: list[Sequence], pad_id: int, patch_bytes: Any = None) -
         np.asarray([s[5] for s in seqs], np.int64),
         [len(s[0]) for s in seqs],
         [s[3] for s in seqs],
+        glyphs,
     )
 
 
@@ -236,7 +275,7 @@ class BatchStream(IterableDataset):  # type: ignore[type-arg]
         while True:
             pool: list[Sequence] = []
             for _ in range(self.pool_docs):
-                patches, grid, seqs = next(docs)
-                pool += [(s.ids, s.targets, s.positions, s.task, patches, grid) for s in seqs]
+                patches, grid, seqs, glyphs = next(docs)
+                pool += [(s.ids, s.targets, s.positions, s.task, patches, grid, glyphs) for s in seqs]
             for group in group_sequences(pool, self.max_tokens, self.max_patches, rng):
                 yield pack_sequences(group, self.pad_id)

@@ -26,6 +26,7 @@ __all__ = [
     "MergerTap",
     "VisionPadding",
     "common_share",
+    "glyph_loss",
     "greedy",
     "hidden_states",
     "image_rows",
@@ -148,6 +149,36 @@ def common_share(embeds: torch.Tensor) -> torch.Tensor:
     return x.mean(0).square().sum() / x.square().sum(-1).mean().clamp(min=1e-12)
 
 
+def glyph_loss(
+    embeds: torch.Tensor, glyphs: torch.Tensor, table: torch.Tensor, scale: float = 16.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token reading loss and its top-1 accuracy. Each image embedding with printed
+    characters under it (`glyphs`: their token ids, -1 padded; see `training.data.glyph_targets`)
+    is scored against the word-embedding `table` by cosine similarity times `scale`; the loss is
+    the mean negative log-probability of its characters. It gives the vision tower a different,
+    direct signal for every token from the first step, and puts each token's embedding next to
+    the embeddings of the characters it shows (the table is tied to the output layer, so copying a
+    character from the image is then the simplest thing the language model can learn). The table
+    itself gets no gradient from it."""
+    if glyphs.shape[0] != embeds.shape[0]:
+        raise ValueError(f"{glyphs.shape[0]} glyph rows for {embeds.shape[0]} image embeddings")
+    have = glyphs[:, 0] >= 0
+    if not bool(have.any()):
+        zero = embeds.sum() * 0
+        return zero, zero.detach()
+    x = torch.nn.functional.normalize(embeds[have].float(), dim=-1)
+    w = torch.nn.functional.normalize(table.detach().float(), dim=-1)
+    logp = (scale * x @ w.T).log_softmax(-1)
+    g = glyphs[have]
+    valid = g >= 0
+    picked = logp.gather(1, g.clamp(min=0))
+    loss = (-(picked * valid).sum(1) / valid.sum(1)).mean()
+    with torch.no_grad():
+        top = logp.argmax(-1, keepdim=True)
+        acc = ((g == top) & valid).any(1).float().mean()
+    return loss, acc
+
+
 def image_rows(processor: ImageProcessor, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """The `pixel_values` rows of several images, in order: each one resized uint8 (H, W, 3) pixels
     or their `ImageProcessor.patch_bytes` (what `DocumentStream` yields). One upload and one
@@ -168,6 +199,7 @@ class Batch:
     rows: torch.Tensor  # float32 pixel rows of every image, in sequence order
     grids: torch.Tensor  # (B, 3)
     tasks: list[str]
+    glyphs: torch.Tensor | None = None  # (image tokens, k): see `training.data.glyph_targets`
 
     @staticmethod
     def build(seqs: list[Sequence], processor: ImageProcessor, pad_id: int, device: torch.device) -> Batch:
@@ -191,6 +223,7 @@ class Batch:
             processor.normalise_patches(put(packed.patches)),
             put(packed.grids),
             packed.tasks,
+            None if packed.glyphs is None else put(packed.glyphs),
         )
 
 

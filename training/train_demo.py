@@ -39,6 +39,7 @@ from training.model import (
     Batch,
     MergerTap,
     common_share,
+    glyph_loss,
     hidden_states,
     install_cached_position_embeddings,
     install_padded_vision_attention,
@@ -206,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         "model's gradient, the same for every image token, grows one shared vector until it "
         "drowns what each token shows (0: off)",
     )
+    p.add_argument(
+        "--glyph-weight",
+        type=float,
+        default=0.0,
+        help="weight of the per-token reading loss (training.model.glyph_loss): each image token "
+        "is taught which printed characters lie under it, so the vision tower learns to read "
+        "from the first step instead of waiting for the language model's weak, shared gradient (0: off)",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
     p.add_argument("--profile-start", type=int, default=20, help="first profiled step")
     args = p.parse_args(argv)
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     sums = torch.zeros(3, device=device)
     counts = torch.zeros(3, device=device)
     batch_loss = torch.zeros((), device=device)
+    glyph_sums = torch.zeros(2, device=device)  # reading loss and accuracy per image token
     n_logged = 0
     seen_tokens = 0
     wait_time = 0.0
@@ -364,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         total = loss
         if args.center_weight > 0 and tap.output is not None:
             total = total + args.center_weight * common_share(tap.output)
+        if args.glyph_weight > 0 and tap.output is not None and batch.glyphs is not None:
+            g_loss, g_acc = glyph_loss(tap.output, batch.glyphs, model.lm_head.weight)
+            total = total + args.glyph_weight * g_loss
+            glyph_sums += torch.stack((g_loss.detach(), g_acc))
         tap.output = None
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -396,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             for i, task in enumerate(("extract", "qa", "read")):
                 row[f"loss_{task}"] = per_task[i] if have[i] else None
+            if args.glyph_weight > 0:
+                g_loss_mean, g_acc_mean = (glyph_sums / max(1, n_logged)).tolist()
+                row["glyph_loss"], row["glyph_acc"] = round(g_loss_mean, 4), round(g_acc_mean, 4)
+                glyph_sums.zero_()
             sums.zero_()
             counts.zero_()
             batch_loss.zero_()

@@ -4,11 +4,14 @@
 `finish()` scales it back down, the way a phone photo or a scan is shrunk before the model sees
 it. `finish()` then applies the augmentations: a slight rotation, blur, sensor noise and JPEG
 compression. Every choice comes from the `random.Random` passed in, so a seed fixes the image.
+`glyphs` records where each printed character ended up (its centre in the finished image), so
+training can tell the vision tower which character each image token shows.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 
@@ -17,9 +20,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from glmv.synth.fonts import FontFace, FontSet
 
-__all__ = ["Augment", "Canvas", "Style", "ink_colour", "paper_colour"]
+__all__ = ["Augment", "Canvas", "Glyph", "Style", "ink_colour", "paper_colour"]
 
 RGB = tuple[int, int, int]
+Glyph = tuple[str, float, float]  # a printed character and its centre (x, y) in logical pixels
 
 
 def paper_colour(rng: random.Random) -> RGB:
@@ -83,6 +87,7 @@ class Canvas:
         self.image = Image.new("RGB", (round(width * scale), round(height * scale)), paper)
         self.draw = ImageDraw.Draw(self.image)
         self.paper = paper
+        self.glyphs: list[Glyph] = []
 
     def _p(self, v: float) -> int:
         return round(v * self.scale)
@@ -103,7 +108,15 @@ class Canvas:
             return 0.0
         font = FontSet.get(face, round(size * self.scale), bold=bold)
         self.draw.text((self._p(x), self._p(y)), s, font=font, fill=fill, anchor=anchor)
-        return font.getlength(s) / self.scale
+        total = font.getlength(s)
+        _, top, _, bottom = font.getbbox(s, anchor=anchor)
+        cy = self._p(y) + (top + bottom) / 2
+        left = self._p(x) - {"l": 0.0, "m": total / 2, "r": total}.get(anchor[0], 0.0)
+        for i, ch in enumerate(s):
+            if not ch.isspace():
+                cx = left + font.getlength(s[:i]) + font.getlength(ch) / 2
+                self.glyphs.append((ch, cx / self.scale, cy / self.scale))
+        return total / self.scale
 
     def width_of(self, s: str, face: FontFace, size: float, bold: bool = False) -> float:
         return FontSet.get(face, round(size * self.scale), bold=bold).getlength(s) / self.scale
@@ -156,6 +169,7 @@ class Canvas:
         if augment.p_rotate and rng.random() < augment.p_rotate:
             angle = rng.uniform(-augment.rotate_deg, augment.rotate_deg)
             img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=self.paper)
+            self.glyphs = _rotated(self.glyphs, angle, self.width / 2, self.height / 2)
         if img.size != size:
             img = img.resize(size, resample=Image.Resampling.LANCZOS)
         if augment.p_blur and rng.random() < augment.p_blur:
@@ -177,3 +191,13 @@ class Canvas:
         if augment.p_rescale and rng.random() < augment.p_rescale:
             return rng.uniform(1.15, augment.rescale_max)
         return 1.0
+
+
+def _rotated(glyphs: list[Glyph], degrees: float, cx: float, cy: float) -> list[Glyph]:
+    """Glyph centres after Pillow's counter-clockwise `rotate(degrees)` about (cx, cy)."""
+    a = math.radians(degrees)
+    cos, sin = math.cos(a), math.sin(a)
+    return [
+        (ch, cx + (x - cx) * cos + (y - cy) * sin, cy - (x - cx) * sin + (y - cy) * cos)
+        for ch, x, y in glyphs
+    ]

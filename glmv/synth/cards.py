@@ -88,7 +88,9 @@ def make_id_card(
             "有效期限": period,
         }
         qa = [ask(rng, "authority", authority, "zh"), ask(rng, "valid_period", period, "zh")]
-        return SyntheticDocument("id_card", "zh", cv.finish(rng, augment), lines, "id_card", data, qa)
+        return SyntheticDocument(
+            "id_card", "zh", cv.finish(rng, augment), lines, "id_card", data, qa, glyphs=cv.glyphs
+        )
 
     name = person_zh(rng)
     male = rng.random() < 0.5
@@ -146,7 +148,9 @@ def make_id_card(
         ask(rng, "ethnicity", nation, "zh"),
         ask(rng, "address", address, "zh"),
     ]
-    return SyntheticDocument("id_card", "zh", cv.finish(rng, augment), lines, "id_card", data, qa)
+    return SyntheticDocument(
+        "id_card", "zh", cv.finish(rng, augment), lines, "id_card", data, qa, glyphs=cv.glyphs
+    )
 
 
 COMPANY_TYPES = (
@@ -251,7 +255,14 @@ def make_business_license(
         ask(rng, "address", address, "zh"),
     ]
     return SyntheticDocument(
-        "business_license", "zh", cv.finish(rng, augment), lines, "business_license", data, qa
+        "business_license",
+        "zh",
+        cv.finish(rng, augment),
+        lines,
+        "business_license",
+        data,
+        qa,
+        glyphs=cv.glyphs,
     )
 
 
@@ -339,4 +350,6 @@ def make_business_card(
         ask(rng, "company", company, lang),
         ask(rng, "address", address, lang),
     ]
-    return SyntheticDocument("business_card", lang, cv.finish(rng, augment), lines, None, None, qa)
+    return SyntheticDocument(
+        "business_card", lang, cv.finish(rng, augment), lines, None, None, qa, glyphs=cv.glyphs
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from glmv.synth.canvas import Glyph
 from glmv.tasks.schemas import BUILTIN_SCHEMAS
 
 __all__ = ["QA", "SyntheticDocument", "empty_document"]
@@ -38,6 +39,7 @@ class SyntheticDocument:
     schema: str | None  # the built-in extraction schema that fits, if any
     data: dict[str, Any] | None  # its JSON
     qa: list[QA] = field(default_factory=list)
+    glyphs: list[Glyph] = field(default_factory=list)  # each printed character's centre (Canvas)
 
     @property
     def text(self) -> str:

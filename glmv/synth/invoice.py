@@ -209,4 +209,4 @@ def make_invoice(
     ]
     if code:
         qa.append(ask(rng, "invoice_code", code, "zh"))
-    return SyntheticDocument("invoice", "zh", image, lines, "invoice", data, qa)
+    return SyntheticDocument("invoice", "zh", image, lines, "invoice", data, qa, glyphs=cv.glyphs)

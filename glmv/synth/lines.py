@@ -110,4 +110,4 @@ def make_text_lines(
         else:
             canvas.text(width / 2, y, text, face, size, ink, anchor="mm")
     image = canvas.finish(rng, augment)
-    return SyntheticDocument(TEXT_LINES_KIND, lang, image, lines, None, None, [])
+    return SyntheticDocument(TEXT_LINES_KIND, lang, image, lines, None, None, [], glyphs=canvas.glyphs)

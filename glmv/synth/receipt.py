@@ -253,5 +253,5 @@ def make_receipt(
     name, qty, unit = rng.choice(items)
     qa.append(ask(rng, "item_amount", money(qty * unit), lang, item=name))
     return SyntheticDocument(
-        "receipt", lang, image, lines, "receipt", data, [q for q in qa if isinstance(q, QA)]
+        "receipt", lang, image, lines, "receipt", data, [q for q in qa if isinstance(q, QA)], glyphs=cv.glyphs
     )

@@ -112,7 +112,9 @@ def make_table(
     ]
     if show_title:
         qa.append(ask(rng, "table_title", title, lang))
-    return SyntheticDocument("table", lang, cv.finish(rng, augment), lines, "table", data, qa)
+    return SyntheticDocument(
+        "table", lang, cv.finish(rng, augment), lines, "table", data, qa, glyphs=cv.glyphs
+    )
 
 
 APPS: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -275,5 +277,5 @@ def make_chat(
     if texts and msgs and msgs[-1]["text"]:
         qa.append(ask(rng, "last_message", msgs[-1]["text"], lang))
     return SyntheticDocument(
-        "chat_screenshot", lang, cv.finish(rng, augment), lines, "chat_screenshot", data, qa
+        "chat_screenshot", lang, cv.finish(rng, augment), lines, "chat_screenshot", data, qa, glyphs=cv.glyphs
     )
