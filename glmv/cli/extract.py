@@ -7,7 +7,7 @@ Each input file (folders are searched for images and PDFs) becomes one line of `
 
 A PDF is rendered page by page (pypdfium2) and its pages go to the model together as the images of
 one document (`--max-pages`, default 8). The run works against the embedded engine (`--model DIR`,
-default the embedded tiny checkpoint) or a running server (`--server URL`, POST /v1/extract), with
+default the embedded demo model) or a running server (`--server URL`, POST /v1/extract), with
 `--concurrency` documents in flight and a progress bar. It is resumable: files that already have a
 line in `--out` are skipped (`--retry-errors` re-runs those whose line is an error), and a line cut
 off by a crash is dropped before the run appends. A bad file gets an error line and the run goes on.

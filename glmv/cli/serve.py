@@ -152,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model_dir, embedded = resolve_model(settings.model)
     settings.model = str(model_dir)
     print(
-        f"glmv: loading {'the embedded tiny model' if embedded else 'model'} from {model_dir} ...",
+        f"glmv: loading {_embedded_name(model_dir) if embedded else 'model'} from {model_dir} ...",
         flush=True,
     )
     service = create_service(settings.service_config())  # its errors: one line (reporting_errors)
@@ -174,6 +174,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ]
         if info.memory is not None:
             lines.append(f"  {info.memory}")
+        if service.demo_note:
+            lines.append(f"  NOTE: {service.demo_note}")
         if service.random_weights:
             lines.append(
                 "  WARNING: this model has random weights; its answers are random text. "
@@ -224,6 +226,12 @@ def run_serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _embedded_name(model_dir: Path) -> str:
+    from glmv.models.demo import demo_note
+
+    return "the embedded demo model" if demo_note(model_dir) else "the embedded tiny model"
 
 
 def resolve_model(model: str | None) -> tuple[Path, bool]:

@@ -4,7 +4,7 @@
 tokenizer holding every GLM special token, the chat template, `preprocessor_config.json` and
 `generation_config.json`. The weights are seeded, so the same call always writes the same
 checkpoint. These checkpoints load in glmv and in transformers alike; tests prove parity on them
-and `glmv serve` uses one as its embedded default. Their answers are random text.
+and `glmv serve` falls back to one when the package has no demo model. Their answers are random text.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def create_app(
             max_model_len=info.max_model_len,
             glmv={
                 "random_weights": service.random_weights,
-                "note": "random weights: answers are random text" if service.random_weights else None,
+                "demo_model": service.demo_note is not None,
+                "note": "random weights: answers are random text" if service.random_weights else service.demo_note,
                 "model_type": info.model_type or None,
                 "supports_thinking_toggle": service.supports_thinking_toggle,
                 "max_images_per_request": service.images.limits.max_images,
@@ -315,6 +316,7 @@ def create_app(
                     "docs": "/docs",
                     "models": names,
                     "random_weights": service.random_weights,
+                    "demo_model": service.demo_note is not None,
                 }
             )
 

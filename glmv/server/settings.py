@@ -135,7 +135,7 @@ class Settings:
 
     # model and engine
     model: str | None = _opt(
-        None, "checkpoint directory (default: the embedded tiny random-weight model)", "str?", metavar="DIR"
+        None, "checkpoint directory (default: the embedded demo model, glmv-demo)", "str?", metavar="DIR"
     )
     served_model_name: list[str] = field(
         default_factory=list,

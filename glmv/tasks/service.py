@@ -36,6 +36,7 @@ from glmv.engine.client import EngineClient, EngineInfo, EngineStats, start_engi
 from glmv.engine.request import EngineRequest, RequestOutput, TokenLogprob
 from glmv.engine.sampling import SamplingParams
 from glmv.errors import EngineError, OverloadedError
+from glmv.models.demo import demo_note
 from glmv.processing.reasoning import ReasoningParser, prompt_opens_thinking
 from glmv.tasks.config import ServiceConfig
 from glmv.tasks.images import ImagePreparer
@@ -104,6 +105,7 @@ def create_service(
         builder,
         images,
         random_weights=is_random_checkpoint(model_dir),
+        demo_note=demo_note(model_dir),
         owns_client=owns_client,
         max_sequences=config.engine.max_waiting,
     )
@@ -130,6 +132,7 @@ class GenerationService:
         images: ImagePreparer,
         *,
         random_weights: bool = False,
+        demo_note: str | None = None,
         owns_client: bool = True,
         max_sequences: int | None = None,
     ) -> None:
@@ -138,6 +141,7 @@ class GenerationService:
         self.builder = builder
         self.images = images
         self.random_weights = random_weights
+        self.demo_note = demo_note  # glmv's demo model: what it is, in one line (else None)
         self.owns_client = owns_client
         self.max_sequences = max_sequences  # the most sequences the engine can ever queue at once
         self.token_bytes = TokenBytes(tokenizer)

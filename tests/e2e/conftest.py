@@ -191,13 +191,12 @@ class GlmvServeProcess:
 
 @pytest.fixture(scope="session")
 def live_glmv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlmvServeProcess]:
-    """One `glmv serve` on a tiny checkpoint named like the embedded default (served as
-    `tiny-glm41v`), shared by the README, notebook and /docs tests."""
-    from glmv.models.tiny import create_tiny_model
+    """One `glmv serve` on the embedded default model, as `make serve` starts it (the demo model,
+    served as `glmv-demo`), shared by the README, notebook and /docs tests."""
+    from glmv.models.defaults import default_model_dir
 
     root = tmp_path_factory.mktemp("live-glmv")
-    model_dir = create_tiny_model(root / "tiny-glm41v", variant="glm41v", seed=0)
-    server = GlmvServeProcess(model_dir, root / "serve.log")
+    server = GlmvServeProcess(default_model_dir(), root / "serve.log")
     try:
         yield server.wait_ready(timeout=300)
     finally:

@@ -33,8 +33,8 @@ def test_notebook_runs_against_a_live_server(
         if cell.cell_type == "code"
     }
     text = "\n".join(outputs.values())
-    assert "model: tiny-glm41v" in text
-    assert "random weights: True" in text
+    assert "model: glmv-demo" in text
+    assert "random weights: False" in text
     assert "built-in schemas:" in text and "'invoice'" in text
     assert "flagged=" in text
     assert all(out.strip() for out in outputs.values()), "every code cell prints something"

@@ -260,7 +260,7 @@ def test_a_broken_example_fails(clone: Path, live_glmv: GlmvServeProcess) -> Non
         b for b in BLOCKS if b.lang == "bash" and "/v1/chat/completions" in b.code and b.kind == "expect"
     ]
     wrong_model = Block(
-        curl.line, curl.lang, curl.code.replace('"tiny-glm41v"', '"default"'), curl.kind, curl.arg
+        curl.line, curl.lang, curl.code.replace('"glmv-demo"', '"default"'), curl.kind, curl.arg
     )
     assert wrong_model.code != curl.code
     problem = run_block(wrong_model, clone, live_glmv.url)

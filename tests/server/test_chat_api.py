@@ -737,14 +737,18 @@ async def test_client_disconnect_aborts_the_request(live_server: Any) -> None:
 
 
 def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[..., Any]) -> None:
-    # No --model: the embedded tiny checkpoint is created (in GLMV_CACHE_DIR) and served.
-    server = start_live_server(None, "--shutdown-timeout", "60")
+    # No --model: the demo model that ships in the package is served.
+    # no shutdown deadline that a loaded machine could miss: the stream must run to its end
+    server = start_live_server(None, "--shutdown-timeout", "3600")
     banner = server.log()
+    assert "glmv: loading the embedded demo model from" in banner
     assert f"web page: {server.base_url}/" in banner
     assert f"API:      {server.api_url}" in banner
-    assert "WARNING: this model has random weights; its answers are random text." in banner
+    assert "NOTE: demo model: a small GLM-4.1V-architecture model" in banner
+    assert "random weights" not in banner
     card = httpx.get(server.api_url + "/models", timeout=10).json()["data"][0]
-    assert card["id"] == "tiny-glm41v" and card["glmv"]["random_weights"] is True
+    assert card["id"] == "glmv-demo" and card["glmv"]["random_weights"] is False
+    assert card["glmv"]["demo_model"] is True and "synthetic documents" in card["glmv"]["note"]
     body = {"messages": user("Count."), "max_tokens": 500, "ignore_eos": True, "stream": True}
     events: list[dict[str, Any]] = []
     done = False

@@ -130,6 +130,8 @@ def test_shutdown_timeout_ends_streams_with_an_error_event(
     server_model_dir: Path, start_live_server: Callable[..., LiveServer]
 ) -> None:
     server = start_live_server(server_model_dir, "--shutdown-timeout", "0.2")
+    # a random-weight checkpoint says so in the start-up banner
+    assert "WARNING: this model has random weights; its answers are random text." in server.log()
     # A stream far longer than the shutdown timeout: 4 choices of nearly the whole context each.
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": "hi"}],
