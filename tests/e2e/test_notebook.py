@@ -1,5 +1,5 @@
 """`examples/glmv_api.ipynb` runs top to bottom (nbclient, a fresh IPython kernel) against a live
-`glmv serve` on the tiny model; every cell's own asserts must hold and no cell may raise."""
+`glmv serve` on the embedded demo model; every cell's own asserts must hold and no cell may raise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every code block of README.md runs as written, against a live `glmv serve` (tiny model).
+"""Every code block of README.md runs as written, against a live `glmv serve` (the embedded demo model).
 
 Blocks are taken from the README's fenced code blocks. An HTML comment on the line before a
 block says how it is checked:
