@@ -229,7 +229,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _embedded_name(model_dir: Path) -> str:
-    from glmv.models.demo import demo_note
+    from glmv.tasks.service import demo_note
 
     return "the embedded demo model" if demo_note(model_dir) else "the embedded tiny model"
 

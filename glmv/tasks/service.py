@@ -36,7 +36,6 @@ from glmv.engine.client import EngineClient, EngineInfo, EngineStats, start_engi
 from glmv.engine.request import EngineRequest, RequestOutput, TokenLogprob
 from glmv.engine.sampling import SamplingParams
 from glmv.errors import EngineError, OverloadedError
-from glmv.models.demo import demo_note
 from glmv.processing.reasoning import ReasoningParser, prompt_opens_thinking
 from glmv.tasks.config import ServiceConfig
 from glmv.tasks.images import ImagePreparer
@@ -59,7 +58,7 @@ from glmv.tasks.types import (
 )
 from glmv.timeline import timeline
 
-__all__ = ["GenerationService", "GenerationStream", "create_service", "is_random_checkpoint"]
+__all__ = ["GenerationService", "GenerationStream", "create_service", "demo_note", "is_random_checkpoint"]
 
 log = logging.getLogger("glmv.tasks")
 
@@ -67,13 +66,32 @@ log = logging.getLogger("glmv.tasks")
 RANDOM_WEIGHTS_KEY = "glmv_random_weights"
 
 
-def is_random_checkpoint(path: str | Path) -> bool:
-    """True for checkpoints with random weights (their answers are random text)."""
+# The object `training.demo_checkpoint` writes into the demo model's config.json
+# (glmv.models.demo.DEMO_CARD_KEY); its `description` is what the model says of itself.
+DEMO_CARD_KEY = "glmv_demo_model"
+
+
+def _config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and bool(data.get(RANDOM_WEIGHTS_KEY, False))
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_random_checkpoint(path: str | Path) -> bool:
+    """True for checkpoints with random weights (their answers are random text)."""
+    return bool(_config(path).get(RANDOM_WEIGHTS_KEY, False))
+
+
+def demo_note(path: str | Path) -> str | None:
+    """For glmv's demo model, the one line that the start-up log, `/v1/models` and the web page
+    show of it; None for any other checkpoint."""
+    card = _config(path).get(DEMO_CARD_KEY)
+    if not isinstance(card, dict):
+        return None
+    description = card.get("description")
+    return description if isinstance(description, str) and description else "demo model"
 
 
 def create_service(
