@@ -3,7 +3,7 @@
     python benchmarks/demo_latency.py                 # starts `glmv serve` (the embedded demo model)
     python benchmarks/demo_latency.py --url http://127.0.0.1:8000
 
-Each request carries a new receipt image (PNG data URL, so nothing comes from the prefix cache)
+Each request carries a new clean receipt image (PNG data URL, so nothing comes from the prefix cache)
 and "What is the total?"; the time is from sending the request to the whole answer, measured by
 the client. Prints the median and the slowest of `--n` requests after two warm-ups, and how many
 answers were the receipt's real total.
