@@ -38,10 +38,10 @@ except FontsMissingError as exc:  # pragma: no cover - `make system-deps` instal
 
 REPO = Path(__file__).resolve().parents[2]
 # Fixed documents the demo model reads correctly (clean renders; see benchmarks/RESULTS.md for its
-# accuracy over held-out augmented samples), chosen with a wide margin: every answer token leads the
-# runner-up by more than 4 nats in float32 (checked below for the receipt) and the extraction JSON is
-# the same in bfloat16. CPU float32 results differ in the last bits from run to run (the BLAS path
-# depends on memory alignment), so a document read by a hair would make these tests flaky.
+# accuracy over held-out augmented samples), chosen with a wide margin: every answer token led the
+# runner-up by 5-9.5 nats when they were picked (the receipt's margin is asserted below), and the
+# extraction JSON is the same in float32 and bfloat16. The same request has been seen to answer
+# differently between CPU runs, so a document read by a hair makes these tests flaky.
 MIN_MARGIN = 2.0
 RECEIPT_SEED = ("receipt", 6, "en")
 RECEIPT_ZH_SEED = ("receipt", 12, "zh")
@@ -140,7 +140,8 @@ def test_openai_client_reads_the_receipt(server: DefaultServer) -> None:
     assert reply.choices[0].message.content == total
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].logprobs is not None
-    margins = [t.top_logprobs[0].logprob - t.top_logprobs[1].logprob for t in reply.choices[0].logprobs.content]
+    margins = [t.logprob - max(alt.logprob for alt in t.top_logprobs if alt.token != t.token)
+               for t in reply.choices[0].logprobs.content]
     assert min(margins) > MIN_MARGIN, f"the model reads this receipt by a hair ({margins}); pick another seed"
 
     stream = client.chat.completions.create(model=DEMO_MODEL_NAME, messages=first, temperature=0, max_tokens=24,
