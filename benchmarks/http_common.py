@@ -1,7 +1,7 @@
 """Shared by the HTTP robustness benchmarks: a `glmv serve` subprocess on loopback, its memory.
 
-`serve(*flags)` starts the server on the tiny checkpoint (created in a temp dir) on a free
-127.0.0.1 port and waits for `/ready`; `rss_mb(pid)` / `peak_rss_mb(pid)` read /proc.
+`serve(*flags)` starts the server on the tiny checkpoint (created in a temp dir; `model=` another
+one) on a free 127.0.0.1 port and waits for `/ready`; `rss_mb(pid)` / `peak_rss_mb(pid)` read /proc.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Server:
     host: str
     port: int
     process: subprocess.Popen[bytes]
+    log_path: Path  # the server's stdout and stderr (its start-up banner first)
 
 
 def _free_port() -> int:
@@ -59,11 +60,12 @@ def reset_peak_rss(pid: int) -> None:
 
 
 @contextmanager
-def serve(*flags: str) -> Iterator[Server]:
+def serve(*flags: str, model: Path | None = None, start_timeout: float = 180.0) -> Iterator[Server]:
     from glmv.models.tiny import create_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = create_tiny_model(Path(tmp) / "tiny-glm41v", variant="glm41v", seed=0)
+        if model is None:
+            model = create_tiny_model(Path(tmp) / "tiny-glm41v", variant="glm41v", seed=0)
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLMV_")}
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -71,9 +73,9 @@ def serve(*flags: str) -> Iterator[Server]:
         cmd = [sys.executable, "-m", "glmv", "serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log", *flags]  # fmt: skip
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, process)
+        server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, process, Path(tmp) / "serve.log")
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + start_timeout
             while True:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((Path(tmp) / "serve.log").read_text(errors="replace")[-3000:])

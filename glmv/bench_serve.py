@@ -24,6 +24,9 @@ bounds the requests in flight. With `--turns 2` every conversation sends a secon
 the first one finishes: the same user turn (same images), the first answer as the assistant turn
 and a short new question, so a server's prefix and image caches can serve it; TTFT is reported per
 turn as well as overall. The concurrency slot is held for the whole conversation.
+`--request-rate 4,8,12` sweeps: one run per rate, one after another, then a table with a row per
+rate (offered and served requests per second, TTFT and TPOT median and p99); `--result-json` then
+holds `{"sweep": [one object per rate, as below]}`.
 
 The JSON written by `--result-json` has: `date`, `base_url`, `endpoint`, `model`, `config`
 (every option, the API key redacted), `duration_s`, `num_requests`, `completed`, `failed`,
@@ -908,6 +911,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _rates(text: str) -> list[float]:
+    rates = [_float(part) for part in text.split(",") if part.strip()]
+    if not rates:
+        raise argparse.ArgumentTypeError(f"no rate in {text!r}")
+    return rates
+
+
 def _image_size(text: str) -> tuple[int, int]:
     try:
         return parse_image_size(text)
@@ -925,8 +935,10 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     p("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (default: $OPENAI_API_KEY)")
     p("--num-prompts", type=int, default=d.num_prompts, metavar="N", help="conversations to send (default: %(default)s)")
     p("--max-concurrency", type=int, default=None, metavar="N", help="most requests in flight (default: no bound)")
-    p("--request-rate", type=_float, default=d.request_rate, metavar="RPS",
-      help="conversations started per second, Poisson arrivals; inf sends all at once (default: inf)")
+    p("--request-rate", type=_rates, default=[d.request_rate], metavar="RPS[,RPS...]",
+      help="conversations started per second, Poisson arrivals; inf sends all at once (default: inf). "
+           "Several rates (4,8,12) run one after another, each with --num-prompts conversations, and a "
+           "table per rate closes the output")
     p("--input-tokens", type=int, default=d.input_tokens, metavar="N",
       help="approximate length of the synthetic prompt text in tokens (default: %(default)s)")
     p("--output-tokens", type=int, default=d.output_tokens, metavar="N",
@@ -950,9 +962,44 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """A `BenchConfig` from parsed `glmv bench serve` flags."""
+    """A `BenchConfig` from parsed `glmv bench serve` flags (the first rate of a sweep)."""
     names = {f.name for f in dataclasses.fields(BenchConfig)}
-    return BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(values.get("request_rate"), list):
+        values["request_rate"] = values["request_rate"][0]
+    return BenchConfig(**values)
+
+
+def sweep_configs(config: BenchConfig, rates: Sequence[float]) -> list[BenchConfig]:
+    """One config per rate of a sweep, the same otherwise."""
+    return [dataclasses.replace(config, request_rate=rate) for rate in rates]
+
+
+async def run_sweep(configs: Sequence[BenchConfig]) -> list[BenchResult]:
+    """The runs of a sweep, one after another (each waits for the last one's requests to end)."""
+    return [await run_benchmark(config) for config in configs]
+
+
+def format_sweep(results: Sequence[BenchResult]) -> str:
+    """One row per rate: what was offered, what was served, and TTFT / TPOT percentiles (ms)."""
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0f}"
+
+    head = (
+        f"{'offered req/s':>13} {'served req/s':>12} {'ok/failed':>9} {'out tok/s':>9} "
+        f"{'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} {'TPOT p99':>8}"
+    )
+    lines = [f"{' Request-rate sweep ':=^{len(head)}}", head]
+    for r in results:
+        rate = r.config.request_rate
+        lines.append(
+            f"{'inf' if math.isinf(rate) else f'{rate:g}':>13} {r.request_throughput:>12.2f} "
+            f"{f'{r.completed}/{r.failed}':>9} {r.output_throughput:>9.1f} {ms(r.ttft.median):>8} "
+            f"{ms(r.ttft.p99):>8} {ms(r.tpot.median):>8} {ms(r.tpot.p99):>8}"
+        )
+    lines.append("=" * len(head))
+    return "\n".join(lines)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
@@ -963,17 +1010,29 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    rates = args.request_rate if isinstance(args.request_rate, list) else [args.request_rate]
     try:
-        config = config_from_args(args)
-        config.validate()
-        result = asyncio.run(run_benchmark(config))
+        configs = sweep_configs(config_from_args(args), rates)
+        for config in configs:
+            config.validate()
+        if len(configs) > 1:
+            # one JSON file for the sweep (below), not one per rate overwriting the last
+            configs = [dataclasses.replace(c, result_json=None) for c in configs]
+        results = asyncio.run(run_sweep(configs))
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    print(result.format_table())
-    if config.result_json:
-        print(f"wrote {config.result_json}", file=sys.stderr)
-    return 0 if result.completed else 1
+    for result in results:
+        print(result.format_table())
+    path = args.result_json
+    if len(results) > 1:
+        print(format_sweep(results))
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"sweep": [r.to_dict() for r in results]}, indent=1) + "\n")
+    if path:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if all(r.completed for r in results) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

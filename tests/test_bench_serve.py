@@ -588,6 +588,30 @@ def test_cli_prints_the_table_and_writes_json(fake_server: FakeServer, tmp_path:
     assert "cannot reach" in capsys.readouterr().err
 
 
+def test_cli_sweeps_request_rates(fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_server.state.reset()
+    out = tmp_path / "sweep.json"
+    code = main(["bench", "serve", "--base-url", fake_server.url, "--num-prompts", "3", "--output-tokens", "3",
+                 "--request-rate", "200,inf", "--disable-tqdm", "--result-json", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Serving Benchmark Result") == 2
+    assert "Request rate configured (RPS):           200.00" in printed
+    sweep = printed[printed.index("Request-rate sweep"):].splitlines()
+    assert sweep[1].split() == ["offered", "req/s", "served", "req/s", "ok/failed", "out", "tok/s",
+                                "TTFT", "p50", "TTFT", "p99", "TPOT", "p50", "TPOT", "p99"]  # fmt: skip
+    assert [line.split()[0] for line in sweep[2:4]] == ["200", "inf"]
+    assert [line.split()[2] for line in sweep[2:4]] == ["3/0", "3/0"]
+    data = json.loads(out.read_text())
+    assert [run["config"]["request_rate"] for run in data["sweep"]] == [200.0, "inf"]
+    assert [run["completed"] for run in data["sweep"]] == [3, 3]
+    assert len(fake_server.state.bodies) == 6
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "serve", "--request-rate", "4,fast"])
+    assert main(["bench", "serve", "--base-url", fake_server.url, "--request-rate", "4,0", "--disable-tqdm"]) == 2
+    assert "--request-rate must be > 0" in capsys.readouterr().err
+
+
 # --- against a real glmv server -------------------------------------------------------------------------------
 
 

@@ -155,7 +155,9 @@ def run_serve(args: argparse.Namespace) -> int:
         f"glmv: loading {_embedded_name(model_dir) if embedded else 'model'} from {model_dir} ...",
         flush=True,
     )
+    loading = time.perf_counter()
     service = create_service(settings.service_config())  # its errors: one line (reporting_errors)
+    loaded_in = time.perf_counter() - loading
     try:
         app = create_app(settings, service=service)
     except BaseException:
@@ -174,6 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ]
         if info.memory is not None:
             lines.append(f"  {info.memory}")
+        lines.append(f"  model ready in {loaded_in:.1f} s" + (f"; {info.startup}" if info.startup else ""))
         if service.demo_note:
             lines.append(f"  NOTE: {service.demo_note}")
         if service.random_weights:

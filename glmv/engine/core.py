@@ -40,9 +40,11 @@ from glmv.engine.runner import ModelRunner, PendingStep, SeqInputs, StepResult, 
 from glmv.engine.sampler import SampledToken
 from glmv.engine.scheduler import FINISH_ABORT, Scheduler, SchedulerOutput
 from glmv.engine.sequence import ImageSpan, Sequence
+from glmv.engine.startup import StartupReport
 from glmv.engine.stats import EngineStats
 from glmv.engine.structured import GrammarBackend, GrammarState, StructuredOutput
 from glmv.errors import ConfigError, EngineError, GlmvError, InvalidRequestError
+from glmv.kernels import compile_watch
 from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
 
@@ -125,11 +127,16 @@ class EngineCore:
         tokenizer: Any = None,
     ) -> None:
         self.config = config
-        self.model = (
-            model if model is not None else load_model(
-                config.model, dtype=config.dtype, device=config.device, quantization=config.quantization
-            )
-        )
+        began = time.perf_counter()
+        counting = compile_watch.install()
+        builds_before = compile_watch.snapshot()
+        self.startup = StartupReport()
+        if model is None:
+            with self.startup.phase("weights"):
+                model = load_model(
+                    config.model, dtype=config.dtype, device=config.device, quantization=config.quantization
+                )
+        self.model = model
         if self.model.device.type == "cuda":  # pragma: no cover - CUDA
             # process-wide: in process mode the core has its process to itself
             torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)
@@ -143,7 +150,11 @@ class EngineCore:
         self.eos_token_ids = frozenset(m.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.max_model_len = min(config.max_model_len or m.max_model_len, m.max_model_len)
         self.memory: MemoryReport | None = None
-        num_blocks = self._num_kv_blocks()
+        if self.model.device.type == "cuda":  # pragma: no cover - CUDA
+            with self.startup.phase("memory profile"):  # the largest prefill and image, measured
+                num_blocks = self._num_kv_blocks()
+        else:
+            num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
         self.encoder_cache = EncoderCache(config.encoder_cache_mb * 1024 * 1024)
@@ -159,9 +170,10 @@ class EngineCore:
         if config.seed is not None:
             self.runner.default_generator.manual_seed(config.seed)
         if self.model.device.type == "cuda" and config.enable_cuda_graphs:  # pragma: no cover - CUDA
-            report = self.runner.capture_cuda_graphs(
-                max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len
-            )
+            with self.startup.phase("CUDA graphs"):
+                report = self.runner.capture_cuda_graphs(
+                    max_batch=min(config.max_num_seqs, 512), max_model_len=self.max_model_len
+                )
             if self.memory is not None:
                 self.memory.cuda_graphs = report.memory_bytes
                 self.memory.graph_capture_seconds = report.seconds
@@ -178,6 +190,12 @@ class EngineCore:
         # be applied before the next was scheduled (see `_can_overlap`).
         self.num_overlapped_steps = 0
         self.num_synchronized_steps = 0
+        self.startup.seconds = time.perf_counter() - began
+        # Kernels built from here on were met while serving: the start-up did not warm them.
+        self._builds_at_start = compile_watch.snapshot()
+        if counting and self.model.device.type == "cuda":
+            self.startup.kernel_builds = self._builds_at_start.builds - builds_before.builds
+            self.startup.kernel_build_seconds = self._builds_at_start.seconds - builds_before.seconds
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -304,6 +322,8 @@ class EngineCore:
             num_blocks=self.block_manager.num_blocks,
             block_size=self.config.block_size,
             memory=self.memory.describe() if self.memory is not None else None,
+            startup=self.startup.describe(),
+            startup_seconds=round(self.startup.seconds, 3),
         )
 
     @property
@@ -426,6 +446,7 @@ class EngineCore:
             encoder_cache_misses=self.encoder_cache.misses,
             images_encoded=self.images_encoded,
             num_generated_tokens=self.num_generated_tokens,
+            kernel_builds=compile_watch.snapshot().builds - self._builds_at_start.builds,
         )
 
     # --- one step: schedule → execute → update ------------------------------------------------

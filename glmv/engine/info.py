@@ -23,3 +23,5 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     memory: str | None = None  # the core's memory report (GPU), one line
+    startup: str | None = None  # the core's start-up report (phases, kernels built), one line
+    startup_seconds: float = 0.0  # the core's start-up, weights to ready

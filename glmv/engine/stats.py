@@ -21,6 +21,7 @@ class EngineStats:
     encoder_cache_misses: int
     images_encoded: int
     num_generated_tokens: int = 0  # tokens sampled over the core's life (all choices)
+    kernel_builds: int = 0  # GPU kernels built in the core's process after its start-up (0 is right)
 
     @classmethod
     def empty(cls, num_blocks: int = 0) -> EngineStats:
@@ -35,6 +36,7 @@ COUNTERS = (
     "encoder_cache_misses",
     "images_encoded",
     "num_generated_tokens",
+    "kernel_builds",
 )
 
 

@@ -135,6 +135,12 @@ class _EngineCollector(Collector):
             s.encoder_cache_misses,
         )
         yield counter("glmv_images_encoded", "Images run through the vision encoder.", s.images_encoded)
+        yield counter(
+            "glmv_kernel_builds_after_startup",
+            "GPU kernels built (compiled or loaded) by the engine cores after their start-up; "
+            "each one delayed a request, so 0 is the expected value.",
+            s.kernel_builds,
+        )
 
 
 class ServerMetrics:

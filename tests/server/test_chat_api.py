@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -690,6 +691,8 @@ async def test_metrics_count_requests_tokens_and_statuses(
     assert (metric_value(text, "glmv_images_encoded_total", labels) or 0) + (
         metric_value(text, "glmv_encoder_cache_hits_total", labels) or 0
     ) >= 1
+    # no GPU kernel is built while serving (none at all on the CPU)
+    assert metric_value(text, "glmv_kernel_builds_after_startup_total", labels) == 0.0
 
 
 async def test_docs_and_openapi(client: httpx.AsyncClient) -> None:
@@ -744,6 +747,7 @@ def test_embedded_model_start_up_and_sigterm_drain(start_live_server: Callable[.
     assert "glmv: loading the embedded demo model from" in banner
     assert f"web page: {server.base_url}/" in banner
     assert f"API:      {server.api_url}" in banner
+    assert re.search(r"model ready in \d+\.\d s; engine core started in \d+\.\d s \(weights \d+\.\d s", banner)
     assert "NOTE: demo model: a small GLM-4.1V-architecture model" in banner
     assert "random weights" not in banner
     card = httpx.get(server.api_url + "/models", timeout=10).json()["data"][0]
