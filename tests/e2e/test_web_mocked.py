@@ -527,6 +527,8 @@ def test_conversations_survive_reload_regenerate_new_chat_and_delete(site: tuple
     assert item.locator(".conversation-delete").inner_text() == "Delete?"
     item.locator(".conversation-delete").click()
     expect(page.locator(".conversation-open")).to_have_text(["first question"])
+    # The page removes the item at once and the stored copy when IndexedDB commits.
+    page.wait_for_selector("body[data-pending-writes='0']")
     page.reload()
     page.wait_for_selector("body[data-ready='1']")
     assert page.locator(".conversation-open").all_inner_texts() == ["first question"]

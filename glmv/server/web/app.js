@@ -142,14 +142,25 @@
         req.onblocked = () => resolve(false);
       });
     },
+    // Writes not yet committed, shown as body[data-pending-writes] so that a caller (or a test)
+    // can wait until the stored conversations match the page.
+    pending: 0,
+    track(delta) {
+      this.pending += delta;
+      document.body.dataset.pendingWrites = String(this.pending);
+    },
     tx(mode, fn) {
       return new Promise((resolve, reject) => {
         if (!this.db) { resolve(null); return; }
         const tx = this.db.transaction(CONFIG.dbStore, mode);
+        // An error fires 'error' and then 'abort': count the write out once.
+        let counted = mode === 'readwrite';
+        if (counted) this.track(1);
+        const done = () => { if (counted) { counted = false; this.track(-1); } };
         const result = fn(tx.objectStore(CONFIG.dbStore));
-        tx.oncomplete = () => resolve(result && 'result' in result ? result.result : null);
-        tx.onerror = () => reject(tx.error);
-        tx.onabort = () => reject(tx.error || new Error('aborted'));
+        tx.oncomplete = () => { done(); resolve(result && 'result' in result ? result.result : null); };
+        tx.onerror = () => { done(); reject(tx.error); };
+        tx.onabort = () => { done(); reject(tx.error || new Error('aborted')); };
       });
     },
     all() { return this.tx('readonly', (s) => s.getAll()).then((r) => r || []); },
