@@ -8,6 +8,14 @@ at batch 1, where `batch × kv_heads` alone would be two programs.
 
 Everything the kernels read about lengths comes from device tensors, so the launch is
 capturable in a CUDA graph and valid for any sequence length up to the block table's width.
+
+One compiled variant serves every launch of a model: the split count, the block table's width
+and the strides that follow from them are plain runtime integers (`do_not_specialize`), and the
+merge always pads to `MAX_SPLITS`. Were they compile-time constants or specialised integers
+(Triton specialises an integer equal to 1 or divisible by 16), every new decode count and table
+width of a mixed prefill+decode step would build another variant while the server runs: 57
+variants of the partial kernel and 19 of the merge over batches 1-160, against the dozen that
+graph capture builds at start-up (`tests/kernels/test_kernel_variants.py` counts them).
 """
 
 from __future__ import annotations
@@ -16,8 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_SPLITS = 32  # the most slices a sequence is cut into (`num_splits_for`)
 
-@triton.jit
+# The integers that change with the batch: not specialised, so they never select a new variant.
+_SPLIT_INTS = ["num_splits", "stride_ob", "stride_oh", "stride_lb", "stride_lh"]
+_TABLE_INTS = ["max_blocks", "stride_btb"]
+
+
+@triton.jit(do_not_specialize=_SPLIT_INTS + _TABLE_INTS)
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr,
     scale,
@@ -26,9 +40,9 @@ def _decode_partial_kernel(
     stride_btb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    max_blocks,
+    max_blocks, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     BLOCKS_PER_TILE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -36,7 +50,7 @@ def _decode_partial_kernel(
     s = tl.program_id(2)
     seq_len = tl.load(sl_ptr + b)
     n_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    per_split = tl.cdiv(n_blocks, num_splits)
     blk_start = s * per_split
     blk_end = tl.minimum(blk_start + per_split, n_blocks)
 
@@ -89,19 +103,20 @@ def _decode_partial_kernel(
     tl.store(lse_ptr + b * stride_lb + head * stride_lh + s, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLIT_INTS)
 def _decode_merge_kernel(
     o_part_ptr, lse_ptr, out_ptr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    smask = offs_s < NUM_SPLITS
+    smask = offs_s < num_splits
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -120,7 +135,7 @@ def _decode_merge_kernel(
 def num_splits_for(batch: int, num_kv_heads: int, sm_count: int) -> int:
     """Enough sequence slices that batch × kv_heads × splits fills the GPU about twice over."""
     want = (2 * sm_count + batch * num_kv_heads - 1) // (batch * num_kv_heads)
-    return max(1, min(32, want))
+    return max(1, min(MAX_SPLITS, want))
 
 
 def paged_decode_attention(
@@ -139,6 +154,8 @@ def paged_decode_attention(
     if num_splits is None:
         props = torch.cuda.get_device_properties(q.device)
         num_splits = num_splits_for(batch, kv_heads, props.multi_processor_count)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     o_part = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     group_pad = max(16, triton.next_power_of_2(group))
@@ -151,9 +168,9 @@ def paged_decode_attention(
         block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
-        block_tables.shape[1],
+        block_tables.shape[1], num_splits,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
-        BLOCK_SIZE=block_size, TILE=block_size * blocks_per_tile, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, TILE=block_size * blocks_per_tile,
         BLOCKS_PER_TILE=blocks_per_tile, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
@@ -163,7 +180,8 @@ def paged_decode_attention(
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=dim,
+        num_splits,
+        SPLITS_PAD=MAX_SPLITS, HEAD_DIM=dim,
         enable_fp_fusion=True,
     )  # fmt: skip
     return out

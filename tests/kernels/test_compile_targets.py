@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.kernels.launches import Launch, recording
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed (the test extra has it)"
 )
@@ -44,59 +46,33 @@ class Compiled:
 
 
 class TargetCompiler:
-    """Replaces `JITFunction.run`: each launch is compiled for every target instead of run."""
+    """Compiles each distinct launch variant once per target."""
 
-    def __init__(self, archs: tuple[int, ...]) -> None:
-        self.archs = archs
+    def __init__(self) -> None:
         self.seen: set[tuple[Any, ...]] = set()
         self.results: list[Compiled] = []
 
-    def run(self, fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
-        from triton import knobs
+    def __call__(self, launch: Launch) -> None:
         from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
+        from triton.compiler import ASTSource
         from triton.compiler import compile as triton_compile
-        from triton.runtime.jit import create_function_from_signature
 
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        for arch in self.archs:
-            target = GPUTarget("cuda", arch, 32)
-            backend = make_backend(target)
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(
-                backend, kwargs, bound, specialization, options
-            )
-            key = (fn.__name__, arch, str(signature), str(constexprs), str(attrs), str(options))
-            if key in self.seen:
-                continue
-            self.seen.add(key)
-            kernel = triton_compile(
-                ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
-            )
-            named = {fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
-            self.results.append(Compiled(fn.__name__, arch, kernel.metadata.shared, named))
+        if launch.key in self.seen:
+            return
+        self.seen.add(launch.key)
+        source = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+        kernel = triton_compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options.__dict__)
+        self.results.append(Compiled(launch.kernel, launch.arch, kernel.metadata.shared, launch.named_constexprs()))
 
 
 @pytest.fixture(scope="module")
 def compiled() -> list[Compiled]:
-    from triton.runtime.jit import JITFunction
-
-    compiler = TargetCompiler(tuple(SHARED_LIMIT))
-    original = JITFunction.run
-
-    def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
-        compiler.run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    JITFunction.run = run  # type: ignore[method-assign]
-    try:
+    compiler = TargetCompiler()
+    with recording(tuple(SHARED_LIMIT), compiler):
         _int4_launches()
         _attention_launches()
         _fused_launches()
         _fp8_launches()
-    finally:
-        JITFunction.run = original  # type: ignore[method-assign]
     return compiler.results
 
 
