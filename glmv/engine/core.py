@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from glmv.engine import host_memory
 from glmv.engine.block_manager import BlockManager
 from glmv.engine.config import EngineConfig
 from glmv.engine.encoder_cache import EncoderCache
@@ -137,6 +138,8 @@ class EngineCore:
                     config.model, dtype=config.dtype, device=config.device, quantization=config.quantization
                 )
         self.model = model
+        if self.model.device.type == "cpu":  # each step's activations reuse the last step's pages
+            host_memory.retain_freed_memory()
         if self.model.device.type == "cuda":  # pragma: no cover - CUDA
             # process-wide: in process mode the core has its process to itself
             torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)

@@ -128,8 +128,11 @@ def _decode_reference(
         # Padding positions would read whatever a reused block holds (even NaN left by a failed
         # request): point them at the sequence's own first token, so masked scores stay finite.
         slots = meta.decode_slots = slots.where(valid, slots[:, :1])
-    k = k_flat[slots].permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
-    v = v_flat[slots].permute(0, 2, 1, 3)
+    # index_select of the flat slots: several times faster on the CPU than `k_flat[slots]`.
+    gathered = (slots.shape[0], slots.shape[1], k_flat.shape[1], k_flat.shape[2])
+    flat = slots.reshape(-1)
+    k = k_flat.index_select(0, flat).view(gathered).permute(0, 2, 1, 3)  # [B, kv_heads, max_len, D]
+    v = v_flat.index_select(0, flat).view(gathered).permute(0, 2, 1, 3)
     mask = valid[:, None, None, :]  # [B, 1, 1, max_len]
     qb = q.unsqueeze(2)  # [B, heads, 1, D]
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -39,6 +39,7 @@ from typing import Any
 
 from PIL import Image
 
+from glmv.engine import host_memory
 from glmv.errors import GlmvError, InvalidImageError
 from glmv.processing.media import (
     ImageBudget,
@@ -84,6 +85,7 @@ def _init_worker(processor: Any, parent_pid: int) -> None:
     otherwise: it holds both ends of it)."""
     global _WORKER_PROCESSOR
     _WORKER_PROCESSOR = processor
+    host_memory.retain_freed_memory()  # each image's buffers reuse the previous image's pages
     threading.Thread(target=_exit_with, args=(parent_pid,), name="glmv-parent-watch", daemon=True).start()
 
 
