@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from glmv.engine import host_memory
 from glmv.engine.block_manager import BlockManager
 from glmv.engine.config import EngineConfig
 from glmv.engine.encoder_cache import EncoderCache
@@ -48,6 +47,7 @@ from glmv.errors import ConfigError, EngineError, GlmvError, InvalidRequestError
 from glmv.kernels import compile_watch
 from glmv.models.base import ServedModel
 from glmv.models.registry import load_model
+from glmv.processing import host_memory
 
 if TYPE_CHECKING:
     from glmv.engine.info import EngineInfo

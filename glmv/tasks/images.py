@@ -39,8 +39,8 @@ from typing import Any
 
 from PIL import Image
 
-from glmv.engine import host_memory
 from glmv.errors import GlmvError, InvalidImageError
+from glmv.processing import host_memory
 from glmv.processing.media import (
     ImageBudget,
     ImageLimits,

@@ -1,4 +1,4 @@
-"""On the CPU the engine keeps freed host memory for the next step (glibc's malloc thresholds)."""
+"""On the CPU the engine (and the image workers) keep freed host memory for the next step (glibc's malloc thresholds)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from glmv.engine import host_memory
+from glmv.processing import host_memory
 
 
 def _has_mallinfo2() -> bool:
@@ -27,7 +27,7 @@ def test_a_large_block_comes_from_the_heap_once_freed_memory_is_retained() -> No
     script = textwrap.dedent(
         """
         import ctypes
-        from glmv.engine import host_memory
+        from glmv.processing import host_memory
 
         class MallInfo2(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in (
