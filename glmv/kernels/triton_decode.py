@@ -10,8 +10,9 @@ Everything the kernels read about lengths comes from device tensors, so the laun
 capturable in a CUDA graph and valid for any sequence length up to the block table's width.
 
 One compiled variant serves every launch of a model: the split count, the block table's width
-and the strides that follow from them are plain runtime integers (`do_not_specialize`), and the
-merge always pads to `MAX_SPLITS`. Were they compile-time constants or specialised integers
+and the strides that follow from them are plain runtime integers (`do_not_specialize`; the
+partial outputs' row strides, multiples of the head size at every batch, stay specialised so
+that their accesses stay 128-bit), and the merge always pads to `MAX_SPLITS`. Were they compile-time constants or specialised integers
 (Triton specialises an integer equal to 1 or divisible by 16), every new decode count and table
 width of a mixed prefill+decode step would build another variant while the server runs: 57
 variants of the partial kernel and 19 of the merge over batches 1-160, against the dozen that
@@ -27,7 +28,10 @@ import triton.language as tl
 MAX_SPLITS = 32  # the most slices a sequence is cut into (`num_splits_for`)
 
 # The integers that change with the batch: not specialised, so they never select a new variant.
-_SPLIT_INTS = ["num_splits", "stride_ob", "stride_oh", "stride_lb", "stride_lh"]
+# The partial outputs' row strides (`stride_ob`, `stride_oh`) stay specialised: they are multiples
+# of HEAD_DIM (>= 16) whatever the batch, so their key never changes, and knowing that keeps the
+# stores and the merge's loads vectorised (128-bit instead of 32-bit accesses).
+_SPLIT_INTS = ["num_splits", "stride_lb", "stride_lh"]
 _TABLE_INTS = ["max_blocks", "stride_btb"]
 
 
@@ -154,6 +158,8 @@ def paged_decode_attention(
     if num_splits is None:
         props = torch.cuda.get_device_properties(q.device)
         num_splits = num_splits_for(batch, kv_heads, props.multi_processor_count)
+    if dim % 16:
+        raise ValueError(f"head_dim must be a multiple of 16, got {dim}")
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     o_part = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=q.device)

@@ -58,6 +58,36 @@ def test_decode_attention_builds_one_variant_per_dtype_for_every_batch_and_table
     assert counter.counts() == {"_decode_partial_kernel": 1, "_decode_merge_kernel": 1}
 
 
+def test_decode_attention_keeps_its_partial_outputs_vectorised() -> None:
+    """The integers left unspecialised must not cost the 128-bit accesses to the partial outputs:
+    the partial kernel stores them and the merge loads them with `v4` instructions (their row
+    strides stay specialised: multiples of the head size at every batch)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    from glmv.kernels.triton_decode import paged_decode_attention
+
+    ptx: dict[str, str] = {}
+
+    def compile_ptx(launch: Launch) -> None:
+        source = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+        kernel = triton_compile(source, target=GPUTarget("cuda", ARCH, 32), options=launch.options.__dict__)
+        ptx[launch.kernel] = kernel.asm["ptx"]
+
+    heads, kv_heads, dim, block_size, batch = 32, 2, 128, 16, 7
+    cache = torch.empty(64, block_size, kv_heads, dim, dtype=torch.bfloat16)
+    with recording((ARCH,), compile_ptx):
+        paged_decode_attention(
+            torch.empty(batch, heads, dim, dtype=torch.bfloat16), cache, cache,
+            torch.empty(batch, 33, dtype=torch.int32), torch.empty(batch, dtype=torch.int32), 0.1, num_splits=5,
+        )  # fmt: skip
+    assert len(re.findall(r"st\.global\.v4", ptx["_decode_partial_kernel"])) >= 4
+    assert len(re.findall(r"ld\.global\.v4", ptx["_decode_merge_kernel"])) >= 2
+
+
 def test_decode_attention_refuses_a_split_count_beyond_its_merge() -> None:
     from glmv.kernels.triton_decode import MAX_SPLITS, paged_decode_attention
 
