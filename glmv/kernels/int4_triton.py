@@ -463,7 +463,9 @@ def _dequant_tile_k(
     return (16.0 * v - 16.0 - z2) * s2
 
 
-@triton.jit
+# The row count only masks loads and stores: not specialised, so a step of any row count between
+# two CUDA-graph buckets (65-95 rows, say) reuses a variant built at start-up.
+@triton.jit(do_not_specialize=["M"])
 def _int4_gemm_kernel(
     x_ptr,
     qw_ptr,

@@ -116,3 +116,42 @@ def test_fused_kernels_build_one_variant_per_model_shape_for_every_token_count()
             F.mrope_(torch.empty(tokens, heads, head_dim, dtype=torch.bfloat16), angles, angles)
     # RMSNorm: with and without the residual add; the others: one each.
     assert counter.counts() == {"_rms_norm_kernel": 2, "_silu_mul_kernel": 1, "_mrope_kernel": 1}
+
+
+def test_quantized_matmuls_need_no_variant_that_start_up_did_not_build() -> None:
+    """Start-up runs the decoder at every CUDA-graph bucket and at the profile's largest step; any
+    other row count (a mixed step of 65-95 rows, say) must select one of those variants."""
+    from glmv.engine.cuda_graphs import bucket_sizes
+    from glmv.kernels import fp8_triton as F8
+    from glmv.kernels import int4_triton as T
+
+    decoder = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]
+    sms = 132
+
+    def int4(m: int, n: int, k: int) -> None:
+        qw = torch.empty(n, k // 8, dtype=torch.int32).t()
+        z = torch.empty(k // 128, n, dtype=torch.uint8)
+        s = torch.empty(k // 128, n, dtype=torch.float16)
+        cfg = T.choose_config(m, n, k, sms)
+        if cfg.kind == "dequant":
+            T.dequantize_triton(qw, z, s, 128, torch.bfloat16)
+        else:
+            T.int4_matmul_triton(torch.empty(m, k, dtype=torch.bfloat16), qw, z, s, 128, None, cfg)
+
+    def fp8(m: int, n: int, k: int) -> None:
+        w = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+        F8.fp8_weight_matmul(torch.empty(m, k, dtype=torch.bfloat16), w, torch.empty(n, dtype=torch.float32), None)
+
+    at_start_up = set(bucket_sizes(128)) | {8192}  # max_num_seqs 128, max_num_batched_tokens 8192
+    for launch in (int4, fp8):
+        built, served = VariantCounter(), VariantCounter()
+        with recording((ARCH,), built):
+            for n, k in decoder:
+                for m in sorted(at_start_up):
+                    launch(m, n, k)
+        with recording((ARCH,), served):
+            for n, k in decoder:
+                for m in (*range(1, 200), 255, 1000, 4097):
+                    launch(m, n, k)
+        for kernel, keys in served.keys.items():
+            assert keys <= built.keys[kernel], (launch.__name__, kernel, len(keys - built.keys[kernel]))
