@@ -35,6 +35,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"glmv engine mode: {default_engine_mode()}"
 
 
+@pytest.fixture(autouse=True)
+def _seeded_random() -> None:
+    """Every test starts from the same random state (Python, NumPy, torch), whatever ran before it:
+    a test that draws numbers draws the same ones in every run and in any order."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def engine_mode() -> str:
     """The mode `EngineConfig` defaults to in this run ("process" or "inprocess")."""
