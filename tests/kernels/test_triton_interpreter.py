@@ -29,7 +29,7 @@ for heads, kv_heads, dim, block_size in ((8, 2, 32, 16), (4, 4, 16, 8)):
     q = torch.randn(len(lens), heads, dim)
     scale = dim ** -0.5
     group = heads // kv_heads
-    for splits in (1, 3):
+    for splits in (1, 3, 32):  # 32: MAX_SPLITS, most of them empty
         out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, num_splits=splits)
         ref = split_decode_reference(q, k_cache, v_cache, tables, seq_lens, scale, splits)
         assert torch.isfinite(out[:3]).all()
