@@ -10,7 +10,7 @@ checkpoint, offline, about 1.2 × the output tok/s, and the first batch of a new
 the later ones. The cost is that the core's resident memory stays at its peak.
 
 Raising only the trim threshold is worse than the default (it turns off the dynamic mmap threshold
-and every large block is mapped afresh), so both are set together or neither.
+and every large block is mapped afresh), so it is raised only once the mmap threshold was.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # Order matters to glibc only in that both end up set; each returns 1 on success.
+    # The mmap threshold first: the trim threshold alone would be worse than the default.
     if mallopt(_M_MMAP_THRESHOLD, RETAIN_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, RETAIN_BYTES) == 1:
         _retained = True
         logger.debug("host memory: malloc keeps freed blocks up to %d bytes", RETAIN_BYTES)
