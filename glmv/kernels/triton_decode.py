@@ -12,11 +12,12 @@ capturable in a CUDA graph and valid for any sequence length up to the block tab
 One compiled variant serves every launch of a model: the split count, the block table's width
 and the strides that follow from them are plain runtime integers (`do_not_specialize`; the
 partial outputs' row strides, multiples of the head size at every batch, stay specialised so
-that their accesses stay 128-bit), and the merge always pads to `MAX_SPLITS`. Were they compile-time constants or specialised integers
-(Triton specialises an integer equal to 1 or divisible by 16), every new decode count and table
-width of a mixed prefill+decode step would build another variant while the server runs: 57
-variants of the partial kernel and 19 of the merge over batches 1-160, against the dozen that
-graph capture builds at start-up (`tests/kernels/test_kernel_variants.py` counts them).
+that their accesses stay 128-bit), and the merge always pads to `MAX_SPLITS`. Were they
+compile-time constants or specialised integers (Triton specialises an integer equal to 1 or
+divisible by 16), every new decode count and table width of a mixed prefill+decode step would
+build another variant while the server runs: 57 variants of the partial kernel and 19 of the merge
+over batches 1-160, against the dozen that graph capture builds at start-up
+(`tests/kernels/test_kernel_variants.py` counts them).
 """
 
 from __future__ import annotations

@@ -35,6 +35,15 @@ class Launch:
     def named_constexprs(self) -> dict[str, Any]:
         return {self.fn.arg_names[path[0]]: value for path, value in self.constexprs.items() if len(path) == 1}
 
+    def compile(self) -> Any:
+        """The compiled kernel of this variant for its target (`.metadata`, `.asm["ptx"]`)."""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler import compile as triton_compile
+
+        source = ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
+        return triton_compile(source, target=GPUTarget("cuda", self.arch, 32), options=self.options.__dict__)
+
 
 def bind(fn: Any, arch: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Launch:
     from triton import knobs

@@ -53,15 +53,10 @@ class TargetCompiler:
         self.results: list[Compiled] = []
 
     def __call__(self, launch: Launch) -> None:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from triton.compiler import compile as triton_compile
-
         if launch.key in self.seen:
             return
         self.seen.add(launch.key)
-        source = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
-        kernel = triton_compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options.__dict__)
+        kernel = launch.compile()
         self.results.append(Compiled(launch.kernel, launch.arch, kernel.metadata.shared, launch.named_constexprs()))
 
 

@@ -1,4 +1,5 @@
-"""On the CPU the engine (and the image workers) keep freed host memory for the next step (glibc's malloc thresholds)."""
+"""On the CPU the engine and the image workers keep freed host memory for the next step (glibc's
+malloc thresholds)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ctypes
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +64,7 @@ def test_a_large_block_comes_from_the_heap_once_freed_memory_is_retained() -> No
 
 
 def test_the_engine_core_on_the_cpu_retains_freed_memory(
-    tiny41_dir: object, monkeypatch: pytest.MonkeyPatch
+    tiny41_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from glmv.engine.config import EngineConfig
     from glmv.engine.core import EngineCore
